@@ -1,0 +1,193 @@
+// The pybind11 module diffeqlayers._C: the only place where Python meets the C++ core.
+//
+// The solve runs with the GIL released; each call of a Python f (or norm) takes it back for the
+// duration of the call. Python objects captured by the C++ side live in a holder whose
+// destructor takes the GIL, since the core may copy or drop callables on any thread.
+#include <torch/extension.h>
+
+#include <sstream>
+
+#include "diffeqlayers/diffeqlayers.h"
+
+namespace py = pybind11;
+using namespace diffeqlayers;
+
+namespace {
+
+// Owns a Python object; safe to destroy without holding the GIL.
+struct PyHolder {
+  explicit PyHolder(py::object o) : obj(std::move(o)) {}
+  ~PyHolder() {
+    py::gil_scoped_acquire gil;
+    obj = py::object();
+  }
+  py::object obj;
+};
+
+// Thrown through the C++ core when a Python callback raised: the Python error stays set on
+// this thread (with a note saying where it came from) and is re-raised once the GIL is back.
+struct PythonErrorPending : std::exception {
+  const char* what() const noexcept override { return "a Python callback raised"; }
+};
+
+void add_note(py::error_already_set& e, const std::string& note) {
+  py::object value = e.value();
+  if (value && py::hasattr(value, "add_note")) {
+    try {
+      value.attr("add_note")(note);
+    } catch (py::error_already_set&) {
+      // A note is a courtesy; never replace the user's exception with our own failure.
+    }
+  }
+}
+
+torch::Tensor to_tensor(const py::object& out, const char* who, double t) {
+  if (!THPVariable_Check(out.ptr())) {
+    std::ostringstream s;
+    s << who << " must return a torch.Tensor, got " << py::str(py::type::of(out)).cast<std::string>()
+      << " (at t=" << t << ")";
+    throw py::type_error(s.str());
+  }
+  return THPVariable_Unpack(out.ptr());
+}
+
+Dynamics python_dynamics(py::object f) {
+  auto holder = std::make_shared<PyHolder>(std::move(f));
+  return [holder](double t, const torch::Tensor& u) -> torch::Tensor {
+    py::gil_scoped_acquire gil;
+    try {
+      py::object out = holder->obj(t, u);
+      return to_tensor(out, "f", t);
+    } catch (py::error_already_set& e) {
+      add_note(e, "raised by the dynamics f at t=" + std::to_string(t));
+      e.restore();
+      throw PythonErrorPending();
+    } catch (py::builtin_exception& e) {
+      e.set_error();
+      throw PythonErrorPending();
+    }
+  };
+}
+
+ErrorNorm python_norm(py::object norm) {
+  auto holder = std::make_shared<PyHolder>(std::move(norm));
+  return [holder](const torch::Tensor& x) -> torch::Tensor {
+    py::gil_scoped_acquire gil;
+    try {
+      py::object out = holder->obj(x);
+      if (THPVariable_Check(out.ptr())) return THPVariable_Unpack(out.ptr());
+      return torch::tensor(out.cast<double>(), torch::dtype(torch::kFloat64));
+    } catch (py::error_already_set& e) {
+      add_note(e, "raised by the error norm");
+      e.restore();
+      throw PythonErrorPending();
+    } catch (py::cast_error&) {
+      PyErr_SetString(PyExc_TypeError, "norm must return a tensor or a float");
+      throw PythonErrorPending();
+    }
+  };
+}
+
+Solution solve_py(py::object f, const torch::Tensor& u0, const torch::Tensor& tspan,
+                  SolveOptions options, py::object norm) {
+  Dynamics dyn = python_dynamics(std::move(f));
+  if (!norm.is_none()) options.norm = python_norm(std::move(norm));
+  try {
+    py::gil_scoped_release release;
+    return solve(dyn, u0, tspan, options);
+  } catch (PythonErrorPending&) {
+    throw py::error_already_set();
+  }
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "diffeqlayers C++ core: explicit Runge-Kutta solvers on torch tensors";
+
+  py::register_exception<SolverError>(m, "SolverError", PyExc_RuntimeError);
+
+  py::enum_<ReturnCode>(m, "ReturnCode")
+      .value("Success", ReturnCode::Success)
+      .value("MaxIters", ReturnCode::MaxIters)
+      .value("DtLessThanMin", ReturnCode::DtLessThanMin)
+      .value("Unstable", ReturnCode::Unstable);
+
+  py::class_<ControllerOptions>(m, "ControllerOptions")
+      .def(py::init<>())
+      .def_readwrite("beta1", &ControllerOptions::beta1)
+      .def_readwrite("beta2", &ControllerOptions::beta2)
+      .def_readwrite("beta3", &ControllerOptions::beta3)
+      .def_readwrite("safety", &ControllerOptions::safety)
+      .def_readwrite("factor_min", &ControllerOptions::factor_min)
+      .def_readwrite("factor_max", &ControllerOptions::factor_max)
+      .def_static("I", &ControllerOptions::I)
+      .def_static("PI", &ControllerOptions::PI)
+      .def_static("PID", &ControllerOptions::PID)
+      .def("__repr__", [](const ControllerOptions& c) {
+        std::ostringstream s;
+        s << "ControllerOptions(beta1=" << c.beta1 << ", beta2=" << c.beta2
+          << ", beta3=" << c.beta3 << ", safety=" << c.safety << ", factor_min=" << c.factor_min
+          << ", factor_max=" << c.factor_max << ")";
+        return s.str();
+      });
+
+  py::class_<SolveOptions>(m, "SolveOptions")
+      .def(py::init<>())
+      .def_readwrite("method", &SolveOptions::method)
+      .def_readwrite("rtol", &SolveOptions::rtol)
+      .def_readwrite("atol", &SolveOptions::atol)
+      .def_readwrite("dt", &SolveOptions::dt)
+      .def_readwrite("adaptive", &SolveOptions::adaptive)
+      .def_readwrite("dt_min", &SolveOptions::dt_min)
+      .def_readwrite("dt_max", &SolveOptions::dt_max)
+      .def_readwrite("max_num_steps", &SolveOptions::max_num_steps)
+      .def_readwrite("controller", &SolveOptions::controller)
+      .def_readwrite("saveat", &SolveOptions::saveat)
+      .def_readwrite("save_start", &SolveOptions::save_start)
+      .def_readwrite("tstops", &SolveOptions::tstops)
+      .def_readwrite("dense", &SolveOptions::dense)
+      .def_readwrite("check_finite", &SolveOptions::check_finite)
+      .def_readwrite("throw_on_failure", &SolveOptions::throw_on_failure)
+      .def_readwrite("params", &SolveOptions::params);
+
+  py::class_<Stats>(m, "Stats")
+      .def_readonly("nfe", &Stats::nfe)
+      .def_readonly("naccept", &Stats::naccept)
+      .def_readonly("nreject", &Stats::nreject)
+      .def("__repr__", [](const Stats& s) {
+        return "Stats(nfe=" + std::to_string(s.nfe) + ", naccept=" + std::to_string(s.naccept) +
+               ", nreject=" + std::to_string(s.nreject) + ")";
+      });
+
+  py::class_<Solution>(m, "Solution")
+      .def_readonly("t", &Solution::t)
+      .def_readonly("u", &Solution::u)
+      .def_readonly("stats", &Solution::stats)
+      .def_readonly("retcode", &Solution::retcode)
+      .def_readonly("message", &Solution::message)
+      .def_property_readonly("has_dense", [](const Solution& s) { return s.dense != nullptr; })
+      .def("evaluate", [](const Solution& s, double t) { return s(t); }, py::arg("t"));
+
+  py::class_<Tableau>(m, "Tableau")
+      .def_readonly("name", &Tableau::name)
+      .def_readonly("order", &Tableau::order)
+      .def_readonly("embedded_order", &Tableau::embedded_order)
+      .def_readonly("c", &Tableau::c)
+      .def_readonly("a", &Tableau::a)
+      .def_readonly("b", &Tableau::b)
+      .def_readonly("b_err", &Tableau::b_err)
+      .def_readonly("dense_order", &Tableau::dense_order)
+      .def_readonly("reference", &Tableau::reference)
+      .def_property_readonly("stages", &Tableau::stages)
+      .def_property_readonly("adaptive", &Tableau::adaptive)
+      .def_property_readonly("fsal", &Tableau::fsal)
+      .def_property_readonly("has_dense", &Tableau::has_dense);
+
+  m.def("tableau", &tableau, py::arg("name"), py::return_value_policy::reference,
+        "The Butcher tableau registered under a method name.");
+  m.def("methods", &methods, "Names of the registered methods.");
+  m.def("solve", &solve_py, py::arg("f"), py::arg("u0"), py::arg("tspan"), py::arg("options"),
+        py::arg("norm") = py::none(),
+        "Solve du/dt = f(t, u) from tspan[0] to tspan[1]; f is called as f(t: float, u: Tensor).");
+}

@@ -1,0 +1,65 @@
+// Step-size control: the PID controller and Hairer & Wanner's automatic initial step.
+#include "control/controller.h"
+
+#include <algorithm>
+#include <cmath>
+
+namespace diffeqlayers {
+
+StepController::StepController(const ControllerOptions& options, int order)
+    : opt_(options), q_(static_cast<double>(order)) {
+  TORCH_CHECK_VALUE(opt_.safety > 0 && opt_.safety <= 1, "controller safety must be in (0, 1], got ",
+                    opt_.safety);
+  TORCH_CHECK_VALUE(opt_.factor_min > 0 && opt_.factor_min < 1,
+                    "controller factor_min must be in (0, 1), got ", opt_.factor_min);
+  TORCH_CHECK_VALUE(opt_.factor_max > 1, "controller factor_max must exceed 1, got ",
+                    opt_.factor_max);
+  TORCH_CHECK_VALUE(opt_.beta1 > 0, "controller beta1 must be positive, got ", opt_.beta1);
+}
+
+double StepController::propose(double err, bool accepted) {
+  // Floor the error so that a zero error (a step that is exact in the embedded pair, e.g.
+  // u' = 0) gives the largest growth rather than inf or NaN.
+  const double e = std::max(err, 1e-10);
+  double factor;
+  if (accepted) {
+    factor = opt_.safety * std::pow(e, -opt_.beta1 / q_) * std::pow(e1_, -opt_.beta2 / q_) *
+             std::pow(e2_, -opt_.beta3 / q_);
+    factor = std::clamp(factor, opt_.factor_min, opt_.factor_max);
+    // Right after a rejection, do not grow again (Hairer & Wanner, IV.2): avoids oscillating
+    // between rejected large steps and accepted small ones.
+    if (last_rejected_) factor = std::min(factor, 1.0);
+    e2_ = e1_;
+    e1_ = e;
+  } else {
+    // On rejection only the elementary (integral) part is meaningful.
+    factor = std::clamp(opt_.safety * std::pow(e, -1.0 / q_), opt_.factor_min, 1.0);
+  }
+  last_rejected_ = !accepted;
+  return factor;
+}
+
+double initial_step(const Dynamics& f, double t0, const torch::Tensor& u0, const torch::Tensor& f0,
+                    int order, int direction, double span, double rtol, double atol,
+                    const std::function<double(const torch::Tensor&)>& norm, int64_t& nfe) {
+  at::NoGradGuard no_grad;
+  const torch::Tensor u = u0.detach();
+  const torch::Tensor k0 = f0.detach();
+  const torch::Tensor scale = u.abs().mul_(rtol).add_(atol);
+  const double d0 = norm(u / scale);
+  const double d1 = norm(k0 / scale);
+  double h0 = (d0 < 1e-5 || d1 < 1e-5) ? 1e-6 : 0.01 * d0 / d1;
+  h0 = std::min(h0, span);
+  const torch::Tensor u1 = at::add(u, k0, direction * h0);
+  const torch::Tensor k1 = f(t0 + direction * h0, u1);
+  ++nfe;
+  const double d2 = norm((k1.detach() - k0) / scale) / h0;
+  const double dmax = std::max(d1, d2);
+  const double h1 =
+      dmax <= 1e-15 ? std::max(1e-6, h0 * 1e-3) : std::pow(0.01 / dmax, 1.0 / (order + 1));
+  double h = std::min(100 * h0, h1);
+  if (!std::isfinite(h) || h <= 0) h = h0;
+  return std::min(h, span);
+}
+
+}  // namespace diffeqlayers

@@ -1,0 +1,32 @@
+// Step-size control: the PID controller and Hairer & Wanner's automatic initial step.
+#pragma once
+
+#include "diffeqlayers/solve.h"
+
+namespace diffeqlayers {
+
+// Keeps the error history of accepted steps and proposes the next step size.
+class StepController {
+ public:
+  StepController(const ControllerOptions& options, int order);
+
+  // Factor by which to multiply dt after a step with error norm `err` (<= 1: accepted).
+  // Updates the history on acceptance.
+  double propose(double err, bool accepted);
+
+ private:
+  ControllerOptions opt_;
+  double q_;
+  double e1_ = 1.0;  // error norms of the previous two accepted steps
+  double e2_ = 1.0;
+  bool last_rejected_ = false;
+};
+
+// The automatic initial step of Hairer, Norsett & Wanner, Solving ODEs I, II.4 (p. 169):
+// compares |u0|, |f0| and an estimate of the second derivative, all in the error norm.
+// Costs one evaluation of f. `f0` is f(t0, u0); `norm` returns the scaled error norm.
+double initial_step(const Dynamics& f, double t0, const torch::Tensor& u0, const torch::Tensor& f0,
+                    int order, int direction, double span, double rtol, double atol,
+                    const std::function<double(const torch::Tensor&)>& norm, int64_t& nfe);
+
+}  // namespace diffeqlayers

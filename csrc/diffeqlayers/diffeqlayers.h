@@ -1,0 +1,5 @@
+// Umbrella header of the diffeqlayers C++ API.
+#pragma once
+
+#include "diffeqlayers/solve.h"
+#include "diffeqlayers/tableau.h"

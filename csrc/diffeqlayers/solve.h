@@ -1,0 +1,166 @@
+// The public solve API: dynamics, options, the Solution it returns, and solve() itself.
+#pragma once
+
+#include <torch/types.h>
+
+#include <cstdint>
+#include <functional>
+#include <limits>
+#include <memory>
+#include <string>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "diffeqlayers/tableau.h"
+
+namespace diffeqlayers {
+
+// du/dt = f(t, u). Parameters live inside the callable (a closure or a module); under grad mode
+// every op the callable runs is recorded by autograd, which is how diffeq_rd differentiates.
+using Dynamics = std::function<torch::Tensor(double t, const torch::Tensor& u)>;
+
+// Maps the scaled error err / (atol + rtol * max(|u|, |u_new|)) to a non-negative scalar; a
+// step is accepted when the result is <= 1. Default: root mean square over all elements.
+using ErrorNorm = std::function<torch::Tensor(const torch::Tensor& scaled_error)>;
+
+// Step-size controller, in the PID form of Soderlind (2003):
+//   factor = safety * e_n^(-beta1/q) * e_{n-1}^(-beta2/q) * e_{n-2}^(-beta3/q),
+// where e_n is the current error norm and q the method's controller order. The factor is
+// clipped to [factor_min, factor_max] and to at most 1 right after a rejection.
+struct ControllerOptions {
+  double beta1 = 0.7;
+  double beta2 = -0.4;
+  double beta3 = 0.0;
+  double safety = 0.9;
+  double factor_min = 0.2;
+  double factor_max = 10.0;
+
+  // Integral (elementary) controller, as in torchdiffeq.
+  static ControllerOptions I() { return {1.0, 0.0, 0.0}; }
+  // Gustafsson's PI controller (Hairer & Wanner, Solving ODEs II, IV.2): the default.
+  static ControllerOptions PI() { return {0.7, -0.4, 0.0}; }
+  // Soderlind's H211PI-like PID filter with a derivative term.
+  static ControllerOptions PID() { return {0.49, -0.34, 0.1}; }
+};
+
+struct SolveOptions {
+  std::string method = "tsit5";
+  double rtol = 1e-7;
+  double atol = 1e-9;
+  // Fixed step size for fixed-step methods (required there) or when adaptive == false;
+  // the first step for adaptive methods (0: Hairer & Wanner's automatic initial step).
+  double dt = 0.0;
+  bool adaptive = true;  // ignored (false) for methods without an error estimate
+  double dt_min = 0.0;
+  double dt_max = std::numeric_limits<double>::infinity();
+  int64_t max_num_steps = 100000;  // accepted + rejected steps
+  ControllerOptions controller = ControllerOptions::PI();
+  ErrorNorm norm;  // empty: RMS norm
+  // Times at which to save, strictly monotone in the direction of integration and inside the
+  // span. Undefined: save at every step (t0 included when save_start). May require grad: the
+  // output at each time then has the gradient <grad, f(t_i, u(t_i))> with respect to it.
+  torch::Tensor saveat;
+  bool save_start = true;
+  // Times that steps must land on exactly (discontinuities in f, for instance).
+  std::vector<double> tstops;
+  // Keep every step's stages so that Solution::operator() evaluates the solution anywhere.
+  bool dense = false;
+  // Stop with an error when the state becomes NaN/Inf (adaptive methods first try smaller steps).
+  bool check_finite = true;
+  // Throw SolverError on failure; otherwise return the partial Solution with its retcode.
+  bool throw_on_failure = true;
+  // Tensors the dynamics use as parameters; checked for dtype and device against u0.
+  std::vector<torch::Tensor> params;
+};
+
+enum class ReturnCode { Success, MaxIters, DtLessThanMin, Unstable };
+std::string to_string(ReturnCode code);
+
+struct Stats {
+  int64_t nfe = 0;      // evaluations of f
+  int64_t naccept = 0;  // accepted steps
+  int64_t nreject = 0;  // rejected steps
+};
+
+// A failed solve: the message names the cause, t and dt.
+class SolverError : public std::runtime_error {
+ public:
+  SolverError(ReturnCode code, double t, double dt, const std::string& what)
+      : std::runtime_error(what), code(code), t(t), dt(dt) {}
+  ReturnCode code;
+  double t;
+  double dt;
+};
+
+// Everything needed to evaluate the solution inside one accepted step.
+struct DenseStep {
+  double t0 = 0.0;
+  double h = 0.0;
+  torch::Tensor u0, u1;
+  std::vector<torch::Tensor> k;  // the stages (own interpolant) or {f(t0,u0), f(t0+h,u1)} (Hermite)
+};
+
+class DenseOutput {
+ public:
+  DenseOutput(const Tableau* tab, std::vector<DenseStep> steps, int direction)
+      : tab_(tab), steps_(std::move(steps)), direction_(direction) {}
+  // The solution at time t, which must lie in the solved span.
+  torch::Tensor operator()(double t) const;
+  const std::vector<DenseStep>& steps() const { return steps_; }
+
+ private:
+  const Tableau* tab_;
+  std::vector<DenseStep> steps_;
+  int direction_;
+};
+
+// Interpolates inside one step at theta in [0, 1]: the tableau's own interpolant when it has
+// one, otherwise the cubic Hermite through (u0, f0) and (u1, f1). Differentiable.
+torch::Tensor interpolate(const Tableau& tab, const DenseStep& step, double theta);
+
+struct Solution {
+  torch::Tensor t;  // [n] float64, the saved times
+  torch::Tensor u;  // [n, *u0.shape], the saved states
+  Stats stats;
+  ReturnCode retcode = ReturnCode::Success;
+  std::string message;
+  std::shared_ptr<DenseOutput> dense;  // set when SolveOptions::dense
+
+  bool success() const { return retcode == ReturnCode::Success; }
+  // Dense evaluation; requires SolveOptions::dense.
+  torch::Tensor operator()(double t) const;
+};
+
+// Solves du/dt = f(t, u), u(tspan[0]) = u0, from tspan[0] to tspan[1] (either direction).
+// tspan holds two numbers; either may require grad (gradients with respect to the span).
+// Under grad mode the whole solve is recorded by autograd (reverse mode through the solver).
+Solution solve(const Dynamics& f, const torch::Tensor& u0, const torch::Tensor& tspan,
+               const SolveOptions& options = {});
+// Convenience overload with a plain span.
+Solution solve(const Dynamics& f, const torch::Tensor& u0, double t0, double t1,
+               const SolveOptions& options = {});
+
+namespace detail {
+template <typename M, typename = void>
+struct forward_takes_time : std::false_type {};
+template <typename M>
+struct forward_takes_time<
+    M, std::void_t<decltype(std::declval<M&>()->forward(0.0, std::declval<torch::Tensor>()))>>
+    : std::true_type {};
+}  // namespace detail
+
+// Dynamics from a torch::nn::Module holder whose forward takes (t, u) or just (u).
+// (C++17 detection rather than a C++20 requires-clause: torch <= 2.12 builds with C++17.)
+template <typename ModuleHolder>
+Dynamics module_dynamics(ModuleHolder module) {
+  return [module](double t, const torch::Tensor& u) -> torch::Tensor {
+    if constexpr (detail::forward_takes_time<ModuleHolder>::value) {
+      return module->forward(t, u);
+    } else {
+      return module->forward(u);
+    }
+  };
+}
+
+}  // namespace diffeqlayers

@@ -1,0 +1,73 @@
+// Dense output: interpolation inside one step, and evaluation of a solved trajectory anywhere.
+#include <algorithm>
+#include <cmath>
+
+#include "diffeqlayers/solve.h"
+
+namespace diffeqlayers {
+
+std::string to_string(ReturnCode code) {
+  switch (code) {
+    case ReturnCode::Success:
+      return "Success";
+    case ReturnCode::MaxIters:
+      return "MaxIters";
+    case ReturnCode::DtLessThanMin:
+      return "DtLessThanMin";
+    case ReturnCode::Unstable:
+      return "Unstable";
+  }
+  return "Unknown";
+}
+
+torch::Tensor interpolate(const Tableau& tab, const DenseStep& step, double theta) {
+  if (theta == 0.0) return step.u0;
+  if (theta == 1.0) return step.u1;
+  const double h = step.h;
+  if (tab.has_dense()) {
+    // u0 + h * sum_i b_i(theta) k_i with b_i(theta) = sum_m dense[i][m] theta^(m+1).
+    torch::Tensor out = step.u0;
+    for (size_t i = 0; i < tab.dense.size(); ++i) {
+      double w = 0.0, p = theta;
+      for (double coef : tab.dense[i]) {
+        w += coef * p;
+        p *= theta;
+      }
+      if (w != 0.0) out = at::add(out, step.k[i], h * w);
+    }
+    return out;
+  }
+  // Cubic Hermite through (u0, f0) and (u1, f1): third order, continuous derivative.
+  const double t2 = theta * theta, t3 = t2 * theta;
+  const double h00 = 2 * t3 - 3 * t2 + 1, h10 = t3 - 2 * t2 + theta;
+  const double h01 = -2 * t3 + 3 * t2, h11 = t3 - t2;
+  torch::Tensor out = at::mul(step.u0, h00);
+  out = at::add(out, step.u1, h01);
+  out = at::add(out, step.k[0], h * h10);
+  return at::add(out, step.k[1], h * h11);
+}
+
+torch::Tensor DenseOutput::operator()(double t) const {
+  TORCH_CHECK_VALUE(!steps_.empty(), "the dense output holds no steps");
+  const double ta = steps_.front().t0;
+  const double tb = steps_.back().t0 + steps_.back().h;
+  const double tol = 1e-12 * std::max({1.0, std::abs(ta), std::abs(tb)});
+  TORCH_CHECK_VALUE(std::isfinite(t) && direction_ * (t - ta) >= -tol && direction_ * (tb - t) >= -tol,
+                    "t=", t, " is outside the solved span [", ta, ", ", tb, "]");
+  // First step whose end lies at or beyond t in the direction of integration.
+  auto it = std::lower_bound(steps_.begin(), steps_.end(), t, [&](const DenseStep& s, double x) {
+    return direction_ * (s.t0 + s.h - x) < 0;
+  });
+  if (it == steps_.end()) --it;
+  const double theta = std::clamp((t - it->t0) / it->h, 0.0, 1.0);
+  return interpolate(*tab_, *it, theta);
+}
+
+torch::Tensor Solution::operator()(double t) const {
+  TORCH_CHECK_VALUE(dense != nullptr,
+                    "this solution kept no dense output: solve with dense=true to evaluate it "
+                    "between the saved times");
+  return (*dense)(t);
+}
+
+}  // namespace diffeqlayers

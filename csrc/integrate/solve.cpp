@@ -1,0 +1,433 @@
+// The integration loop: one engine for every explicit Runge-Kutta tableau, fixed or adaptive.
+//
+// Under grad mode the loop is plain tensor algebra, so autograd records the unrolled solve
+// (diffeq_rd). Step-size decisions (error norms, the initial step) run without grad: the step
+// sequence is a function of the primal values only, as in torchdiffeq and diffrax.
+#include <algorithm>
+#include <cmath>
+#include <sstream>
+
+#include "control/controller.h"
+#include "diffeqlayers/solve.h"
+
+namespace diffeqlayers {
+namespace {
+
+// True when ops on these tensors will be recorded, so they must not be mutated in place.
+bool records_grad(const torch::Tensor& t) { return at::GradMode::is_enabled() && t.requires_grad(); }
+
+// u + h * sum_j w[j] k[j] over the first n stages, skipping zero weights (u may be undefined:
+// then just the sum). One add per term;
+// out of place while autograd records, in place into a fresh result otherwise.
+torch::Tensor combine(const torch::Tensor& u, double h, const std::vector<double>& w,
+                      const std::vector<torch::Tensor>& k, size_t n) {
+  torch::Tensor out;
+  bool fresh = false;
+  for (size_t j = 0; j < n; ++j) {
+    if (w[j] == 0.0) continue;
+    if (!fresh) {
+      out = u.defined() ? at::add(u, k[j], h * w[j]) : at::mul(k[j], h * w[j]);
+      fresh = true;
+    } else if (records_grad(out) || records_grad(k[j])) {
+      out = at::add(out, k[j], h * w[j]);
+    } else {
+      out.add_(k[j], h * w[j]);
+    }
+  }
+  if (!fresh && !u.defined()) return at::zeros_like(k[0]);
+  return fresh ? out : u;
+}
+
+std::string fmt(double x) {
+  std::ostringstream s;
+  s.precision(10);
+  s << x;
+  return s.str();
+}
+
+class Integrator {
+ public:
+  Integrator(const Dynamics& f, const Tableau& tab, const SolveOptions& o)
+      : f_(f), tab_(tab), o_(o) {}
+
+  // Evaluates f and checks what it returned against the state.
+  torch::Tensor eval(double t, const torch::Tensor& u) {
+    torch::Tensor out = f_(t, u);
+    ++stats.nfe;
+    TORCH_CHECK_TYPE(out.defined(), "f returned no tensor (at t=", fmt(t), ")");
+    TORCH_CHECK_VALUE(out.sizes() == u.sizes(), "f returned shape ", out.sizes(),
+                      " but the state has shape ", u.sizes(), " (at t=", fmt(t), ")");
+    TORCH_CHECK_TYPE(out.scalar_type() == u.scalar_type(), "f returned dtype ", out.scalar_type(),
+                     " but the state has dtype ", u.scalar_type(), " (at t=", fmt(t), ")");
+    TORCH_CHECK_VALUE(out.device() == u.device(), "f returned a tensor on ", out.device(),
+                      " but the state is on ", u.device(), " (at t=", fmt(t), ")");
+    return out;
+  }
+
+  double norm(const torch::Tensor& scaled) const {
+    if (o_.norm) return o_.norm(scaled).item<double>();
+    return at::linalg_vector_norm(scaled, 2).item<double>() /
+           std::sqrt(static_cast<double>(scaled.numel()));
+  }
+
+  // Error norm of a step and whether the new state is finite, with one host synchronisation.
+  std::pair<double, bool> step_error(const torch::Tensor& u, const torch::Tensor& unew,
+                                     const std::vector<torch::Tensor>& k, double h) {
+    at::NoGradGuard no_grad;
+    torch::Tensor err = combine(torch::Tensor(), h, tab_.b_err, k, k.size());
+    torch::Tensor ud = u.detach(), und = unew.detach();
+    torch::Tensor scale = at::maximum(ud.abs(), und.abs()).mul_(o_.rtol).add_(o_.atol);
+    torch::Tensor scaled = err.div_(scale);
+    torch::Tensor n = o_.norm ? o_.norm(scaled).reshape({})
+                              : at::linalg_vector_norm(scaled, 2) /
+                                    std::sqrt(static_cast<double>(scaled.numel()));
+    if (!o_.check_finite) return {n.item<double>(), true};
+    torch::Tensor both = at::stack({n.to(at::kDouble), und.sum().to(at::kDouble)}).cpu();
+    const double* v = both.data_ptr<double>();
+    return {v[0], std::isfinite(v[1])};
+  }
+
+  Solution run(torch::Tensor u, double t0, double t1, const std::vector<double>& saveat) {
+    const int dir = t1 > t0 ? 1 : -1;
+    const bool adaptive = tab_.adaptive() && o_.adaptive;
+    const int s = tab_.stages();
+    const bool fsal = tab_.fsal();
+    const bool want_every_step = saveat.empty();
+
+    // Stops the steps must land on: user tstops inside the span, then t1.
+    std::vector<double> stops;
+    for (double ts : o_.tstops)
+      if (dir * (ts - t0) > 0 && dir * (t1 - ts) > 0) stops.push_back(ts);
+    std::sort(stops.begin(), stops.end(), [&](double a, double b) { return dir * (a - b) < 0; });
+    stops.erase(std::unique(stops.begin(), stops.end()), stops.end());
+    stops.push_back(t1);
+    size_t stop_idx = 0;
+
+    std::vector<double> out_t;
+    std::vector<torch::Tensor> out_u;
+    size_t save_idx = 0;
+    if (want_every_step) {
+      if (o_.save_start) {
+        out_t.push_back(t0);
+        out_u.push_back(u);
+      }
+    } else {
+      while (save_idx < saveat.size() && dir * (saveat[save_idx] - t0) <= 0) {
+        out_t.push_back(saveat[save_idx++]);
+        out_u.push_back(u);
+      }
+    }
+    std::vector<DenseStep> dense_steps;
+
+    double t = t0;
+    torch::Tensor k1 = eval(t, u);
+    if (o_.check_finite) {
+      at::NoGradGuard g;
+      const double s0 = k1.sum().item<double>() + u.sum().item<double>();
+      if (!std::isfinite(s0))
+        return fail(ReturnCode::Unstable, t, 0.0,
+                    "the initial state or f(t0, u0) is not finite (NaN/Inf)", out_t, out_u,
+                    dense_steps);
+    }
+
+    double h;
+    if (!adaptive) {
+      h = o_.dt;
+    } else if (o_.dt > 0) {
+      h = o_.dt;
+    } else {
+      h = initial_step(
+          f_, t0, u, k1, tab_.order, dir, std::abs(t1 - t0), o_.rtol, o_.atol,
+          [this](const torch::Tensor& x) { return norm(x); }, stats.nfe);
+    }
+    h = std::min(h, o_.dt_max);
+
+    StepController controller(o_.controller, tab_.controller_order());
+    // Fixed steps are placed at base + n * h, so that many steps do not accumulate rounding.
+    double fixed_base = t0;
+    int64_t fixed_n = 0;
+    bool last_nonfinite = false;
+    std::vector<torch::Tensor> k(static_cast<size_t>(s));
+
+    while (t != t1) {
+      if (stats.naccept + stats.nreject >= o_.max_num_steps) {
+        return fail(ReturnCode::MaxIters, t, dir * h,
+                    "max_num_steps (" + std::to_string(o_.max_num_steps) +
+                        ") reached before the end of the span; raise max_num_steps, loosen the "
+                        "tolerances, or, if the problem is stiff, use a stiff solver",
+                    out_t, out_u, dense_steps);
+      }
+      if ((adaptive && (h < o_.dt_min || t + dir * h == t)) || !(h > 0)) {
+        return fail(last_nonfinite ? ReturnCode::Unstable : ReturnCode::DtLessThanMin, t, dir * h,
+                    last_nonfinite ? "the state became non-finite (NaN/Inf) and shrinking the "
+                                     "step did not help"
+                                   : "step size underflow (below dt_min=" + fmt(o_.dt_min) +
+                                         " or machine precision); the problem may be stiff "
+                                         "or have a singularity",
+                    out_t, out_u, dense_steps);
+      }
+      const double stop = stops[stop_idx];
+      double tnew;
+      double hh;  // signed step actually taken
+      bool lands;
+      if (!adaptive) {
+        tnew = fixed_base + dir * h * static_cast<double>(fixed_n + 1);
+        lands = dir * (tnew - stop) >= -1e-12 * h;
+        if (lands) tnew = stop;
+        hh = tnew - t;
+      } else {
+        lands = h >= std::abs(stop - t) * (1 - 1e-12);
+        tnew = lands ? stop : t + dir * h;
+        hh = lands ? stop - t : dir * h;
+      }
+
+      // Stages.
+      k[0] = k1;
+      for (int i = 1; i < s; ++i) {
+        torch::Tensor ui = combine(u, hh, tab_.a[i], k, static_cast<size_t>(i));
+        k[i] = eval(t + tab_.c[i] * hh, ui);
+      }
+      // With FSAL the last stage was evaluated at u_new: rebuild that state rather than
+      // storing every stage input.
+      torch::Tensor unew = fsal ? combine(u, hh, tab_.a[s - 1], k, static_cast<size_t>(s - 1))
+                                : combine(u, hh, tab_.b, k, static_cast<size_t>(s));
+
+      bool accepted = true;
+      if (adaptive) {
+        auto [err, finite] = step_error(u, unew, k, hh);
+        finite = finite && std::isfinite(err);
+        last_nonfinite = !finite;
+        accepted = finite && err <= 1.0;
+        const double factor = finite ? controller.propose(err, accepted)
+                                     : (controller.propose(1e10, false), o_.controller.factor_min);
+        if (!accepted) {
+          ++stats.nreject;
+          h = std::abs(hh) * factor;
+          continue;
+        }
+        const double h_unclipped = h;
+        h = std::min(std::abs(hh) * factor, o_.dt_max);
+        // A step clipped short to land on a stop says little about the step size the solution
+        // allows: when it wanted to grow, resume from the step proposed before clipping.
+        if (lands && factor >= 1.0) h = std::min(std::max(h, h_unclipped), o_.dt_max);
+      } else if (o_.check_finite) {
+        at::NoGradGuard g;
+        if (!std::isfinite(unew.sum().item<double>()))
+          return fail(ReturnCode::Unstable, t, hh,
+                      "the state became non-finite (NaN/Inf); try a smaller dt", out_t, out_u,
+                      dense_steps);
+      }
+      ++stats.naccept;
+
+      // f at the new state: the last stage (FSAL), or evaluated now when the next step or the
+      // Hermite interpolant needs it.
+      const bool last = lands && stop_idx + 1 == stops.size();
+      const bool needs_interp =
+          o_.dense || (!want_every_step && save_idx < saveat.size() &&
+                       dir * (saveat[save_idx] - tnew) < 0);
+      torch::Tensor knew;
+      if (fsal) {
+        knew = k[s - 1];
+      } else if (!last || (needs_interp && !tab_.has_dense())) {
+        knew = eval(tnew, unew);
+      }
+
+      DenseStep step;
+      if (needs_interp) {
+        step.t0 = t;
+        step.h = hh;
+        step.u0 = u;
+        step.u1 = unew;
+        step.k = tab_.has_dense() ? k : std::vector<torch::Tensor>{k[0], knew};
+      }
+      if (want_every_step) {
+        out_t.push_back(tnew);
+        out_u.push_back(unew);
+      } else {
+        while (save_idx < saveat.size() && dir * (saveat[save_idx] - tnew) <= 0) {
+          const double ts = saveat[save_idx++];
+          out_t.push_back(ts);
+          out_u.push_back(ts == tnew ? unew : interpolate(tab_, step, (ts - t) / hh));
+        }
+      }
+      if (o_.dense) dense_steps.push_back(std::move(step));
+
+      t = tnew;
+      u = unew;
+      k1 = knew;
+      if (!adaptive) ++fixed_n;
+      if (lands) {
+        ++stop_idx;
+        fixed_base = t;
+        fixed_n = 0;
+      }
+    }
+    return finish(ReturnCode::Success, "", out_t, out_u, dense_steps, dir);
+  }
+
+  Stats stats;
+
+ private:
+  Solution fail(ReturnCode code, double t, double dt, const std::string& why,
+                std::vector<double>& out_t, std::vector<torch::Tensor>& out_u,
+                std::vector<DenseStep>& dense_steps) {
+    std::string msg = tab_.name + " failed (" + to_string(code) + ") at t=" + fmt(t) +
+                      ", dt=" + fmt(dt) + ": " + why + " [nfe=" + std::to_string(stats.nfe) +
+                      ", accepted=" + std::to_string(stats.naccept) +
+                      ", rejected=" + std::to_string(stats.nreject) + "]";
+    if (o_.throw_on_failure) throw SolverError(code, t, dt, msg);
+    return finish(code, msg, out_t, out_u, dense_steps, dt >= 0 ? 1 : -1);
+  }
+
+  Solution finish(ReturnCode code, const std::string& msg, std::vector<double>& out_t,
+                  std::vector<torch::Tensor>& out_u, std::vector<DenseStep>& dense_steps,
+                  int dir) {
+    Solution sol;
+    sol.retcode = code;
+    sol.message = msg;
+    sol.stats = stats;
+    sol.t = torch::tensor(out_t, torch::dtype(torch::kFloat64));
+    sol.u = out_u.empty() ? torch::Tensor() : at::stack(out_u);
+    if (o_.dense && !dense_steps.empty())
+      sol.dense = std::make_shared<DenseOutput>(&tab_, std::move(dense_steps), dir);
+    return sol;
+  }
+
+  const Dynamics& f_;
+  const Tableau& tab_;
+  const SolveOptions& o_;
+};
+
+void check_options(const SolveOptions& o, const Tableau& tab) {
+  const bool adaptive = tab.adaptive() && o.adaptive;
+  TORCH_CHECK_VALUE(std::isfinite(o.rtol) && o.rtol >= 0, "rtol must be a non-negative number, got ",
+                    o.rtol);
+  TORCH_CHECK_VALUE(std::isfinite(o.atol) && o.atol >= 0, "atol must be a non-negative number, got ",
+                    o.atol);
+  TORCH_CHECK_VALUE(!adaptive || o.rtol > 0 || o.atol > 0,
+                    "rtol and atol are both zero: an adaptive solve needs a positive tolerance");
+  TORCH_CHECK_VALUE(std::isfinite(o.dt) && o.dt >= 0,
+                    "dt must be a positive number (its sign follows tspan), got ", o.dt);
+  TORCH_CHECK_VALUE(adaptive || o.dt > 0, "method '", tab.name,
+                    "' takes fixed steps: give a step size dt > 0");
+  TORCH_CHECK_VALUE(o.dt_min >= 0, "dt_min must be non-negative, got ", o.dt_min);
+  TORCH_CHECK_VALUE(o.dt_max > 0, "dt_max must be positive, got ", o.dt_max);
+  TORCH_CHECK_VALUE(o.dt_min <= o.dt_max, "dt_min (", o.dt_min, ") exceeds dt_max (", o.dt_max, ")");
+  TORCH_CHECK_VALUE(o.max_num_steps > 0, "max_num_steps must be positive, got ", o.max_num_steps);
+  for (double ts : o.tstops) TORCH_CHECK_VALUE(std::isfinite(ts), "tstops holds a non-finite time");
+}
+
+void check_state(const torch::Tensor& u0, const SolveOptions& o) {
+  TORCH_CHECK_TYPE(u0.defined(), "u0 is undefined");
+  TORCH_CHECK_TYPE(u0.scalar_type() == at::kFloat || u0.scalar_type() == at::kDouble,
+                   "u0 must be float32 or float64, got ", u0.scalar_type());
+  TORCH_CHECK_VALUE(u0.numel() > 0, "u0 is empty (shape ", u0.sizes(), ")");
+  for (size_t i = 0; i < o.params.size(); ++i) {
+    const auto& p = o.params[i];
+    if (!p.defined()) continue;
+    TORCH_CHECK_VALUE(p.device() == u0.device(), "parameter ", i, " is on ", p.device(),
+                      " but u0 is on ", u0.device());
+    TORCH_CHECK_TYPE(!p.is_floating_point() || p.scalar_type() == u0.scalar_type(), "parameter ",
+                     i, " has dtype ", p.scalar_type(), " but u0 has dtype ", u0.scalar_type());
+  }
+}
+
+// The save times as doubles, checked: 1-D, finite, strictly monotone along the span, inside it.
+std::vector<double> check_saveat(const torch::Tensor& saveat, double t0, double t1) {
+  std::vector<double> out;
+  if (!saveat.defined()) return out;
+  TORCH_CHECK_TYPE(!saveat.is_complex() && saveat.scalar_type() != at::kBool,
+                   "saveat must hold real numbers, got ", saveat.scalar_type());
+  TORCH_CHECK_VALUE(saveat.dim() <= 1, "saveat must be 1-D, got shape ", saveat.sizes());
+  TORCH_CHECK_VALUE(saveat.numel() > 0, "saveat is empty");
+  torch::Tensor ts = saveat.detach().to(at::kCPU, at::kDouble).contiguous().reshape({-1});
+  const double* p = ts.data_ptr<double>();
+  out.assign(p, p + ts.numel());
+  const int dir = t1 > t0 ? 1 : -1;
+  // float32 times are accepted within their own rounding of the span's ends.
+  const double rel = saveat.scalar_type() == at::kDouble ? 1e-12 : 1e-6;
+  const double tol = rel * std::max({1.0, std::abs(t0), std::abs(t1)});
+  for (size_t i = 0; i < out.size(); ++i) {
+    TORCH_CHECK_VALUE(std::isfinite(out[i]), "saveat[", i, "] is not finite");
+    TORCH_CHECK_VALUE(dir * (out[i] - t0) >= -tol && dir * (t1 - out[i]) >= -tol, "saveat[", i,
+                      "]=", out[i], " lies outside the span [", t0, ", ", t1, "]");
+    out[i] = dir > 0 ? std::clamp(out[i], t0, t1) : std::clamp(out[i], t1, t0);
+    if (i > 0) {
+      TORCH_CHECK_VALUE(out[i] != out[i - 1], "saveat holds the time ", out[i], " twice");
+      TORCH_CHECK_VALUE(dir * (out[i] - out[i - 1]) > 0, "saveat must be strictly ",
+                        dir > 0 ? "increasing" : "decreasing",
+                        " (the direction of tspan); saveat[", i, "]=", out[i], " follows ",
+                        out[i - 1]);
+    }
+  }
+  return out;
+}
+
+}  // namespace
+
+Solution solve(const Dynamics& f, const torch::Tensor& u0, const torch::Tensor& tspan,
+               const SolveOptions& options) {
+  TORCH_CHECK_TYPE(static_cast<bool>(f), "f (the dynamics) is empty");
+  check_state(u0, options);
+  TORCH_CHECK_TYPE(tspan.defined(), "tspan is undefined");
+  TORCH_CHECK_VALUE(tspan.numel() == 2, "tspan must hold two times (t0, t1), got shape ",
+                    tspan.sizes());
+  torch::Tensor span = tspan.detach().to(at::kCPU, at::kDouble).reshape({-1});
+  const double t0 = span[0].item<double>(), t1 = span[1].item<double>();
+  TORCH_CHECK_VALUE(std::isfinite(t0) && std::isfinite(t1), "tspan holds a non-finite time");
+  TORCH_CHECK_VALUE(t0 != t1, "tspan is empty: t0 == t1 == ", t0);
+  const Tableau& tab = tableau(options.method);
+  check_options(options, tab);
+  std::vector<double> saveat = check_saveat(options.saveat, t0, t1);
+
+  // Gradients with respect to the times. The exact flow satisfies d u(t_i)/d t_i = f(t_i, u_i)
+  // and d u(t_i)/d t0 = -(d u(t_i)/d u0) f(t0, u0). Both are attached as zero-valued terms
+  // (t - t.detach()) * f, so values are untouched and autograd adds the right products.
+  const bool grad_on = at::GradMode::is_enabled();
+  torch::Tensor tspan_flat = tspan.reshape({-1});
+  torch::Tensor u = u0;
+  int64_t extra_nfe = 0;
+  auto time_term = [&](const torch::Tensor& tt, double tv, const torch::Tensor& uv) {
+    torch::Tensor fv;
+    {
+      at::NoGradGuard g;
+      fv = f(tv, uv.detach()).detach();
+      ++extra_nfe;
+    }
+    return (tt - tt.detach()).to(uv.scalar_type()) * fv;
+  };
+  if (grad_on && tspan.requires_grad()) u = u + -time_term(tspan_flat[0], t0, u0);
+
+  Integrator integ(f, tab, options);
+  Solution sol = integ.run(u, t0, t1, saveat);
+
+  if (grad_on && sol.u.defined()) {
+    // Output-time terms: each saved state moves with its own time.
+    torch::Tensor times;
+    if (options.saveat.defined() && options.saveat.requires_grad()) {
+      times = options.saveat.reshape({-1});
+    } else if (!options.saveat.defined() && tspan.requires_grad() && sol.retcode == ReturnCode::Success) {
+      // Saving every step: only the last time (t1) is a user time with a gradient.
+      const int64_t n = sol.u.size(0);
+      std::vector<torch::Tensor> rows(sol.u.unbind(0));
+      rows[n - 1] = rows[n - 1] + time_term(tspan_flat[1], t1, rows[n - 1]);
+      sol.u = at::stack(rows);
+    }
+    if (times.defined()) {
+      std::vector<torch::Tensor> rows(sol.u.unbind(0));
+      const double* tv = sol.t.data_ptr<double>();
+      for (size_t i = 0; i < rows.size() && static_cast<int64_t>(i) < times.numel(); ++i)
+        rows[i] = rows[i] + time_term(times[i], tv[i], rows[i]);
+      sol.u = at::stack(rows);
+    }
+  }
+  sol.stats.nfe += extra_nfe;
+  return sol;
+}
+
+Solution solve(const Dynamics& f, const torch::Tensor& u0, double t0, double t1,
+               const SolveOptions& options) {
+  return solve(f, u0, torch::tensor({t0, t1}, torch::dtype(torch::kFloat64)), options);
+}
+
+}  // namespace diffeqlayers

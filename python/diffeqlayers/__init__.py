@@ -1,0 +1,31 @@
+"""diffeqlayers: differential-equation solvers as differentiable layers for PyTorch.
+
+The solver loop is C++ on ``torch::Tensor`` (``diffeqlayers._C``); this package is the Python
+face of it::
+
+    import diffeqlayers as dl
+    prob = dl.ODEProblem(f, u0, (0.0, 10.0), p)        # f(u, p, t)
+    sol = dl.solve(prob, "tsit5", saveat=0.1)           # sol.t, sol.u, sol.stats
+    loss = dl.diffeq_rd(p, lambda s: s.u.sum(), prob, "tsit5", saveat=0.1)
+"""
+
+from ._C import ControllerOptions, ReturnCode, SolverError, Tableau, tableau
+from .problem import ODEProblem, remake
+from .sensitivity import diffeq_rd
+from .solution import Solution
+from .solve import methods, solve
+
+__all__ = [
+    "ControllerOptions",
+    "ODEProblem",
+    "ReturnCode",
+    "Solution",
+    "SolverError",
+    "Tableau",
+    "diffeq_rd",
+    "methods",
+    "remake",
+    "solve",
+    "tableau",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,69 @@
+"""Problem definitions in the style of DifferentialEquations.jl: f(u, p, t), u0, tspan, p."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any, Union
+
+import torch
+
+TimeLike = Union[float, int, torch.Tensor]
+_UNSET: Any = object()
+
+
+@dataclasses.dataclass(frozen=True)
+class ODEProblem:
+    """The initial value problem ``du/dt = f(u, p, t)``, ``u(tspan[0]) = u0``.
+
+    Args:
+        f: the dynamics, called as ``f(u, p, t)`` with ``u`` a tensor shaped like ``u0``, ``p``
+            the problem's parameters and ``t`` a Python float. Any callable, an ``nn.Module``
+            included; it must return a tensor of ``u``'s shape, dtype and device.
+        u0: the initial state, a float32 or float64 tensor of any shape (batch dimensions
+            included).
+        tspan: ``(t0, t1)``; ``t1 < t0`` integrates backwards in time. Entries may be tensors
+            that require grad.
+        p: the parameters: a tensor, a sequence or dict of tensors, an ``nn.Module``, or None.
+    """
+
+    f: Callable[..., torch.Tensor]
+    u0: torch.Tensor
+    tspan: tuple[TimeLike, TimeLike]
+    p: Any = None
+
+    def __post_init__(self) -> None:
+        if not callable(self.f):
+            raise TypeError(f"f must be callable as f(u, p, t), got {type(self.f).__name__}")
+        if not isinstance(self.u0, torch.Tensor):
+            raise TypeError(f"u0 must be a torch.Tensor, got {type(self.u0).__name__}")
+        if not isinstance(self.tspan, (Sequence, torch.Tensor)) or len(self.tspan) != 2:
+            raise ValueError(f"tspan must be a pair (t0, t1), got {self.tspan!r}")
+        object.__setattr__(self, "tspan", tuple(self.tspan))
+
+
+def remake(
+    prob: ODEProblem, *, f: Any = _UNSET, u0: Any = _UNSET, tspan: Any = _UNSET, p: Any = _UNSET
+) -> ODEProblem:
+    """A copy of ``prob`` with the given fields replaced (DifferentialEquations.jl's ``remake``)."""
+    changes = {
+        name: value
+        for name, value in (("f", f), ("u0", u0), ("tspan", tspan), ("p", p))
+        if value is not _UNSET
+    }
+    return dataclasses.replace(prob, **changes)
+
+
+def parameter_tensors(p: Any) -> list[torch.Tensor]:
+    """The tensors inside ``p`` (a tensor, module, sequence or dict of them), in order."""
+    if p is None:
+        return []
+    if isinstance(p, torch.Tensor):
+        return [p]
+    if isinstance(p, torch.nn.Module):
+        return list(p.parameters())
+    if isinstance(p, dict):
+        return [t for v in p.values() for t in parameter_tensors(v)]
+    if isinstance(p, (list, tuple)):
+        return [t for v in p for t in parameter_tensors(v)]
+    return []

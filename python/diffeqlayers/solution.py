@@ -1,0 +1,58 @@
+"""The result of a solve: saved times and states, statistics, return code, dense evaluation."""
+
+from __future__ import annotations
+
+from typing import Any, Union
+
+import torch
+
+from . import _C
+
+
+class Solution:
+    """The solution of an ODE problem.
+
+    Attributes:
+        t: the saved times, a float64 tensor of shape ``[n]``.
+        u: the saved states, shape ``[n, *u0.shape]`` (time first, as in torchdiffeq).
+        stats: ``nfe`` (evaluations of f), ``naccept`` and ``nreject`` (steps).
+        retcode: a :class:`diffeqlayers.ReturnCode`; ``Success`` unless the solve was asked not
+            to raise on failure (``throw_on_failure=False``).
+        message: why the solve failed, with ``t`` and ``dt``; empty on success.
+
+    ``sol(t)`` evaluates the solution anywhere in the span when it was solved with
+    ``dense=True`` (differentiably, under grad mode).
+    """
+
+    def __init__(self, raw: _C.Solution) -> None:
+        self._raw = raw
+        self.t: torch.Tensor = raw.t
+        self.u: torch.Tensor = raw.u
+        self.stats = raw.stats
+        self.retcode = raw.retcode
+        self.message: str = raw.message
+
+    @property
+    def success(self) -> bool:
+        return self.retcode == _C.ReturnCode.Success
+
+    def __call__(self, t: Union[float, torch.Tensor]) -> torch.Tensor:
+        """The solution at time ``t`` (a number, or a 1-D tensor of times: then stacked)."""
+        if not self._raw.has_dense:
+            raise ValueError(
+                "this solution kept no dense output: solve with dense=True to evaluate it "
+                "between the saved times"
+            )
+        if isinstance(t, torch.Tensor) and t.dim() > 0:
+            return torch.stack([self._raw.evaluate(float(x)) for x in t.detach().reshape(-1)])
+        return self._raw.evaluate(float(t))
+
+    def __len__(self) -> int:
+        return int(self.t.numel())
+
+    def __repr__(self) -> str:
+        shape: Any = tuple(self.u.shape) if self.u is not None else None
+        return (
+            f"Solution(retcode={self.retcode.name}, n={len(self)}, u.shape={shape}, "
+            f"stats={self.stats})"
+        )

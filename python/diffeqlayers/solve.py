@@ -1,0 +1,166 @@
+"""solve(): options in Python, the loop in C++."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, Optional, Union
+
+import torch
+
+from . import _C
+from .problem import ODEProblem, parameter_tensors
+from .solution import Solution
+
+_CONTROLLERS = {"I": _C.ControllerOptions.I, "PI": _C.ControllerOptions.PI,
+                "PID": _C.ControllerOptions.PID}
+
+
+def methods() -> list[str]:
+    """Names of the available methods (fixed step: euler, midpoint, ...; adaptive: dopri5, ...)."""
+    return list(_C.methods())
+
+
+def _span_tensor(tspan: Sequence[Any]) -> torch.Tensor:
+    """(t0, t1) as a float64 tensor, keeping the graph of entries that require grad."""
+    parts = []
+    for x in tspan:
+        if isinstance(x, torch.Tensor):
+            if x.numel() != 1:
+                raise ValueError(f"tspan entries must be scalars, got shape {tuple(x.shape)}")
+            if x.is_complex() or x.dtype == torch.bool:
+                raise TypeError(f"tspan entries must be real numbers, got {x.dtype}")
+            parts.append(x.reshape(()).to(torch.float64))
+        elif isinstance(x, (int, float)) and not isinstance(x, bool):
+            parts.append(torch.tensor(float(x), dtype=torch.float64))
+        else:
+            raise TypeError(f"tspan entries must be numbers or tensors, got {type(x).__name__}")
+    return torch.stack(parts)
+
+
+def _save_times(saveat: Any, t0: float, t1: float) -> Optional[torch.Tensor]:
+    """saveat as a tensor of times: a number is a spacing (t0, t0 +- dt, ..., t1 included)."""
+    if saveat is None:
+        return None
+    if isinstance(saveat, torch.Tensor):
+        return saveat.reshape(-1) if saveat.dim() == 0 else saveat
+    if isinstance(saveat, (int, float)) and not isinstance(saveat, bool):
+        step = float(saveat)
+        if not (step > 0 and math.isfinite(step)):
+            raise ValueError(f"saveat as a spacing must be positive, got {saveat}")
+        span = abs(t1 - t0)
+        n = int(math.floor(span / step * (1 + 1e-12)))
+        direction = 1.0 if t1 > t0 else -1.0
+        times = [t0 + direction * k * step for k in range(n + 1)]
+        if abs(times[-1] - t1) > 1e-9 * max(1.0, span):
+            times.append(t1)
+        else:
+            times[-1] = t1
+        return torch.tensor(times, dtype=torch.float64)
+    if isinstance(saveat, Sequence):
+        return torch.as_tensor([float(x) for x in saveat], dtype=torch.float64)
+    raise TypeError(f"saveat must be a spacing, a sequence of times or a tensor, got {saveat!r}")
+
+
+def solve(
+    prob: ODEProblem,
+    solver: str = "tsit5",
+    *,
+    saveat: Union[None, float, Sequence[float], torch.Tensor] = None,
+    rtol: float = 1e-7,
+    atol: float = 1e-9,
+    dt: Optional[float] = None,
+    adaptive: bool = True,
+    dt_min: float = 0.0,
+    dt_max: float = math.inf,
+    max_num_steps: int = 100_000,
+    controller: Union[str, _C.ControllerOptions] = "PI",
+    norm: Optional[Callable[[torch.Tensor], Any]] = None,
+    tstops: Sequence[float] = (),
+    dense: bool = False,
+    save_start: bool = True,
+    check_finite: bool = True,
+    throw_on_failure: bool = True,
+    u0: Optional[torch.Tensor] = None,
+) -> Solution:
+    """Solve an :class:`ODEProblem`.
+
+    Under grad mode the solve is recorded by autograd: backpropagating through its outputs
+    differentiates the unrolled solver (reverse mode, as :func:`diffeq_rd`).
+
+    Args:
+        prob: the problem.
+        solver: a method name (see :func:`methods`): fixed step ``euler``, ``midpoint``,
+            ``heun2``, ``heun3``, ``ralston``, ``rk4``; adaptive ``adaptive_heun``,
+            ``fehlberg2``, ``bosh3``, ``dopri5``, ``tsit5``, ``dopri8``.
+        saveat: where to save: a spacing (``0.1`` saves at t0, t0 + 0.1, ..., t1), or times
+            (a sequence or 1-D tensor, strictly monotone along the span, possibly requiring
+            grad). None saves every step.
+        rtol, atol: tolerances of the mixed error norm (adaptive methods).
+        dt: the step size of fixed-step methods (or with ``adaptive=False``); the first step of
+            adaptive ones (None: chosen automatically).
+        adaptive: False steps an adaptive method with the fixed ``dt``.
+        dt_min, dt_max: bounds on the step size; falling below dt_min is a failure.
+        max_num_steps: the most steps (accepted + rejected) before failing.
+        controller: ``"I"``, ``"PI"`` (default), ``"PID"`` or a :class:`ControllerOptions`.
+        norm: maps the scaled error tensor to a number (default: RMS norm).
+        tstops: times the steps must land on exactly.
+        dense: keep every step so that ``sol(t)`` evaluates anywhere in the span.
+        save_start: with ``saveat=None``, include t0.
+        check_finite: fail when the state becomes NaN/Inf instead of carrying it on.
+        throw_on_failure: False returns the partial solution with its ``retcode`` instead of
+            raising :class:`SolverError`.
+        u0: overrides ``prob.u0``.
+
+    Returns:
+        A :class:`Solution`: ``sol.t`` ``[n]``, ``sol.u`` ``[n, *u0.shape]``, ``sol.stats``.
+
+    Raises:
+        TypeError, ValueError: bad arguments, each naming what is wrong.
+        SolverError: the solve failed (the message gives t, dt and the cause).
+    """
+    if not isinstance(prob, ODEProblem):
+        raise TypeError(f"prob must be an ODEProblem, got {type(prob).__name__}")
+    if not isinstance(solver, str):
+        raise TypeError(f"solver must be a method name (str), got {type(solver).__name__}")
+    state = prob.u0 if u0 is None else u0
+    if not isinstance(state, torch.Tensor):
+        raise TypeError(f"u0 must be a torch.Tensor, got {type(state).__name__}")
+    span = _span_tensor(prob.tspan)
+    t0, t1 = (float(x) for x in span.detach())
+
+    opts = _C.SolveOptions()
+    opts.method = solver
+    opts.rtol = float(rtol)
+    opts.atol = float(atol)
+    opts.dt = 0.0 if dt is None else float(dt)
+    if dt is not None and not dt > 0:
+        raise ValueError(f"dt must be positive (its sign follows tspan), got {dt}")
+    opts.adaptive = bool(adaptive)
+    opts.dt_min = float(dt_min)
+    opts.dt_max = float(dt_max)
+    opts.max_num_steps = int(max_num_steps)
+    if isinstance(controller, str):
+        if controller not in _CONTROLLERS:
+            raise ValueError(f"controller must be one of {sorted(_CONTROLLERS)}, got {controller!r}")
+        opts.controller = _CONTROLLERS[controller]()
+    elif isinstance(controller, _C.ControllerOptions):
+        opts.controller = controller
+    else:
+        raise TypeError(f"controller must be a name or ControllerOptions, got {controller!r}")
+    times = _save_times(saveat, t0, t1)
+    if times is not None:
+        opts.saveat = times
+    opts.tstops = [float(x) for x in tstops]
+    opts.dense = bool(dense)
+    opts.save_start = bool(save_start)
+    opts.check_finite = bool(check_finite)
+    opts.throw_on_failure = bool(throw_on_failure)
+    opts.params = parameter_tensors(prob.p)
+
+    f, p = prob.f, prob.p
+
+    def rhs(t: float, u: torch.Tensor) -> torch.Tensor:
+        return f(u, p, t)
+
+    return Solution(_C.solve(rhs, state, span, opts, norm))
