@@ -119,6 +119,11 @@ class DenseOutput {
 // one, otherwise the cubic Hermite through (u0, f0) and (u1, f1). Differentiable.
 torch::Tensor interpolate(const Tableau& tab, const DenseStep& step, double theta);
 
+// The same at several thetas of one step at once, stacked: [thetas.size(), *u0.shape]. One matrix
+// product over the stacked stages, so that many save points in a step add few autograd nodes.
+torch::Tensor interpolate_many(const Tableau& tab, const DenseStep& step,
+                               const std::vector<double>& thetas);
+
 struct Solution {
   torch::Tensor t;  // [n] float64, the saved times
   torch::Tensor u;  // [n, *u0.shape], the saved states

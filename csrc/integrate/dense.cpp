@@ -47,6 +47,51 @@ torch::Tensor interpolate(const Tableau& tab, const DenseStep& step, double thet
   return at::add(out, step.k[1], h * h11);
 }
 
+torch::Tensor interpolate_many(const Tableau& tab, const DenseStep& step,
+                               const std::vector<double>& thetas) {
+  const int64_t m = static_cast<int64_t>(thetas.size());
+  const bool own = tab.has_dense();
+  // Rows of weights on the stacked stages (own interpolant), or on [u0, u1, f0, f1] (Hermite).
+  const int64_t ns = own ? static_cast<int64_t>(tab.dense.size()) : 4;
+  std::vector<double> w(static_cast<size_t>(m * ns), 0.0);
+  const double h = step.h;
+  for (int64_t j = 0; j < m; ++j) {
+    const double th = thetas[static_cast<size_t>(j)];
+    double* row = w.data() + j * ns;
+    if (own) {
+      for (int64_t i = 0; i < ns; ++i) {
+        double acc = 0.0, p = th;
+        for (double coef : tab.dense[static_cast<size_t>(i)]) {
+          acc += coef * p;
+          p *= th;
+        }
+        row[i] = h * acc;
+      }
+    } else {
+      const double t2 = th * th, t3 = t2 * th;
+      row[0] = 2 * t3 - 3 * t2 + 1;
+      row[1] = -2 * t3 + 3 * t2;
+      row[2] = h * (t3 - 2 * t2 + th);
+      row[3] = h * (t3 - t2);
+    }
+  }
+  const torch::Tensor& u0 = step.u0;
+  torch::Tensor W = torch::from_blob(w.data(), {m, ns}, torch::dtype(torch::kFloat64))
+                        .to(u0.options());
+  std::vector<torch::Tensor> parts;
+  if (own) {
+    for (const auto& k : step.k) parts.push_back(k.reshape({-1}));
+  } else {
+    parts = {u0.reshape({-1}), step.u1.reshape({-1}), step.k[0].reshape({-1}),
+             step.k[1].reshape({-1})};
+  }
+  torch::Tensor out = at::mm(W, at::stack(parts));  // [m, N]
+  if (own) out = out + u0.reshape({1, -1});
+  std::vector<int64_t> shape{m};
+  for (int64_t d : u0.sizes()) shape.push_back(d);
+  return out.reshape(shape);
+}
+
 torch::Tensor DenseOutput::operator()(double t) const {
   TORCH_CHECK_VALUE(!steps_.empty(), "the dense output holds no steps");
   const double ta = steps_.front().t0;

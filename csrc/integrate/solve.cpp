@@ -104,6 +104,8 @@ class Integrator {
     size_t stop_idx = 0;
 
     std::vector<double> out_t;
+    // Saving every step: one state per entry. With saveat: blocks [m, *shape] of consecutive
+    // save times, concatenated at the end.
     std::vector<torch::Tensor> out_u;
     size_t save_idx = 0;
     if (want_every_step) {
@@ -114,7 +116,7 @@ class Integrator {
     } else {
       while (save_idx < saveat.size() && dir * (saveat[save_idx] - t0) <= 0) {
         out_t.push_back(saveat[save_idx++]);
-        out_u.push_back(u);
+        out_u.push_back(u.unsqueeze(0));
       }
     }
     std::vector<DenseStep> dense_steps;
@@ -244,10 +246,17 @@ class Integrator {
         out_t.push_back(tnew);
         out_u.push_back(unew);
       } else {
-        while (save_idx < saveat.size() && dir * (saveat[save_idx] - tnew) <= 0) {
+        // Save points inside the step in one block; one at the step's end is u_new itself.
+        std::vector<double> thetas;
+        while (save_idx < saveat.size() && dir * (saveat[save_idx] - tnew) < 0) {
           const double ts = saveat[save_idx++];
           out_t.push_back(ts);
-          out_u.push_back(ts == tnew ? unew : interpolate(tab_, step, (ts - t) / hh));
+          thetas.push_back((ts - t) / hh);
+        }
+        if (!thetas.empty()) out_u.push_back(interpolate_many(tab_, step, thetas));
+        if (save_idx < saveat.size() && saveat[save_idx] == tnew) {
+          out_t.push_back(saveat[save_idx++]);
+          out_u.push_back(unew.unsqueeze(0));
         }
       }
       if (o_.dense) dense_steps.push_back(std::move(step));
@@ -262,7 +271,7 @@ class Integrator {
         fixed_n = 0;
       }
     }
-    return finish(ReturnCode::Success, "", out_t, out_u, dense_steps, dir);
+    return finish(ReturnCode::Success, "", out_t, out_u, dense_steps, dir, want_every_step);
   }
 
   Stats stats;
@@ -276,18 +285,18 @@ class Integrator {
                       ", accepted=" + std::to_string(stats.naccept) +
                       ", rejected=" + std::to_string(stats.nreject) + "]";
     if (o_.throw_on_failure) throw SolverError(code, t, dt, msg);
-    return finish(code, msg, out_t, out_u, dense_steps, dt >= 0 ? 1 : -1);
+    return finish(code, msg, out_t, out_u, dense_steps, dt >= 0 ? 1 : -1, !o_.saveat.defined());
   }
 
   Solution finish(ReturnCode code, const std::string& msg, std::vector<double>& out_t,
                   std::vector<torch::Tensor>& out_u, std::vector<DenseStep>& dense_steps,
-                  int dir) {
+                  int dir, bool rows) {
     Solution sol;
     sol.retcode = code;
     sol.message = msg;
     sol.stats = stats;
     sol.t = torch::tensor(out_t, torch::dtype(torch::kFloat64));
-    sol.u = out_u.empty() ? torch::Tensor() : at::stack(out_u);
+    if (!out_u.empty()) sol.u = rows ? at::stack(out_u) : at::cat(out_u);
     if (o_.dense && !dense_steps.empty())
       sol.dense = std::make_shared<DenseOutput>(&tab_, std::move(dense_steps), dir);
     return sol;
