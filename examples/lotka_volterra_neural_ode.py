@@ -29,8 +29,9 @@ def lotka_volterra(u: torch.Tensor, p: torch.Tensor, t: float) -> torch.Tensor:
 
 def make_data(t_end: float = 10.0, spacing: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
     p = torch.tensor([1.5, 1.0, 3.0, 1.0], dtype=torch.float64)
-    prob = dl.ODEProblem(lotka_volterra, torch.tensor([1.0, 1.0], dtype=torch.float64),
-                         (0.0, t_end), p)
+    prob = dl.ODEProblem(
+        lotka_volterra, torch.tensor([1.0, 1.0], dtype=torch.float64), (0.0, t_end), p
+    )
     sol = dl.solve(prob, "dopri5", saveat=spacing, rtol=1e-10, atol=1e-10)
     return sol.t.float(), sol.u.float()
 
@@ -40,8 +41,9 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=1500, help="Adam iterations in total")
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "out",
-                                                       "lotka_volterra.png"))
+    parser.add_argument(
+        "--out", default=os.path.join(os.path.dirname(__file__), "out", "lotka_volterra.png")
+    )
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     torch.set_num_threads(1)  # tiny tensors: threads only add overhead
@@ -61,16 +63,23 @@ def main() -> None:
         window = windows[min((it - 1) // per_window, len(windows) - 1)]
         n = int(round(window / 0.1)) + 1
         pred = dl.diffeq_rd(
-            list(net.parameters()), lambda sol: sol.u, dl.remake(prob, tspan=(0.0, window)),
-            "tsit5", saveat=t[:n], **solve_kw,
+            list(net.parameters()),
+            lambda sol: sol.u,
+            dl.remake(prob, tspan=(0.0, window)),
+            "tsit5",
+            saveat=t[:n],
+            **solve_kw,
         )
         loss = ((pred - data[:n]) ** 2).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
         if it == 1 or it % 50 == 0 or it == args.iters:
-            print(f"iter {it:5d}  window [0, {window:4.1f}]  loss {loss.item():.6f}  "
-                  f"({time.perf_counter() - start:6.1f} s)", flush=True)
+            print(
+                f"iter {it:5d}  window [0, {window:4.1f}]  loss {loss.item():.6f}  "
+                f"({time.perf_counter() - start:6.1f} s)",
+                flush=True,
+            )
 
     with torch.no_grad():
         sol = dl.solve(prob, "tsit5", saveat=t, **solve_kw)

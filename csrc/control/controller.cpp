@@ -48,6 +48,9 @@ double initial_step(const Dynamics& f, double t0, const torch::Tensor& u0, const
   const torch::Tensor scale = u.abs().mul_(rtol).add_(atol);
   const double d0 = norm(u / scale);
   const double d1 = norm(k0 / scale);
+  TORCH_CHECK_VALUE(std::isfinite(d0) && std::isfinite(d1) && d0 >= 0 && d1 >= 0,
+                    "the error norm of the initial state or of f(t0, u0) is not a finite, "
+                    "non-negative number (got ", d0, " and ", d1, "): check the norm");
   double h0 = (d0 < 1e-5 || d1 < 1e-5) ? 1e-6 : 0.01 * d0 / d1;
   h0 = std::min(h0, span);
   const torch::Tensor u1 = at::add(u, k0, direction * h0);

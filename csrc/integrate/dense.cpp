@@ -2,6 +2,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "core/lincomb.h"
 #include "diffeqlayers/solve.h"
 
 namespace diffeqlayers {
@@ -24,27 +25,27 @@ torch::Tensor interpolate(const Tableau& tab, const DenseStep& step, double thet
   if (theta == 0.0) return step.u0;
   if (theta == 1.0) return step.u1;
   const double h = step.h;
+  std::vector<torch::Tensor> terms;
+  std::vector<double> w;
   if (tab.has_dense()) {
     // u0 + h * sum_i b_i(theta) k_i with b_i(theta) = sum_m dense[i][m] theta^(m+1).
-    torch::Tensor out = step.u0;
     for (size_t i = 0; i < tab.dense.size(); ++i) {
-      double w = 0.0, p = theta;
+      double acc = 0.0, p = theta;
       for (double coef : tab.dense[i]) {
-        w += coef * p;
+        acc += coef * p;
         p *= theta;
       }
-      if (w != 0.0) out = at::add(out, step.k[i], h * w);
+      if (acc == 0.0) continue;
+      terms.push_back(step.k[i]);
+      w.push_back(h * acc);
     }
-    return out;
+    return terms.empty() ? step.u0 : lincomb(step.u0, terms, w);
   }
   // Cubic Hermite through (u0, f0) and (u1, f1): third order, continuous derivative.
   const double t2 = theta * theta, t3 = t2 * theta;
-  const double h00 = 2 * t3 - 3 * t2 + 1, h10 = t3 - 2 * t2 + theta;
-  const double h01 = -2 * t3 + 3 * t2, h11 = t3 - t2;
-  torch::Tensor out = at::mul(step.u0, h00);
-  out = at::add(out, step.u1, h01);
-  out = at::add(out, step.k[0], h * h10);
-  return at::add(out, step.k[1], h * h11);
+  terms = {step.u0, step.u1, step.k[0], step.k[1]};
+  w = {2 * t3 - 3 * t2 + 1, -2 * t3 + 3 * t2, h * (t3 - 2 * t2 + theta), h * (t3 - t2)};
+  return lincomb(torch::Tensor(), terms, w);
 }
 
 torch::Tensor interpolate_many(const Tableau& tab, const DenseStep& step,
@@ -76,8 +77,9 @@ torch::Tensor interpolate_many(const Tableau& tab, const DenseStep& step,
     }
   }
   const torch::Tensor& u0 = step.u0;
+  // copy=true: from_blob does not own w, and mm saves W for backward.
   torch::Tensor W = torch::from_blob(w.data(), {m, ns}, torch::dtype(torch::kFloat64))
-                        .to(u0.options());
+                        .to(u0.options(), /*non_blocking=*/false, /*copy=*/true);
   std::vector<torch::Tensor> parts;
   if (own) {
     for (const auto& k : step.k) parts.push_back(k.reshape({-1}));

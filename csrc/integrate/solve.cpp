@@ -8,34 +8,27 @@
 #include <sstream>
 
 #include "control/controller.h"
+#include "core/lincomb.h"
 #include "diffeqlayers/solve.h"
 
 namespace diffeqlayers {
 namespace {
 
-// True when ops on these tensors will be recorded, so they must not be mutated in place.
-bool records_grad(const torch::Tensor& t) { return at::GradMode::is_enabled() && t.requires_grad(); }
-
 // u + h * sum_j w[j] k[j] over the first n stages, skipping zero weights (u may be undefined:
-// then just the sum). One add per term;
-// out of place while autograd records, in place into a fresh result otherwise.
+// then just the sum).
 torch::Tensor combine(const torch::Tensor& u, double h, const std::vector<double>& w,
                       const std::vector<torch::Tensor>& k, size_t n) {
-  torch::Tensor out;
-  bool fresh = false;
+  std::vector<torch::Tensor> terms;
+  std::vector<double> weights;
+  terms.reserve(n);
+  weights.reserve(n);
   for (size_t j = 0; j < n; ++j) {
     if (w[j] == 0.0) continue;
-    if (!fresh) {
-      out = u.defined() ? at::add(u, k[j], h * w[j]) : at::mul(k[j], h * w[j]);
-      fresh = true;
-    } else if (records_grad(out) || records_grad(k[j])) {
-      out = at::add(out, k[j], h * w[j]);
-    } else {
-      out.add_(k[j], h * w[j]);
-    }
+    terms.push_back(k[j]);
+    weights.push_back(h * w[j]);
   }
-  if (!fresh && !u.defined()) return at::zeros_like(k[0]);
-  return fresh ? out : u;
+  if (terms.empty()) return u.defined() ? u : at::zeros_like(k[0]);
+  return lincomb(u, terms, weights);
 }
 
 std::string fmt(double x) {
@@ -64,8 +57,16 @@ class Integrator {
     return out;
   }
 
+  // The user's norm, checked to give one number.
+  torch::Tensor user_norm(const torch::Tensor& scaled) const {
+    torch::Tensor n = o_.norm(scaled);
+    TORCH_CHECK_VALUE(n.numel() == 1, "norm must return a scalar, got a tensor of shape ",
+                      n.sizes());
+    return n.reshape({});
+  }
+
   double norm(const torch::Tensor& scaled) const {
-    if (o_.norm) return o_.norm(scaled).item<double>();
+    if (o_.norm) return user_norm(scaled).item<double>();
     return at::linalg_vector_norm(scaled, 2).item<double>() /
            std::sqrt(static_cast<double>(scaled.numel()));
   }
@@ -78,7 +79,7 @@ class Integrator {
     torch::Tensor ud = u.detach(), und = unew.detach();
     torch::Tensor scale = at::maximum(ud.abs(), und.abs()).mul_(o_.rtol).add_(o_.atol);
     torch::Tensor scaled = err.div_(scale);
-    torch::Tensor n = o_.norm ? o_.norm(scaled).reshape({})
+    torch::Tensor n = o_.norm ? user_norm(scaled)
                               : at::linalg_vector_norm(scaled, 2) /
                                     std::sqrt(static_cast<double>(scaled.numel()));
     if (!o_.check_finite) return {n.item<double>(), true};
@@ -88,6 +89,8 @@ class Integrator {
   }
 
   Solution run(torch::Tensor u, double t0, double t1, const std::vector<double>& saveat) {
+    state_shape_ = u.sizes().vec();
+    state_options_ = u.options();
     const int dir = t1 > t0 ? 1 : -1;
     const bool adaptive = tab_.adaptive() && o_.adaptive;
     const int s = tab_.stages();
@@ -98,6 +101,12 @@ class Integrator {
     std::vector<double> stops;
     for (double ts : o_.tstops)
       if (dir * (ts - t0) > 0 && dir * (t1 - ts) > 0) stops.push_back(ts);
+    // An interpolant much less accurate than the method (cubic Hermite on dopri8's long steps)
+    // would spoil the save points: step onto them instead.
+    const int interp_order = tab_.has_dense() ? tab_.dense_order : 3;
+    if (adaptive && interp_order + 1 < tab_.order)
+      for (double ts : saveat)
+        if (dir * (ts - t0) > 0 && dir * (t1 - ts) > 0) stops.push_back(ts);
     std::sort(stops.begin(), stops.end(), [&](double a, double b) { return dir * (a - b) < 0; });
     stops.erase(std::unique(stops.begin(), stops.end()), stops.end());
     stops.push_back(t1);
@@ -148,7 +157,9 @@ class Integrator {
     // Fixed steps are placed at base + n * h, so that many steps do not accumulate rounding.
     double fixed_base = t0;
     int64_t fixed_n = 0;
-    bool last_nonfinite = false;
+    // Attempt number of the last step rejected for a non-finite state: an underflow soon after
+    // one is reported as instability, not as a too-small step.
+    int64_t last_nonfinite = -1000;
     std::vector<torch::Tensor> k(static_cast<size_t>(s));
 
     while (t != t1) {
@@ -160,8 +171,9 @@ class Integrator {
                     out_t, out_u, dense_steps);
       }
       if ((adaptive && (h < o_.dt_min || t + dir * h == t)) || !(h > 0)) {
-        return fail(last_nonfinite ? ReturnCode::Unstable : ReturnCode::DtLessThanMin, t, dir * h,
-                    last_nonfinite ? "the state became non-finite (NaN/Inf) and shrinking the "
+        const bool unstable = stats.naccept + stats.nreject - last_nonfinite <= 50;
+        return fail(unstable ? ReturnCode::Unstable : ReturnCode::DtLessThanMin, t, dir * h,
+                    unstable ? "the state became non-finite (NaN/Inf) and shrinking the "
                                      "step did not help"
                                    : "step size underflow (below dt_min=" + fmt(o_.dt_min) +
                                          " or machine precision); the problem may be stiff "
@@ -198,7 +210,7 @@ class Integrator {
       if (adaptive) {
         auto [err, finite] = step_error(u, unew, k, hh);
         finite = finite && std::isfinite(err);
-        last_nonfinite = !finite;
+        if (!finite) last_nonfinite = stats.naccept + stats.nreject;
         accepted = finite && err <= 1.0;
         const double factor = finite ? controller.propose(err, accepted)
                                      : (controller.propose(1e10, false), o_.controller.factor_min);
@@ -296,7 +308,13 @@ class Integrator {
     sol.message = msg;
     sol.stats = stats;
     sol.t = torch::tensor(out_t, torch::dtype(torch::kFloat64));
-    if (!out_u.empty()) sol.u = rows ? at::stack(out_u) : at::cat(out_u);
+    if (!out_u.empty()) {
+      sol.u = rows ? at::stack(out_u) : at::cat(out_u);
+    } else {
+      std::vector<int64_t> shape{0};
+      for (int64_t d : state_shape_) shape.push_back(d);
+      sol.u = at::empty(shape, state_options_);
+    }
     if (o_.dense && !dense_steps.empty())
       sol.dense = std::make_shared<DenseOutput>(&tab_, std::move(dense_steps), dir);
     return sol;
@@ -305,6 +323,8 @@ class Integrator {
   const Dynamics& f_;
   const Tableau& tab_;
   const SolveOptions& o_;
+  std::vector<int64_t> state_shape_;
+  torch::TensorOptions state_options_;
 };
 
 void check_options(const SolveOptions& o, const Tableau& tab) {

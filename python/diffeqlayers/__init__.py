@@ -9,6 +9,8 @@ face of it::
     loss = dl.diffeq_rd(p, lambda s: s.u.sum(), prob, "tsit5", saveat=0.1)
 """
 
+import torch  # noqa: F401  (loads libtorch before the extension that links it)
+
 from ._C import ControllerOptions, ReturnCode, SolverError, Tableau, tableau
 from .problem import ODEProblem, remake
 from .sensitivity import diffeq_rd

@@ -12,8 +12,11 @@ from . import _C
 from .problem import ODEProblem, parameter_tensors
 from .solution import Solution
 
-_CONTROLLERS = {"I": _C.ControllerOptions.I, "PI": _C.ControllerOptions.PI,
-                "PID": _C.ControllerOptions.PID}
+_CONTROLLERS = {
+    "I": _C.ControllerOptions.I,
+    "PI": _C.ControllerOptions.PI,
+    "PID": _C.ControllerOptions.PID,
+}
 
 
 def methods() -> list[str]:
@@ -38,8 +41,12 @@ def _span_tensor(tspan: Sequence[Any]) -> torch.Tensor:
     return torch.stack(parts)
 
 
-def _save_times(saveat: Any, t0: float, t1: float) -> Optional[torch.Tensor]:
-    """saveat as a tensor of times: a number is a spacing (t0, t0 +- dt, ..., t1 included)."""
+def _save_times(saveat: Any, span: torch.Tensor) -> Optional[torch.Tensor]:
+    """saveat as a tensor of times: a number is a spacing (t0, t0 +- dt, ..., t1 included).
+
+    With a spacing, the times are functions of the span: when tspan entries require grad, so
+    do the save times built from them (the first is t0, the last t1, the others t0 + k dt).
+    """
     if saveat is None:
         return None
     if isinstance(saveat, torch.Tensor):
@@ -48,15 +55,16 @@ def _save_times(saveat: Any, t0: float, t1: float) -> Optional[torch.Tensor]:
         step = float(saveat)
         if not (step > 0 and math.isfinite(step)):
             raise ValueError(f"saveat as a spacing must be positive, got {saveat}")
-        span = abs(t1 - t0)
-        n = int(math.floor(span / step * (1 + 1e-12)))
+        t0, t1 = (float(x) for x in span.detach())
+        length = abs(t1 - t0)
+        n = int(math.floor(length / step * (1 + 1e-12)))
         direction = 1.0 if t1 > t0 else -1.0
-        times = [t0 + direction * k * step for k in range(n + 1)]
-        if abs(times[-1] - t1) > 1e-9 * max(1.0, span):
-            times.append(t1)
-        else:
-            times[-1] = t1
-        return torch.tensor(times, dtype=torch.float64)
+        offsets = [direction * k * step for k in range(n + 1)]
+        ends_on_t1 = abs(t0 + offsets[-1] - t1) <= 1e-9 * max(1.0, length)
+        if ends_on_t1:
+            offsets.pop()
+        times = span[0] + torch.tensor(offsets, dtype=torch.float64)
+        return torch.cat([times, span[1:]])
     if isinstance(saveat, Sequence):
         return torch.as_tensor([float(x) for x in saveat], dtype=torch.float64)
     raise TypeError(f"saveat must be a spacing, a sequence of times or a tensor, got {saveat!r}")
@@ -127,7 +135,6 @@ def solve(
     if not isinstance(state, torch.Tensor):
         raise TypeError(f"u0 must be a torch.Tensor, got {type(state).__name__}")
     span = _span_tensor(prob.tspan)
-    t0, t1 = (float(x) for x in span.detach())
 
     opts = _C.SolveOptions()
     opts.method = solver
@@ -142,13 +149,15 @@ def solve(
     opts.max_num_steps = int(max_num_steps)
     if isinstance(controller, str):
         if controller not in _CONTROLLERS:
-            raise ValueError(f"controller must be one of {sorted(_CONTROLLERS)}, got {controller!r}")
+            raise ValueError(
+                f"controller must be one of {sorted(_CONTROLLERS)}, got {controller!r}"
+            )
         opts.controller = _CONTROLLERS[controller]()
     elif isinstance(controller, _C.ControllerOptions):
         opts.controller = controller
     else:
         raise TypeError(f"controller must be a name or ControllerOptions, got {controller!r}")
-    times = _save_times(saveat, t0, t1)
+    times = _save_times(saveat, span)
     if times is not None:
         opts.saveat = times
     opts.tstops = [float(x) for x in tstops]
