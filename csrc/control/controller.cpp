@@ -29,8 +29,10 @@ double StepController::propose(double err, bool accepted) {
     // Right after a rejection, do not grow again (Hairer & Wanner, IV.2): avoids oscillating
     // between rejected large steps and accepted small ones.
     if (last_rejected_) factor = std::min(factor, 1.0);
+    // The history is floored at 1e-4, as in Hairer's DOPRI5 (facold): on smooth problems whose
+    // errors are far below tolerance, the memory term would otherwise hold the growth back.
     e2_ = e1_;
-    e1_ = e;
+    e1_ = std::max(e, 1e-4);
   } else {
     // On rejection only the elementary (integral) part is meaningful.
     factor = std::clamp(opt_.safety * std::pow(e, -1.0 / q_), opt_.factor_min, 1.0);

@@ -29,8 +29,8 @@ using ErrorNorm = std::function<torch::Tensor(const torch::Tensor& scaled_error)
 // where e_n is the current error norm and q the method's controller order. The factor is
 // clipped to [factor_min, factor_max] and to at most 1 right after a rejection.
 struct ControllerOptions {
-  double beta1 = 0.7;
-  double beta2 = -0.4;
+  double beta1 = 0.85;
+  double beta2 = -0.2;
   double beta3 = 0.0;
   double safety = 0.9;
   double factor_min = 0.2;
@@ -38,8 +38,11 @@ struct ControllerOptions {
 
   // Integral (elementary) controller, as in torchdiffeq.
   static ControllerOptions I() { return {1.0, 0.0, 0.0}; }
-  // Gustafsson's PI controller (Hairer & Wanner, Solving ODEs II, IV.2): the default.
-  static ControllerOptions PI() { return {0.7, -0.4, 0.0}; }
+  // PI controller with the coefficients of Hairer's DOPRI5 code (beta = 0.04: exponents 0.17 on
+  // the current error and 0.04 on the previous one for q = 5; Hairer, Norsett & Wanner, Solving
+  // ODEs I, II.4 and the dopri5 sources): the default. Gustafsson's stronger smoothing
+  // (0.7, -0.4) is available by setting the fields; on smooth problems it grows steps slowly.
+  static ControllerOptions PI() { return {0.85, -0.2, 0.0}; }
   // Soderlind's H211PI-like PID filter with a derivative term.
   static ControllerOptions PID() { return {0.49, -0.34, 0.1}; }
 };

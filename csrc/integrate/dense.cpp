@@ -80,14 +80,10 @@ torch::Tensor interpolate_many(const Tableau& tab, const DenseStep& step,
   // copy=true: from_blob does not own w, and mm saves W for backward.
   torch::Tensor W = torch::from_blob(w.data(), {m, ns}, torch::dtype(torch::kFloat64))
                         .to(u0.options(), /*non_blocking=*/false, /*copy=*/true);
-  std::vector<torch::Tensor> parts;
-  if (own) {
-    for (const auto& k : step.k) parts.push_back(k.reshape({-1}));
-  } else {
-    parts = {u0.reshape({-1}), step.u1.reshape({-1}), step.k[0].reshape({-1}),
-             step.k[1].reshape({-1})};
-  }
-  torch::Tensor out = at::mm(W, at::stack(parts));  // [m, N]
+  // Stack the stages as they are and flatten once: two view nodes per step, not one per stage.
+  const std::vector<torch::Tensor> parts =
+      own ? step.k : std::vector<torch::Tensor>{u0, step.u1, step.k[0], step.k[1]};
+  torch::Tensor out = at::mm(W, at::stack(parts).reshape({ns, -1}));  // [m, N]
   if (own) out = out + u0.reshape({1, -1});
   std::vector<int64_t> shape{m};
   for (int64_t d : u0.sizes()) shape.push_back(d);

@@ -185,7 +185,8 @@ def test_controllers(controller):
 
 def test_controller_options_fields():
     c = dl.ControllerOptions()
-    assert (c.beta1, c.beta2, c.beta3) == (0.7, -0.4, 0.0)  # PI is the default
+    pi = dl.ControllerOptions.PI()
+    assert (c.beta1, c.beta2, c.beta3) == (pi.beta1, pi.beta2, pi.beta3) == (0.85, -0.2, 0.0)
     i = dl.ControllerOptions.I()
     assert (i.beta1, i.beta2, i.beta3) == (1.0, 0.0, 0.0)
     c.safety = 0.8
