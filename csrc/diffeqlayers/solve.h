@@ -162,7 +162,7 @@ struct forward_takes_time<
 // (C++17 detection rather than a C++20 requires-clause: torch <= 2.12 builds with C++17.)
 template <typename ModuleHolder>
 Dynamics module_dynamics(ModuleHolder module) {
-  return [module](double t, const torch::Tensor& u) -> torch::Tensor {
+  return [module](double t, const torch::Tensor& u) mutable -> torch::Tensor {
     if constexpr (detail::forward_takes_time<ModuleHolder>::value) {
       return module->forward(t, u);
     } else {
