@@ -515,3 +515,13 @@ def test_partial_solution_with_nothing_saved_has_an_empty_state_tensor(request):
 
 def test_solver_error_is_a_runtime_error_subclass():
     assert issubclass(dl.SolverError, RuntimeError)
+
+
+def test_u0_and_p_on_different_devices():
+    # The meta device stands in for a second device on a machine without a GPU: the check is
+    # the same comparison of devices that a CUDA/CPU mix would fail.
+    u0 = torch.tensor([1.0, 1.0], dtype=torch.float64)
+    p = torch.ones(4, dtype=torch.float64, device="meta")
+    prob = dl.ODEProblem(lambda u, p, t: -u, u0, (0.0, 1.0), p)
+    with pytest.raises(ValueError, match="parameter 0 is on meta but u0 is on cpu"):
+        dl.solve(prob, "tsit5")
