@@ -44,8 +44,8 @@ void add_note(py::error_already_set& e, const std::string& note) {
 torch::Tensor to_tensor(const py::object& out, const char* who, double t) {
   if (!THPVariable_Check(out.ptr())) {
     std::ostringstream s;
-    s << who << " must return a torch.Tensor, got " << py::str(py::type::of(out)).cast<std::string>()
-      << " (at t=" << t << ")";
+    s << who << " must return a torch.Tensor, got "
+      << py::str(py::type::of(out)).cast<std::string>() << " (at t=" << t << ")";
     throw py::type_error(s.str());
   }
   return THPVariable_Unpack(out.ptr());
@@ -126,8 +126,8 @@ PYBIND11_MODULE(_C, m) {
       .def_static("PID", &ControllerOptions::PID)
       .def("__repr__", [](const ControllerOptions& c) {
         std::ostringstream s;
-        s << "ControllerOptions(beta1=" << c.beta1 << ", beta2=" << c.beta2
-          << ", beta3=" << c.beta3 << ", safety=" << c.safety << ", factor_min=" << c.factor_min
+        s << "ControllerOptions(beta1=" << c.beta1 << ", beta2=" << c.beta2 << ", beta3=" << c.beta3
+          << ", safety=" << c.safety << ", factor_min=" << c.factor_min
           << ", factor_max=" << c.factor_max << ")";
         return s.str();
       });
@@ -167,7 +167,8 @@ PYBIND11_MODULE(_C, m) {
       .def_readonly("retcode", &Solution::retcode)
       .def_readonly("message", &Solution::message)
       .def_property_readonly("has_dense", [](const Solution& s) { return s.dense != nullptr; })
-      .def("evaluate", [](const Solution& s, double t) { return s(t); }, py::arg("t"));
+      .def(
+          "evaluate", [](const Solution& s, double t) { return s(t); }, py::arg("t"));
 
   py::class_<Tableau>(m, "Tableau")
       .def_readonly("name", &Tableau::name)

@@ -8,8 +8,8 @@ namespace diffeqlayers {
 
 StepController::StepController(const ControllerOptions& options, int order)
     : opt_(options), q_(static_cast<double>(order)) {
-  TORCH_CHECK_VALUE(opt_.safety > 0 && opt_.safety <= 1, "controller safety must be in (0, 1], got ",
-                    opt_.safety);
+  TORCH_CHECK_VALUE(opt_.safety > 0 && opt_.safety <= 1,
+                    "controller safety must be in (0, 1], got ", opt_.safety);
   TORCH_CHECK_VALUE(opt_.factor_min > 0 && opt_.factor_min < 1,
                     "controller factor_min must be in (0, 1), got ", opt_.factor_min);
   TORCH_CHECK_VALUE(opt_.factor_max > 1, "controller factor_max must exceed 1, got ",
@@ -52,7 +52,8 @@ double initial_step(const Dynamics& f, double t0, const torch::Tensor& u0, const
   const double d1 = norm(k0 / scale);
   TORCH_CHECK_VALUE(std::isfinite(d0) && std::isfinite(d1) && d0 >= 0 && d1 >= 0,
                     "the error norm of the initial state or of f(t0, u0) is not a finite, "
-                    "non-negative number (got ", d0, " and ", d1, "): check the norm");
+                    "non-negative number (got ",
+                    d0, " and ", d1, "): check the norm");
   double h0 = (d0 < 1e-5 || d1 < 1e-5) ? 1e-6 : 0.01 * d0 / d1;
   h0 = std::min(h0, span);
   const torch::Tensor u1 = at::add(u, k0, direction * h0);

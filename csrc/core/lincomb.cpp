@@ -33,8 +33,7 @@ struct LinComb : public torch::autograd::Function<LinComb> {
   // The terms come as a TensorList: the argument type the extractor expands into one input per
   // tensor (a std::vector would count as a single non-tensor argument). Every term is defined:
   // the autograd machinery needs a device for each input.
-  static torch::Tensor forward(AutogradContext* ctx, at::TensorList terms,
-                               const Weights& weights) {
+  static torch::Tensor forward(AutogradContext* ctx, at::TensorList terms, const Weights& weights) {
     ctx->saved_data["w"] = weights.w;
     return combine_no_grad(terms, weights.w);
   }
@@ -44,8 +43,7 @@ struct LinComb : public torch::autograd::Function<LinComb> {
     const std::vector<double> w = ctx->saved_data["w"].toDoubleVector();
     variable_list grads;
     grads.reserve(w.size() + 1);
-    for (double wj : w)
-      grads.push_back(!g.defined() ? torch::Tensor() : (wj == 1.0 ? g : g * wj));
+    for (double wj : w) grads.push_back(!g.defined() ? torch::Tensor() : (wj == 1.0 ? g : g * wj));
     grads.push_back(torch::Tensor());  // the weights
     return grads;
   }

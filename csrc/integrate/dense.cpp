@@ -95,8 +95,9 @@ torch::Tensor DenseOutput::operator()(double t) const {
   const double ta = steps_.front().t0;
   const double tb = steps_.back().t0 + steps_.back().h;
   const double tol = 1e-12 * std::max({1.0, std::abs(ta), std::abs(tb)});
-  TORCH_CHECK_VALUE(std::isfinite(t) && direction_ * (t - ta) >= -tol && direction_ * (tb - t) >= -tol,
-                    "t=", t, " is outside the solved span [", ta, ", ", tb, "]");
+  TORCH_CHECK_VALUE(
+      std::isfinite(t) && direction_ * (t - ta) >= -tol && direction_ * (tb - t) >= -tol, "t=", t,
+      " is outside the solved span [", ta, ", ", tb, "]");
   // First step whose end lies at or beyond t in the direction of integration.
   auto it = std::lower_bound(steps_.begin(), steps_.end(), t, [&](const DenseStep& s, double x) {
     return direction_ * (s.t0 + s.h - x) < 0;

@@ -174,10 +174,10 @@ class Integrator {
         const bool unstable = stats.naccept + stats.nreject - last_nonfinite <= 50;
         return fail(unstable ? ReturnCode::Unstable : ReturnCode::DtLessThanMin, t, dir * h,
                     unstable ? "the state became non-finite (NaN/Inf) and shrinking the "
-                                     "step did not help"
-                                   : "step size underflow (below dt_min=" + fmt(o_.dt_min) +
-                                         " or machine precision); the problem may be stiff "
-                                         "or have a singularity",
+                               "step did not help"
+                             : "step size underflow (below dt_min=" + fmt(o_.dt_min) +
+                                   " or machine precision); the problem may be stiff "
+                                   "or have a singularity",
                     out_t, out_u, dense_steps);
       }
       const double stop = stops[stop_idx];
@@ -236,9 +236,8 @@ class Integrator {
       // f at the new state: the last stage (FSAL), or evaluated now when the next step or the
       // Hermite interpolant needs it.
       const bool last = lands && stop_idx + 1 == stops.size();
-      const bool needs_interp =
-          o_.dense || (!want_every_step && save_idx < saveat.size() &&
-                       dir * (saveat[save_idx] - tnew) < 0);
+      const bool needs_interp = o_.dense || (!want_every_step && save_idx < saveat.size() &&
+                                             dir * (saveat[save_idx] - tnew) < 0);
       torch::Tensor knew;
       if (fsal) {
         knew = k[s - 1];
@@ -301,8 +300,8 @@ class Integrator {
   }
 
   Solution finish(ReturnCode code, const std::string& msg, std::vector<double>& out_t,
-                  std::vector<torch::Tensor>& out_u, std::vector<DenseStep>& dense_steps,
-                  int dir, bool rows) {
+                  std::vector<torch::Tensor>& out_u, std::vector<DenseStep>& dense_steps, int dir,
+                  bool rows) {
     Solution sol;
     sol.retcode = code;
     sol.message = msg;
@@ -329,10 +328,10 @@ class Integrator {
 
 void check_options(const SolveOptions& o, const Tableau& tab) {
   const bool adaptive = tab.adaptive() && o.adaptive;
-  TORCH_CHECK_VALUE(std::isfinite(o.rtol) && o.rtol >= 0, "rtol must be a non-negative number, got ",
-                    o.rtol);
-  TORCH_CHECK_VALUE(std::isfinite(o.atol) && o.atol >= 0, "atol must be a non-negative number, got ",
-                    o.atol);
+  TORCH_CHECK_VALUE(std::isfinite(o.rtol) && o.rtol >= 0,
+                    "rtol must be a non-negative number, got ", o.rtol);
+  TORCH_CHECK_VALUE(std::isfinite(o.atol) && o.atol >= 0,
+                    "atol must be a non-negative number, got ", o.atol);
   TORCH_CHECK_VALUE(!adaptive || o.rtol > 0 || o.atol > 0,
                     "rtol and atol are both zero: an adaptive solve needs a positive tolerance");
   TORCH_CHECK_VALUE(std::isfinite(o.dt) && o.dt >= 0,
@@ -341,7 +340,8 @@ void check_options(const SolveOptions& o, const Tableau& tab) {
                     "' takes fixed steps: give a step size dt > 0");
   TORCH_CHECK_VALUE(o.dt_min >= 0, "dt_min must be non-negative, got ", o.dt_min);
   TORCH_CHECK_VALUE(o.dt_max > 0, "dt_max must be positive, got ", o.dt_max);
-  TORCH_CHECK_VALUE(o.dt_min <= o.dt_max, "dt_min (", o.dt_min, ") exceeds dt_max (", o.dt_max, ")");
+  TORCH_CHECK_VALUE(o.dt_min <= o.dt_max, "dt_min (", o.dt_min, ") exceeds dt_max (", o.dt_max,
+                    ")");
   TORCH_CHECK_VALUE(o.max_num_steps > 0, "max_num_steps must be positive, got ", o.max_num_steps);
   for (double ts : o.tstops) TORCH_CHECK_VALUE(std::isfinite(ts), "tstops holds a non-finite time");
 }
@@ -356,8 +356,8 @@ void check_state(const torch::Tensor& u0, const SolveOptions& o) {
     if (!p.defined()) continue;
     TORCH_CHECK_VALUE(p.device() == u0.device(), "parameter ", i, " is on ", p.device(),
                       " but u0 is on ", u0.device());
-    TORCH_CHECK_TYPE(!p.is_floating_point() || p.scalar_type() == u0.scalar_type(), "parameter ",
-                     i, " has dtype ", p.scalar_type(), " but u0 has dtype ", u0.scalar_type());
+    TORCH_CHECK_TYPE(!p.is_floating_point() || p.scalar_type() == u0.scalar_type(), "parameter ", i,
+                     " has dtype ", p.scalar_type(), " but u0 has dtype ", u0.scalar_type());
   }
 }
 
@@ -384,9 +384,8 @@ std::vector<double> check_saveat(const torch::Tensor& saveat, double t0, double 
     if (i > 0) {
       TORCH_CHECK_VALUE(out[i] != out[i - 1], "saveat holds the time ", out[i], " twice");
       TORCH_CHECK_VALUE(dir * (out[i] - out[i - 1]) > 0, "saveat must be strictly ",
-                        dir > 0 ? "increasing" : "decreasing",
-                        " (the direction of tspan); saveat[", i, "]=", out[i], " follows ",
-                        out[i - 1]);
+                        dir > 0 ? "increasing" : "decreasing", " (the direction of tspan); saveat[",
+                        i, "]=", out[i], " follows ", out[i - 1]);
     }
   }
   return out;
@@ -435,7 +434,8 @@ Solution solve(const Dynamics& f, const torch::Tensor& u0, const torch::Tensor& 
     torch::Tensor times;
     if (options.saveat.defined() && options.saveat.requires_grad()) {
       times = options.saveat.reshape({-1});
-    } else if (!options.saveat.defined() && tspan.requires_grad() && sol.retcode == ReturnCode::Success) {
+    } else if (!options.saveat.defined() && tspan.requires_grad() &&
+               sol.retcode == ReturnCode::Success) {
       // Saving every step: only the last time (t1) is a user time with a gradient.
       const int64_t n = sol.u.size(0);
       std::vector<torch::Tensor> rows(sol.u.unbind(0));

@@ -34,8 +34,7 @@ int main() {
   torch::Tensor data;
   {
     torch::NoGradGuard no_grad;
-    data = dl::solve(lotka_volterra(torch::tensor({1.5, 1.0, 3.0, 1.0}, opts)), u0, 0.0, 5.0, so)
-               .u;
+    data = dl::solve(lotka_volterra(torch::tensor({1.5, 1.0, 3.0, 1.0}, opts)), u0, 0.0, 5.0, so).u;
   }
 
   torch::Tensor p = torch::tensor({2.2, 1.0, 2.0, 0.4}, opts).requires_grad_(true);

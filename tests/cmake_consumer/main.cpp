@@ -10,8 +10,8 @@ int main() {
   options.method = "tsit5";
   options.rtol = 1e-8;
   options.atol = 1e-10;
-  const auto sol = diffeqlayers::solve(
-      [](double /*t*/, const torch::Tensor& u) { return -u; }, u0, 0.0, 1.0, options);
+  const auto sol = diffeqlayers::solve([](double /*t*/, const torch::Tensor& u) { return -u; }, u0,
+                                       0.0, 1.0, options);
 
   const double got = sol.u[-1][0].item<double>();
   const double want = std::exp(-1.0);

@@ -181,9 +181,7 @@ TEST(BadInput, SolverFailuresReportTimeAndStep) {
   EXPECT_EQ(sol.retcode, dl::ReturnCode::MaxIters);
   EXPECT_NE(sol.message.find("max_num_steps"), std::string::npos);
   // NaN appearing in the state is an instability, not a silent NaN.
-  auto nan_later = [](double t, const torch::Tensor& u) {
-    return t > 0.5 ? u * std::nan("") : -u;
-  };
+  auto nan_later = [](double t, const torch::Tensor& u) { return t > 0.5 ? u * std::nan("") : -u; };
   dl::SolveOptions n = o;
   n.throw_on_failure = false;
   auto sol_nan = dl::solve(nan_later, f64({1.0}), 0.0, 1.0, n);
