@@ -12,6 +12,7 @@ face of it::
 import torch  # noqa: F401  (loads libtorch before the extension that links it)
 
 from ._C import ControllerOptions, ReturnCode, SolverError, Tableau, tableau
+from .layers import NeuralODE, neural_ode
 from .problem import ODEProblem, remake
 from .sensitivity import diffeq_rd
 from .solution import Solution
@@ -19,6 +20,7 @@ from .solve import methods, solve
 
 __all__ = [
     "ControllerOptions",
+    "NeuralODE",
     "ODEProblem",
     "ReturnCode",
     "Solution",
@@ -26,6 +28,7 @@ __all__ = [
     "Tableau",
     "diffeq_rd",
     "methods",
+    "neural_ode",
     "remake",
     "solve",
     "tableau",
