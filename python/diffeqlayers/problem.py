@@ -21,25 +21,40 @@ class ODEProblem:
             the problem's parameters and ``t`` a Python float. Any callable, an ``nn.Module``
             included; it must return a tensor of ``u``'s shape, dtype and device.
         u0: the initial state, a float32 or float64 tensor of any shape (batch dimensions
-            included).
+            included), or a function ``u0(p, t0)`` returning one, so that p can set it.
         tspan: ``(t0, t1)``; ``t1 < t0`` integrates backwards in time. Entries may be tensors
-            that require grad.
+            that require grad. Or a function ``tspan(p)`` returning such a pair.
         p: the parameters: a tensor, a sequence or dict of tensors, an ``nn.Module``, or None.
     """
 
     f: Callable[..., torch.Tensor]
-    u0: torch.Tensor
-    tspan: tuple[TimeLike, TimeLike]
+    u0: Union[torch.Tensor, Callable[[Any, TimeLike], torch.Tensor]]
+    tspan: Union[tuple[TimeLike, TimeLike], Callable[[Any], Sequence[TimeLike]]]
     p: Any = None
 
     def __post_init__(self) -> None:
         if not callable(self.f):
             raise TypeError(f"f must be callable as f(u, p, t), got {type(self.f).__name__}")
-        if not isinstance(self.u0, torch.Tensor):
-            raise TypeError(f"u0 must be a torch.Tensor, got {type(self.u0).__name__}")
-        if not isinstance(self.tspan, (Sequence, torch.Tensor)) or len(self.tspan) != 2:
-            raise ValueError(f"tspan must be a pair (t0, t1), got {self.tspan!r}")
-        object.__setattr__(self, "tspan", tuple(self.tspan))
+        if not isinstance(self.u0, torch.Tensor) and not callable(self.u0):
+            raise TypeError(
+                f"u0 must be a torch.Tensor or a function u0(p, t0), got {type(self.u0).__name__}"
+            )
+        if not callable(self.tspan):
+            object.__setattr__(self, "tspan", _check_span(self.tspan))
+
+    def resolve(self) -> tuple[torch.Tensor, tuple[TimeLike, TimeLike]]:
+        """The initial state and the span, evaluating them from ``p`` where they are functions."""
+        tspan = _check_span(self.tspan(self.p)) if callable(self.tspan) else self.tspan
+        u0 = self.u0(self.p, tspan[0]) if callable(self.u0) else self.u0
+        if not isinstance(u0, torch.Tensor):
+            raise TypeError(f"u0(p, t0) must return a torch.Tensor, got {type(u0).__name__}")
+        return u0, tspan
+
+
+def _check_span(tspan: Any) -> tuple[TimeLike, TimeLike]:
+    if not isinstance(tspan, (Sequence, torch.Tensor)) or len(tspan) != 2:
+        raise ValueError(f"tspan must be a pair (t0, t1), got {tspan!r}")
+    return tuple(tspan)
 
 
 def remake(

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Union
+from collections.abc import Sequence
+from typing import Any, Optional, Union
 
 import torch
 
@@ -22,6 +23,10 @@ class Solution:
 
     ``sol(t)`` evaluates the solution anywhere in the span when it was solved with
     ``dense=True`` (differentiably, under grad mode).
+
+    Indexing is time first, like ``sol.u``: ``sol[j]`` is the state at the j-th saved time and
+    ``sol[:, i]`` is component i over time, so for Lotka-Volterra ``x(t)`` is ``sol[:, 0]``
+    (DifferentialEquations.jl's ``sol[1, :]``, with the axes in PyTorch's order).
     """
 
     def __init__(self, raw: _C.Solution) -> None:
@@ -46,6 +51,32 @@ class Solution:
         if isinstance(t, torch.Tensor) and t.dim() > 0:
             return torch.stack([self._raw.evaluate(float(x)) for x in t.detach().reshape(-1)])
         return self._raw.evaluate(float(t))
+
+    def __getitem__(self, index: Any) -> torch.Tensor:
+        return self.u[index]
+
+    def plot(self, ax: Any = None, labels: Optional[Sequence[str]] = None, **kwargs: Any) -> Any:
+        """Plot every state component against time with matplotlib; returns the Axes.
+
+        Batched states are flattened: each of the ``u0.numel()`` components gets a line.
+        """
+        try:
+            import matplotlib.pyplot as plt
+        except ImportError as err:  # pragma: no cover - depends on the environment
+            raise ImportError(
+                "Solution.plot needs matplotlib: pip install matplotlib "
+                "(or the extra: pip install 'diffeqlayers[plot]')"
+            ) from err
+        if ax is None:
+            _, ax = plt.subplots()
+        t = self.t.detach().cpu().numpy()
+        u = self.u.detach().cpu().reshape(len(self), -1).numpy()
+        for i in range(u.shape[1]):
+            label = labels[i] if labels is not None and i < len(labels) else f"u[{i}]"
+            ax.plot(t, u[:, i], label=label, **kwargs)
+        ax.set_xlabel("t")
+        ax.legend()
+        return ax
 
     def __len__(self) -> int:
         return int(self.t.numel())

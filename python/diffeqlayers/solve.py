@@ -131,10 +131,12 @@ def solve(
         raise TypeError(f"prob must be an ODEProblem, got {type(prob).__name__}")
     if not isinstance(solver, str):
         raise TypeError(f"solver must be a method name (str), got {type(solver).__name__}")
-    state = prob.u0 if u0 is None else u0
+    state, tspan = prob.resolve()
+    if u0 is not None:
+        state = u0
     if not isinstance(state, torch.Tensor):
         raise TypeError(f"u0 must be a torch.Tensor, got {type(state).__name__}")
-    span = _span_tensor(prob.tspan)
+    span = _span_tensor(tspan)
 
     opts = _C.SolveOptions()
     opts.method = solver

@@ -329,3 +329,37 @@ def test_solve_under_inference_mode():
     assert not sol.u.requires_grad
     assert max_abs_err(sol.u, oscillator_exact(u0, sol.t)) <= 1e-7
     assert max_abs_err(mid, oscillator_exact(u0, 0.25)) <= 1e-7
+
+
+def test_u0_and_tspan_as_functions_of_p():
+    # Everything about a problem can be set by p: u0(p, t0) and tspan(p).
+    p = torch.tensor([2.0, 0.5], dtype=torch.float64, requires_grad=True)
+    prob = dl.ODEProblem(
+        lambda u, p, t: -u,
+        lambda p, t0: p[:1] * 1.0,  # u0 = p[0]
+        lambda p: (0.0, p[1]),  # t1 = p[1]
+        p,
+    )
+    sol = dl.solve(prob, "tsit5", rtol=1e-11, atol=1e-12)
+    assert sol.t[-1].item() == 0.5
+    end = sol.u[-1, 0]
+    assert abs(end.item() - 2.0 * math.exp(-0.5)) < 1e-9
+    end.backward()
+    # d/dp0 = exp(-p1), d/dp1 = -p0 exp(-p1) (through t1 = p1, the time gradient)
+    assert abs(p.grad[0].item() - math.exp(-0.5)) < 1e-9
+    assert abs(p.grad[1].item() + 2.0 * math.exp(-0.5)) < 1e-8
+    with pytest.raises(TypeError, match="u0"):
+        dl.solve(dl.remake(prob, u0=lambda p, t0: 3.0), "tsit5")
+    with pytest.raises(ValueError, match="tspan"):
+        dl.solve(dl.remake(prob, tspan=lambda p: (0.0,)), "tsit5")
+
+
+def test_solution_indexing_is_time_first_and_plot_draws_each_component(tmp_path):
+    prob = dl.ODEProblem(lambda u, p, t: -u, torch.tensor([1.0, 2.0], dtype=torch.float64), (0, 1))
+    sol = dl.solve(prob, "tsit5", saveat=0.5)
+    assert torch.equal(sol[1], sol.u[1]) and torch.equal(sol[:, 0], sol.u[:, 0])
+    plt = pytest.importorskip("matplotlib.pyplot")
+    ax = sol.plot(labels=["x", "y"])
+    assert [line.get_label() for line in ax.get_lines()] == ["x", "y"]
+    ax.figure.savefig(tmp_path / "sol.png")
+    plt.close(ax.figure)
