@@ -13,6 +13,7 @@ import torch  # noqa: F401  (loads libtorch before the extension that links it)
 
 from ._C import ControllerOptions, ReturnCode, SolverError, Tableau, tableau
 from .layers import NeuralODE, neural_ode
+from .odeint import odeint, odeint_adjoint, odeint_event
 from .problem import ODEProblem, remake
 from .sensitivity import diffeq_rd
 from .solution import Solution
@@ -29,6 +30,9 @@ __all__ = [
     "diffeq_rd",
     "methods",
     "neural_ode",
+    "odeint",
+    "odeint_adjoint",
+    "odeint_event",
     "remake",
     "solve",
     "tableau",

@@ -1,0 +1,747 @@
+"""A drop-in for torchdiffeq's ``odeint``, ``odeint_adjoint`` and ``odeint_event``.
+
+The signatures, defaults, option names and return conventions are those of torchdiffeq 0.2.5::
+
+    from diffeqlayers.odeint import odeint      # instead of: from torchdiffeq import odeint
+    ys = odeint(func, y0, t, rtol=1e-7, atol=1e-9, method="dopri5")   # [len(t), *y0.shape]
+
+The solve itself is diffeqlayers' C++ loop (:func:`diffeqlayers.solve`); gradients are reverse
+mode through the solver (autograd records every step, as :func:`diffeqlayers.diffeq_rd`).
+
+What differs from torchdiffeq (details in the docstrings of :func:`odeint` and
+:func:`odeint_adjoint`):
+
+* ``explicit_adams``, ``implicit_adams``, ``fixed_adams`` and ``scipy_solver`` are not available
+  (:class:`NotImplementedError`); ``tsit5`` and ``ralston`` are available in addition.
+* ``rk4`` is the classic RK4 tableau; torchdiffeq's ``rk4`` is Kutta's 3/8 rule. Both are order
+  4, so the results agree to the methods' accuracy, not to rounding.
+* The step-size controller, initial-step heuristic and dense interpolants are diffeqlayers'
+  own: adaptive results agree with torchdiffeq's to the tolerance, not to rounding.
+* Per-element (tensor) ``rtol``/``atol`` are not supported; scalars are.
+* Unknown options raise :class:`ValueError` (torchdiffeq only warns and ignores them), and so
+  do ``perturb=True`` and ``min_step > 0``, which diffeqlayers cannot honour.
+* ``max_num_steps`` counts every step of the whole solve (torchdiffeq: per output interval).
+* ``odeint_adjoint`` differentiates through the solver (exact gradients of the discretisation)
+  instead of solving the adjoint ODE backwards; see its docstring.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Optional, Union
+
+import torch
+from torch import nn
+
+from . import _C
+from .problem import ODEProblem
+from .solution import Solution
+from .solve import solve
+
+State = Union[torch.Tensor, tuple[torch.Tensor, ...]]
+Func = Callable[[torch.Tensor, State], State]
+EventFn = Callable[[torch.Tensor, State], torch.Tensor]
+
+# Methods shared with torchdiffeq (plus diffeqlayers' tsit5 and ralston), by kind.
+_ADAPTIVE = ("dopri8", "dopri5", "tsit5", "bosh3", "fehlberg2", "adaptive_heun")
+_FIXED = ("euler", "midpoint", "heun2", "heun3", "ralston", "rk4")
+# torchdiffeq methods that have no counterpart here.
+_UNAVAILABLE = ("explicit_adams", "implicit_adams", "fixed_adams", "scipy_solver")
+
+# torchdiffeq's options for each kind of method ("norm" is accepted by both; the fixed-grid
+# solvers ignore it there too). "dtype" is accepted by both (see odeint's docstring).
+_ADAPTIVE_OPTIONS = frozenset(
+    {
+        "norm",
+        "first_step",
+        "step_t",
+        "jump_t",
+        "safety",
+        "ifactor",
+        "dfactor",
+        "max_num_steps",
+        "min_step",
+        "max_step",
+        "dtype",
+    }
+)
+_FIXED_OPTIONS = frozenset({"norm", "step_size", "grid_constructor", "interp", "perturb", "dtype"})
+
+# torchdiffeq's default max_num_steps (it counts per output interval; this is effectively "no
+# limit" either way).
+_MAX_NUM_STEPS = 2**31 - 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Input normalisation
+# ----------------------------------------------------------------------------------------------
+
+
+class _Flat:
+    """Flattens a tensor or tuple-of-tensors state into one 1-D tensor and back."""
+
+    def __init__(self, y0: State) -> None:
+        if isinstance(y0, torch.Tensor):
+            self.shapes: Optional[list[torch.Size]] = None
+            self.y0 = y0
+            return
+        if not isinstance(y0, tuple):
+            raise TypeError(
+                f"y0 must be a torch.Tensor or a tuple of them, got {type(y0).__name__}"
+            )
+        if len(y0) == 0 or not all(isinstance(y, torch.Tensor) for y in y0):
+            raise TypeError("a tuple y0 must hold one or more torch.Tensors")
+        dtypes = {y.dtype for y in y0}
+        devices = {y.device for y in y0}
+        if len(dtypes) != 1 or len(devices) != 1:
+            raise ValueError(
+                "the tensors of a tuple y0 must share dtype and device, got "
+                f"{sorted(map(str, dtypes))} on {sorted(map(str, devices))}"
+            )
+        self.shapes = [y.shape for y in y0]
+        self.y0 = torch.cat([y.reshape(-1) for y in y0])
+
+    def unflatten(self, flat: torch.Tensor, lead: tuple[int, ...] = ()) -> State:
+        """``flat`` ``[*lead, n]`` as the user's state (a tuple of ``[*lead, *shape_i]``)."""
+        if self.shapes is None:
+            return flat
+        parts = []
+        start = 0
+        for shape in self.shapes:
+            stop = start + shape.numel()
+            parts.append(flat[..., start:stop].reshape((*lead, *shape)))
+            start = stop
+        return tuple(parts)
+
+    def flatten(self, value: State, what: str) -> torch.Tensor:
+        """The user's ``value`` (shaped like the state) as one flat tensor."""
+        if self.shapes is None:
+            if not isinstance(value, torch.Tensor):
+                raise TypeError(f"{what} must return a torch.Tensor, got {type(value).__name__}")
+            return value
+        if not isinstance(value, (tuple, list)) or len(value) != len(self.shapes):
+            raise TypeError(
+                f"{what} must return a tuple of {len(self.shapes)} tensors (one per state "
+                f"tensor), got {type(value).__name__}"
+            )
+        return torch.cat([v.reshape(-1) for v in value])
+
+
+def _scalar_tol(name: str, tol: Any, flat: _Flat) -> float:
+    """rtol/atol as one float; per-element or differing tuple tolerances are not supported."""
+    if isinstance(tol, tuple) and flat.shapes is not None:
+        values = {_scalar_tol(name, x, _Flat(flat.y0)) for x in tol}
+        if len(tol) != len(flat.shapes):
+            raise ValueError(f"a tuple {name} must have one entry per tensor of y0")
+        if len(values) != 1:
+            raise ValueError(
+                f"{name} differs between the tensors of y0 ({sorted(values)}): diffeqlayers "
+                "supports one scalar tolerance"
+            )
+        return values.pop()
+    if isinstance(tol, torch.Tensor):
+        if tol.requires_grad:
+            raise ValueError(f"{name} cannot require gradient")
+        if tol.numel() != 1:
+            raise ValueError(
+                f"{name} must be a scalar: per-element tolerances (shape {tuple(tol.shape)}) are "
+                "not supported by diffeqlayers"
+            )
+        return float(tol)
+    if isinstance(tol, (int, float)) and not isinstance(tol, bool):
+        return float(tol)
+    raise TypeError(f"{name} must be a number or a scalar tensor, got {type(tol).__name__}")
+
+
+def _check_t(t: Any) -> torch.Tensor:
+    """Validates t (1-D, floating, strictly monotone) as torchdiffeq does, with clear errors."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"t must be a torch.Tensor, got {type(t).__name__}")
+    if not torch.is_floating_point(t):
+        raise TypeError(f"t must be a floating point tensor, got {t.dtype}")
+    if t.dim() != 1 or t.numel() == 0:
+        raise ValueError(f"t must be a non-empty 1-D tensor, got shape {tuple(t.shape)}")
+    if t.numel() > 1:
+        d = t.detach()[1:] > t.detach()[:-1]
+        e = t.detach()[1:] < t.detach()[:-1]
+        if not (bool(d.all()) or bool(e.all())):
+            raise ValueError("t must be strictly increasing or strictly decreasing")
+    return t
+
+
+def _check_method(method: Optional[str]) -> str:
+    if method is None:
+        return "dopri5"
+    if not isinstance(method, str):
+        raise TypeError(f"method must be a string, got {type(method).__name__}")
+    if method in _UNAVAILABLE:
+        raise NotImplementedError(
+            f"method {method!r} is a torchdiffeq method that diffeqlayers does not provide "
+            f"(available: {', '.join(_ADAPTIVE + _FIXED)}); use torchdiffeq for it"
+        )
+    if method not in _ADAPTIVE + _FIXED:
+        raise ValueError(
+            f"invalid method {method!r}; must be one of {', '.join(_ADAPTIVE + _FIXED)}"
+        )
+    return method
+
+
+def _check_options(method: str, options: Optional[Mapping[str, Any]]) -> dict[str, Any]:
+    if options is None:
+        return {}
+    if not isinstance(options, Mapping):
+        raise TypeError(f"options must be a dict, got {type(options).__name__}")
+    options = dict(options)
+    allowed = _ADAPTIVE_OPTIONS if method in _ADAPTIVE else _FIXED_OPTIONS
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        kind = "adaptive" if method in _ADAPTIVE else "fixed-grid"
+        raise ValueError(
+            f"unknown option(s) {unknown} for the {kind} method {method!r}; valid options: "
+            f"{sorted(allowed)}"
+        )
+    dtype = options.get("dtype", torch.float64)
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"option dtype must be torch.float32 or torch.float64, got {dtype!r}")
+    if options.get("perturb", False):
+        raise ValueError(
+            "option perturb=True is not supported: diffeqlayers evaluates f exactly at the step "
+            "ends (use jump_t with an adaptive method to step onto discontinuities)"
+        )
+    if options.get("min_step", 0) not in (0, 0.0):
+        raise ValueError(
+            "option min_step > 0 is not supported: torchdiffeq accepts any step of size min_step "
+            "whatever its error, whereas diffeqlayers never accepts a step that fails the "
+            "tolerance; leave min_step unset"
+        )
+    interp = options.get("interp", "linear")
+    if interp not in ("linear", "cubic"):
+        raise ValueError(f"option interp must be 'linear' or 'cubic', got {interp!r}")
+    if options.get("step_size") is not None and options.get("grid_constructor") is not None:
+        raise ValueError("step_size and grid_constructor are mutually exclusive options")
+    norm = options.get("norm")
+    if norm is not None and not callable(norm):
+        raise TypeError(f"option norm must be callable, got {type(norm).__name__}")
+    return options
+
+
+def _positive(name: str, value: Any) -> float:
+    x = float(value)
+    if not (x > 0 and math.isfinite(x)):
+        raise ValueError(f"option {name} must be a positive finite number, got {value!r}")
+    return x
+
+
+def _times(name: str, value: Any) -> list[float]:
+    """step_t / jump_t as a list of floats."""
+    if isinstance(value, torch.Tensor):
+        return [float(x) for x in value.detach().reshape(-1)]
+    try:
+        return [float(x) for x in value]
+    except TypeError:
+        raise TypeError(f"option {name} must be a tensor or sequence of times") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# The solve
+# ----------------------------------------------------------------------------------------------
+
+
+class _Setup:
+    """Everything odeint needs, normalised once: the flat state, the wrapped func, the options."""
+
+    def __init__(
+        self,
+        func: Func,
+        y0: State,
+        rtol: Any,
+        atol: Any,
+        method: Optional[str],
+        options: Optional[Mapping[str, Any]],
+    ) -> None:
+        if not callable(func):
+            raise TypeError(f"func must be callable as func(t, y), got {type(func).__name__}")
+        self.flat = _Flat(y0)
+        self.method = _check_method(method)
+        self.adaptive = self.method in _ADAPTIVE
+        self.options = _check_options(self.method, options)
+        self.rtol = _scalar_tol("rtol", rtol, self.flat)
+        self.atol = _scalar_tol("atol", atol, self.flat)
+        y = self.flat.y0
+        self.user_func = func
+        flat = self.flat
+
+        def f(u: torch.Tensor, p: Any, t: float) -> torch.Tensor:
+            # torchdiffeq hands func the time as a 0-dim tensor of the state's dtype.
+            tt = torch.tensor(t, dtype=u.dtype, device=u.device)
+            return flat.flatten(func(tt, flat.unflatten(u)), "func")
+
+        self.f = f
+        self.norm = self._norm()
+        self.y0 = y
+
+    def _norm(self) -> Optional[Callable[[torch.Tensor], Any]]:
+        """The error norm. Both libraries apply it to error / (atol + rtol * max(|y0|, |y1|))
+        and accept a step when it is <= 1, so a torchdiffeq norm means the same here. For tuple
+        states torchdiffeq's norm takes the tuple, and its default is the max over the tensors
+        of their RMS norms: both are reproduced on the flat error."""
+        norm = self.options.get("norm")
+        flat = self.flat
+        if flat.shapes is None:
+            return norm
+        if norm is None:
+
+            def mixed(scaled: torch.Tensor) -> torch.Tensor:
+                parts = flat.unflatten(scaled)
+                return torch.stack([p.pow(2).mean().sqrt() for p in parts]).max()
+
+            return mixed
+
+        def tupled(scaled: torch.Tensor) -> Any:
+            return norm(flat.unflatten(scaled))
+
+        return tupled
+
+    def solve_kwargs(self, t: torch.Tensor) -> dict[str, Any]:
+        """Keyword arguments of :func:`diffeqlayers.solve` from torchdiffeq's options."""
+        o = self.options
+        kw: dict[str, Any] = {"rtol": self.rtol, "atol": self.atol, "norm": self.norm}
+        if self.adaptive:
+            controller = _C.ControllerOptions.I()  # torchdiffeq's controller
+            controller.safety = float(o.get("safety", 0.9))
+            controller.factor_max = float(o.get("ifactor", 10.0))
+            controller.factor_min = float(o.get("dfactor", 0.2))
+            kw["controller"] = controller
+            if o.get("first_step") is not None:
+                kw["dt"] = _positive("first_step", o["first_step"])
+            if o.get("max_step") is not None:
+                kw["dt_max"] = float(o["max_step"])
+            kw["max_num_steps"] = int(o.get("max_num_steps", _MAX_NUM_STEPS))
+            stops: list[float] = []
+            for name in ("step_t", "jump_t"):
+                if o.get(name) is not None:
+                    stops += _times(name, o[name])
+            if len(set(stops)) != len(stops):
+                raise ValueError("step_t and jump_t must not repeat any time between them")
+            kw["tstops"] = stops
+        return kw
+
+
+def _fixed_grid(setup: _Setup, t: torch.Tensor) -> tuple[Optional[float], list[float], bool]:
+    """(dt, tstops, grid_is_t) reproducing torchdiffeq's time grid for fixed-grid methods.
+
+    With ``step_size`` torchdiffeq's grid is ``t[0] + k * step_size`` with the last point moved
+    to ``t[-1]``; the fixed steps here are placed the same way (``t0 + k * dt``, the last one cut
+    to ``t1``). Without it the grid is ``t`` itself, or what ``grid_constructor(func, y0, t)``
+    returns: its points become tstops, with dt the largest spacing, so that every step goes
+    exactly from one grid point to the next.
+    """
+    o = setup.options
+    if o.get("step_size") is not None:
+        return _positive("step_size", o["step_size"]), [], False
+    td = t.detach()
+    constructor = o.get("grid_constructor")
+    if constructor is None:
+        grid, grid_is_t = td, True
+    else:
+        if not callable(constructor):
+            raise TypeError("option grid_constructor must be callable as (func, y0, t) -> grid")
+
+        def flat_func(tt: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return setup.f(y, None, float(tt))
+
+        grid = torch.as_tensor(constructor(flat_func, setup.y0, td)).detach()
+        grid = grid.to(torch.float64).reshape(-1)
+        if grid.numel() < 2 or grid[0] != td[0].double() or grid[-1] != td[-1].double():
+            raise ValueError(
+                "grid_constructor must return a grid starting at t[0], ending at t[-1]"
+            )
+        steps = grid[1:] - grid[:-1]
+        if not (bool((steps > 0).all()) or bool((steps < 0).all())):
+            raise ValueError("the grid from grid_constructor must be strictly monotone")
+        grid_is_t = grid.numel() == td.numel() and bool((grid == td.double()).all())
+    grid = grid.to(torch.float64)
+    dt = float((grid[1:] - grid[:-1]).abs().max())
+    return dt, [float(x) for x in grid[1:-1]], grid_is_t
+
+
+def _linear_at(sol: Solution, t: torch.Tensor) -> torch.Tensor:
+    """torchdiffeq's default ``interp="linear"`` for fixed grids: the solution at each ``t``
+    interpolated linearly between the step ends around it (exactly a step end's state on one)."""
+    grid = sol.t.to(torch.float64)
+    direction = 1.0 if float(grid[-1]) >= float(grid[0]) else -1.0
+    key = grid * direction
+    rows = []
+    for tj in t:
+        x = float(tj.detach()) * direction
+        i = int(torch.searchsorted(key, torch.tensor([x], dtype=torch.float64), right=False))
+        if i < len(key) and float(key[i]) == x:
+            rows.append(sol.u[i])
+            continue
+        i = min(max(i, 1), len(key) - 1)
+        g0, g1 = grid[i - 1], grid[i]
+        w = ((tj.to(torch.float64) - g0) / (g1 - g0)).to(sol.u.dtype)
+        rows.append(sol.u[i - 1] + w * (sol.u[i] - sol.u[i - 1]))
+    return torch.stack(rows)
+
+
+def _solve_at(setup: _Setup, t: torch.Tensor) -> torch.Tensor:
+    """The flat solution at every time of t, ``[len(t), n]``."""
+    t64 = t.to(torch.float64)  # keeps t's graph: gradients with respect to t flow through saveat
+    span = (t64[0], t64[-1])
+    prob = ODEProblem(setup.f, setup.y0, span)
+    kw = setup.solve_kwargs(t)
+    if setup.adaptive:
+        return solve(prob, setup.method, saveat=t64, **kw).u
+    dt, tstops, grid_is_t = _fixed_grid(setup, t)
+    nsteps = len(tstops) + 2 + int(abs(float(t64[-1].detach() - t64[0].detach())) / dt)
+    kw.update(dt=dt, tstops=tstops, max_num_steps=max(100_000, 2 * nsteps + 10))
+    if grid_is_t or setup.options.get("interp", "linear") == "cubic":
+        # Between step ends the core interpolates fixed-step methods with the cubic Hermite
+        # through (y0, f0) and (y1, f1): torchdiffeq's interp="cubic".
+        return solve(prob, setup.method, saveat=t64, **kw).u
+    sol = solve(prob, setup.method, saveat=None, **kw)
+    return _linear_at(sol, t)
+
+
+def odeint(
+    func: Func,
+    y0: State,
+    t: torch.Tensor,
+    *,
+    rtol: Any = 1e-7,
+    atol: Any = 1e-9,
+    method: Optional[str] = None,
+    options: Optional[Mapping[str, Any]] = None,
+    event_fn: Optional[EventFn] = None,
+) -> Any:
+    """Integrate ``dy/dt = func(t, y)``, ``y(t[0]) = y0``: torchdiffeq's ``odeint``.
+
+    Args:
+        func: the dynamics, called as ``func(t, y)`` with ``t`` a 0-dim tensor of ``y``'s dtype
+            and ``y`` shaped like ``y0`` (a tuple when ``y0`` is one); returns dy/dt likewise.
+            Its parameters (an ``nn.Module``'s, or tensors it closes over) get gradients.
+        y0: the initial state: a float32/float64 tensor of any shape, or a tuple of them.
+        t: 1-D tensor of times, strictly increasing or decreasing; ``t[0]`` is the initial time.
+            It may require grad (gradients with respect to every time, ``t[0]`` included).
+        rtol, atol: scalar tolerances (numbers or one-element tensors).
+        method: ``dopri5`` (default), ``dopri8``, ``bosh3``, ``fehlberg2``, ``adaptive_heun``,
+            ``tsit5`` (adaptive); ``euler``, ``midpoint``, ``heun2``, ``heun3``, ``rk4``,
+            ``ralston`` (fixed grid).
+        options: torchdiffeq's options for the method:
+
+            * adaptive: ``first_step`` (the first step), ``max_step``, ``safety``,
+              ``ifactor``, ``dfactor`` (torchdiffeq's integral controller, used here too),
+              ``max_num_steps`` (counted over the whole solve here, per output interval in
+              torchdiffeq), ``norm``, ``step_t``, ``jump_t``, ``dtype``; ``min_step`` only as 0.
+            * fixed grid: ``step_size``, ``grid_constructor``, ``interp``, ``norm`` (ignored, as
+              in torchdiffeq), ``dtype``; ``perturb`` only as False.
+
+            ``norm`` maps the scaled error ``err / (atol + rtol * max(|y0|, |y1|))`` to a
+            scalar and a step is accepted when it is <= 1, as in torchdiffeq (for tuple states
+            it receives the tuple; the default is then the max of the tensors' RMS norms).
+
+            ``step_t`` and ``jump_t`` become stops that steps land on exactly. For ``step_t``
+            this is torchdiffeq's behaviour. For ``jump_t`` torchdiffeq evaluates the stage at
+            the end of the step onto a jump just before it (left limit) and re-evaluates f just
+            after it (right limit) to start the next step. Here a jump time is only a stop: f is
+            evaluated once there, at ``t + 1 * h`` (the stop up to one rounding, so possibly an
+            ulp before it), and first-same-as-last methods reuse that value as the first stage
+            of the next step. The two therefore agree whenever f is continuous at the jump.
+            At a true discontinuity the steps still never straddle it (so the order of the
+            method is kept on both sides), but the first stage after it may see the value
+            before the jump: an O(h * jump size) error in that one step, which the error
+            estimate does not see. For fixed-grid methods ``jump_t`` is not an option, as in
+            torchdiffeq.
+
+            ``grid_constructor(func, y0, t)`` (torchdiffeq's arguments, with the flat state
+            when ``y0`` is a tuple) gives the grid; its points become stops with the largest
+            spacing as step, so the steps are exactly the grid's intervals.
+
+            ``interp`` (fixed grid, as torchdiffeq): ``"linear"`` (default) interpolates
+            linearly between the step ends around an output time, ``"cubic"`` uses the cubic
+            Hermite through the states and derivatives at both ends (same formula).
+
+            ``dtype`` is torchdiffeq's dtype for times; here times are always float64
+            internally (so float32 and float64 are accepted and mean the same).
+        event_fn: ``event_fn(t, y)`` returns a tensor; the solve stops where it first
+            crosses zero (any element, torchdiffeq's convention). ``t`` must then have two
+            entries: ``t[0]`` is the initial time, ``t[1]`` only the direction (and the first
+            stretch solved). Returns ``(event_t, solution)``, see below.
+
+    Returns:
+        Without ``event_fn``: the solution at every ``t``, ``[len(t), *y0.shape]`` (a tuple of
+        ``[len(t), *y0[i].shape]`` for tuple states; ``y0[None]`` when ``len(t) == 1``).
+        With it: ``(event_t, solution)``, ``event_t`` a 0-dim tensor of ``t``'s dtype and
+        ``solution`` ``[2, *y0.shape]`` holding ``y0`` and the state at ``event_t``. The event
+        time is located by bisection on the dense interpolant to near machine precision
+        (torchdiffeq stops at ``atol``). As in torchdiffeq, ``event_t`` carries no gradient
+        and the state at it is differentiable at fixed ``event_t``; use :func:`odeint_event`
+        for gradients through the event time.
+
+    Raises:
+        TypeError, ValueError: bad arguments or options, naming what is wrong.
+        NotImplementedError: a torchdiffeq method diffeqlayers does not provide.
+        diffeqlayers.SolverError: the solve failed.
+    """
+    t = _check_t(t)
+    setup = _Setup(func, y0, rtol, atol, method, options)
+    if event_fn is not None:
+        if len(t) != 2:
+            raise ValueError(f"event handling requires len(t) == 2, got len(t) = {len(t)}")
+        event_t, flat_sol = _integrate_until_event(setup, t, event_fn)
+        return event_t, setup.flat.unflatten(flat_sol, (2,))
+    if len(t) == 1:
+        flat_sol = setup.y0[None]
+    else:
+        flat_sol = _solve_at(setup, t)
+    return setup.flat.unflatten(flat_sol, (len(t),))
+
+
+# ----------------------------------------------------------------------------------------------
+# Events
+# ----------------------------------------------------------------------------------------------
+
+
+def _event_value(setup: _Setup, event_fn: EventFn, t: float, u: torch.Tensor) -> torch.Tensor:
+    tt = torch.tensor(t, dtype=u.dtype, device=u.device)
+    value = event_fn(tt, setup.flat.unflatten(u))
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"event_fn must return a tensor, got {type(value).__name__}")
+    return value
+
+
+def _integrate_until_event(
+    setup: _Setup, t: torch.Tensor, event_fn: EventFn
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Solves in stretches of growing length with dense output until event_fn changes sign,
+    then bisects on the dense interpolant. Returns (event_t, flat [y0, y(event_t)])."""
+    t0, t_dir = (float(x) for x in t.detach())
+    direction = 1.0 if t_dir > t0 else -1.0
+    length = abs(t_dir - t0)
+    kw = setup.solve_kwargs(t)
+    max_steps = kw.pop("max_num_steps", _MAX_NUM_STEPS)
+    if not setup.adaptive:
+        step = setup.options.get("step_size")
+        if step is None:
+            raise ValueError("event handling with a fixed-grid method requires option step_size")
+        kw["dt"] = _positive("step_size", step)
+        # Stretches of whole steps, so the grid stays t0 + k * step_size.
+        length = math.ceil(length / kw["dt"]) * kw["dt"]
+    y0 = setup.y0
+
+    with torch.no_grad():
+        # torchdiffeq's convention for several events: make each positive at t0 and watch
+        # their minimum, so the first element to cross zero ends the solve.
+        signs = torch.sign(_event_value(setup, event_fn, t0, y0))
+
+        def g(tt: float, u: torch.Tensor) -> float:
+            return float((_event_value(setup, event_fn, tt, u) * signs).min())
+
+        g0 = g(t0, y0)
+    if g0 == 0:
+        return t[0].detach().clone(), torch.stack([y0, y0])
+
+    # The first stretch starts at t[0] itself so that the states carry its gradient.
+    tc: Union[float, torch.Tensor] = t[0].to(torch.float64)
+    uc, steps_used = y0, 0
+    while True:
+        t1 = float(tc.detach() if isinstance(tc, torch.Tensor) else tc) + direction * length
+        prob = ODEProblem(setup.f, uc, (tc, t1))
+        sol = solve(
+            prob, setup.method, saveat=None, dense=True, max_num_steps=max_steps - steps_used, **kw
+        )
+        steps_used += sol.stats.naccept + sol.stats.nreject
+        times = [float(x) for x in sol.t]
+        with torch.no_grad():
+            values = [g(tt, u) for tt, u in zip(times, sol.u)]
+        hit = next((i for i, v in enumerate(values) if i > 0 and v <= 0), None)
+        if hit is not None:
+            break
+        tc, uc = times[-1], sol.u[-1]
+        if setup.adaptive and len(times) > 1:
+            kw["dt"] = abs(times[-1] - times[-2])  # resume with the last step size
+        length *= 2
+
+    lo, hi = times[hit - 1], times[hit]
+    if values[hit] == 0:
+        event = hi
+    else:
+        with torch.no_grad():
+            # Bisection keeps the bracket [lo, hi] with g(lo) > 0 >= g(hi) down to a few ulps.
+            for _ in range(200):
+                mid = 0.5 * (lo + hi)
+                if mid in (lo, hi) or abs(hi - lo) <= 4 * math.ulp(max(abs(lo), abs(hi))):
+                    break
+                if g(mid, sol(mid)) > 0:
+                    lo = mid
+                else:
+                    hi = mid
+        event = hi
+    y_event = sol.u[hit] if event == times[hit] else sol(event)
+    event_t = torch.tensor(event, dtype=t.dtype, device=t.device)
+    return event_t, torch.stack([y0, y_event])
+
+
+class _EventGradient(torch.autograd.Function):
+    """Passes (event_t, state) through unchanged and, in backward, adds the implicit-function
+    gradient of the event time: with g(t*, y(t*)) = 0, dt*/dy = -(dg/dy) / (dg/dt + dg/dy . f),
+    and a gradient on t* also reaches y(t*) through dy(t*)/dt* = f."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        func: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        event: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        event_t: torch.Tensor,
+        state: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        ctx.func, ctx.event = func, event
+        ctx.save_for_backward(event_t, state)
+        return event_t.detach().clone(), state.detach().clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad_t: torch.Tensor, grad_state: torch.Tensor) -> Any:
+        event_t, state = ctx.saved_tensors
+        with torch.enable_grad():
+            tt = event_t.detach().clone().requires_grad_(True)
+            yy = state.detach().clone().requires_grad_(True)
+            value = ctx.event(tt, yy)
+            dg_dt, dg_dy = torch.autograd.grad(value, (tt, yy), allow_unused=True)
+        dg_dt = torch.zeros_like(tt) if dg_dt is None else dg_dt
+        dg_dy = torch.zeros_like(yy) if dg_dy is None else dg_dy
+        with torch.no_grad():
+            f = ctx.func(event_t.detach(), state.detach())
+            total_dt = dg_dt + (dg_dy * f).sum()
+            # d loss / d t*, counting the state's dependence on the time it is taken at.
+            g_t = grad_t + (grad_state * f).sum()
+            g_state = grad_state + dg_dy * (-g_t / total_dt)
+        return None, None, None, g_state.to(state.dtype)
+
+
+def odeint_event(
+    func: Func,
+    y0: State,
+    t0: torch.Tensor,
+    *,
+    event_fn: EventFn,
+    reverse_time: bool = False,
+    odeint_interface: Callable[..., Any] = odeint,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, State]:
+    """Solve from ``t0`` until ``event_fn(t, y)`` crosses zero, with gradients through the
+    event time: torchdiffeq's ``odeint_event``.
+
+    Args:
+        func, y0: as for :func:`odeint`.
+        t0: the initial time, a tensor (0-dim or one element).
+        event_fn: ``event_fn(t, y) -> tensor``; the solve stops at its first zero crossing.
+        reverse_time: integrate towards decreasing time.
+        odeint_interface: :func:`odeint` or :func:`odeint_adjoint`.
+        **kwargs: passed to ``odeint_interface`` (``rtol``, ``atol``, ``method``, ...).
+
+    Returns:
+        ``(event_t, solution)``: ``solution`` ``[2, *y0.shape]`` (``y0`` and the state at the
+        event). Backward gives the gradients of both with respect to ``y0``, ``t0`` and
+        ``func``'s parameters, the event time's dependence on them included (implicit function
+        theorem on ``event_fn(t*, y(t*)) = 0``).
+    """
+    if not isinstance(t0, torch.Tensor):
+        raise TypeError(f"t0 must be a torch.Tensor, got {type(t0).__name__}")
+    step = -1.0 if reverse_time else 1.0
+    t = torch.cat([t0.reshape(-1), t0.reshape(-1).detach() + step])
+    event_t, solution = odeint_interface(func, y0, t, event_fn=event_fn, **kwargs)
+
+    flat = _Flat(y0)
+
+    def flat_func(tt: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        return flat.flatten(func(tt.to(u.dtype), flat.unflatten(u)), "func")
+
+    with torch.no_grad():
+        signs = torch.sign(event_fn(t[0].to(flat.y0.dtype), y0))
+
+    def flat_event(tt: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        # The combined event (min over elements made positive at t0), as located.
+        return (event_fn(tt, flat.unflatten(u)) * signs).min()
+
+    if flat.shapes is None:
+        state = solution[-1]
+    else:
+        state = torch.cat([s[-1].reshape(-1) for s in solution])
+    event_t, state = _EventGradient.apply(flat_func, flat_event, event_t, state)
+    if flat.shapes is None:
+        return event_t, torch.cat([solution[:-1], state[None]])
+    parts = flat.unflatten(state)
+    return event_t, tuple(torch.cat([s[:-1], p[None]]) for s, p in zip(solution, parts))
+
+
+# ----------------------------------------------------------------------------------------------
+# Adjoint interface
+# ----------------------------------------------------------------------------------------------
+
+
+def odeint_adjoint(
+    func: Func,
+    y0: State,
+    t: torch.Tensor,
+    *,
+    rtol: Any = 1e-7,
+    atol: Any = 1e-9,
+    method: Optional[str] = None,
+    options: Optional[Mapping[str, Any]] = None,
+    event_fn: Optional[EventFn] = None,
+    adjoint_rtol: Any = None,
+    adjoint_atol: Any = None,
+    adjoint_method: Optional[str] = None,
+    adjoint_options: Optional[Mapping[str, Any]] = None,
+    adjoint_params: Optional[Iterable[torch.Tensor]] = None,
+) -> Any:
+    """torchdiffeq's ``odeint_adjoint`` interface.
+
+    **Currently this differentiates through the solver** (reverse mode, as :func:`odeint`):
+    it does not solve the adjoint ODE backwards in time. The gradients are the exact
+    gradients of the forward discretisation (torchdiffeq's adjoint gives an approximation of
+    them to the adjoint tolerances), and memory grows with the number of steps instead of
+    staying constant. The ``adjoint_*`` arguments are validated as torchdiffeq does but do not
+    change the result; every parameter ``func`` uses gets its gradient, not only those in
+    ``adjoint_params``. This will switch to a true adjoint once diffeqlayers has one.
+
+    Args:
+        func, y0, t, rtol, atol, method, options, event_fn: as for :func:`odeint`.
+        adjoint_rtol, adjoint_atol: tolerances of the adjoint solve (default: rtol, atol).
+        adjoint_method: its method (default: method).
+        adjoint_options: its options (default: ``options`` without ``norm``; required when
+            ``adjoint_method`` differs from ``method`` and ``options`` is given).
+        adjoint_params: the parameters to differentiate; required unless ``func`` is an
+            ``nn.Module`` (``()`` when there are none).
+    """
+    if adjoint_params is None and not isinstance(func, nn.Module):
+        raise ValueError(
+            "func must be an nn.Module to find the adjoint parameters; otherwise pass them as "
+            "adjoint_params (adjoint_params=() when there are none)"
+        )
+    if adjoint_params is not None:
+        params = tuple(adjoint_params)
+        bad = [type(p).__name__ for p in params if not isinstance(p, torch.Tensor)]
+        if bad:
+            raise TypeError(f"adjoint_params must hold tensors, got {bad}")
+    if adjoint_method is None:
+        adjoint_method = method
+    if adjoint_method != method and options is not None and adjoint_options is None:
+        raise ValueError(
+            "adjoint_method differs from method and options were given: pass adjoint_options "
+            "too (they cannot be inferred from options)"
+        )
+    checked = _check_method(adjoint_method)
+    if adjoint_options is not None:
+        _check_options(checked, adjoint_options)
+    for name, tol in (("adjoint_rtol", adjoint_rtol), ("adjoint_atol", adjoint_atol)):
+        if tol is not None:
+            _scalar_tol(name, tol, _Flat(y0))
+    return odeint(
+        func, y0, t, rtol=rtol, atol=atol, method=method, options=options, event_fn=event_fn
+    )
+
+
+__all__ = ["odeint", "odeint_adjoint", "odeint_event"]
