@@ -1,12 +1,12 @@
 // The pybind11 module diffeqlayers._C: the only place where Python meets the C++ core.
 //
 // The solve runs with the GIL released; each call of a Python f (or norm) takes it back for the
-// duration of the call. Python objects captured by the C++ side live in a holder whose
-// destructor takes the GIL, since the core may copy or drop callables on any thread.
+// duration of the call (python_callbacks.h).
 #include <torch/extension.h>
 
 #include <sstream>
 
+#include "bindings/python_callbacks.h"
 #include "diffeqlayers/diffeqlayers.h"
 
 namespace py = pybind11;
@@ -14,77 +14,32 @@ using namespace diffeqlayers;
 
 namespace {
 
-// Owns a Python object; safe to destroy without holding the GIL.
-struct PyHolder {
-  explicit PyHolder(py::object o) : obj(std::move(o)) {}
-  ~PyHolder() {
-    py::gil_scoped_acquire gil;
-    obj = py::object();
-  }
-  py::object obj;
-};
-
-// Thrown through the C++ core when a Python callback raised: the Python error stays set on
-// this thread (with a note saying where it came from) and is re-raised once the GIL is back.
-struct PythonErrorPending : std::exception {
-  const char* what() const noexcept override { return "a Python callback raised"; }
-};
-
-void add_note(py::error_already_set& e, const std::string& note) {
-  py::object value = e.value();
-  if (value && py::hasattr(value, "add_note")) {
-    try {
-      value.attr("add_note")(note);
-    } catch (py::error_already_set&) {
-      // A note is a courtesy; never replace the user's exception with our own failure.
-    }
-  }
-}
-
-torch::Tensor to_tensor(const py::object& out, const char* who, double t) {
-  if (!THPVariable_Check(out.ptr())) {
-    std::ostringstream s;
-    s << who << " must return a torch.Tensor, got "
-      << py::str(py::type::of(out)).cast<std::string>() << " (at t=" << t << ")";
-    throw py::type_error(s.str());
-  }
-  return THPVariable_Unpack(out.ptr());
-}
+using bindings::call_python;
+using bindings::PyHolder;
+using bindings::returned_tensor;
+using bindings::without_gil;
 
 Dynamics python_dynamics(py::object f) {
   auto holder = std::make_shared<PyHolder>(std::move(f));
   return [holder](double t, const torch::Tensor& u) -> torch::Tensor {
-    py::gil_scoped_acquire gil;
-    try {
-      py::object out = holder->obj(t, u);
-      return to_tensor(out, "f", t);
-    } catch (py::error_already_set& e) {
-      add_note(e, "raised by the dynamics f at t=" + std::to_string(t));
-      e.restore();
-      throw PythonErrorPending();
-    } catch (py::builtin_exception& e) {
-      e.set_error();
-      throw PythonErrorPending();
-    }
+    const std::string at = "t=" + std::to_string(t);
+    return call_python([&] { return returned_tensor(holder->obj(t, u), "f", " (at " + at + ")"); },
+                       "raised by the dynamics f at " + at);
   };
 }
 
 ErrorNorm python_norm(py::object norm) {
   auto holder = std::make_shared<PyHolder>(std::move(norm));
   return [holder](const torch::Tensor& x) -> torch::Tensor {
-    py::gil_scoped_acquire gil;
-    try {
-      py::object out = holder->obj(x);
-      if (THPVariable_Check(out.ptr())) return THPVariable_Unpack(out.ptr());
-      return torch::tensor(out.cast<double>(), torch::dtype(torch::kFloat64));
-    } catch (py::error_already_set& e) {
-      add_note(e, "raised by the error norm");
-      e.restore();
-      throw PythonErrorPending();
-    } catch (py::cast_error&) {
-      PyErr_SetString(PyExc_TypeError, "norm must return a tensor or a float");
-      throw PythonErrorPending();
-    }
+    return call_python(
+        [&] {
+          py::object out = holder->obj(x);
+          if (THPVariable_Check(out.ptr())) return THPVariable_Unpack(out.ptr());
+          if (!py::isinstance<py::float_>(out) && !py::isinstance<py::int_>(out))
+            throw py::type_error("norm must return a tensor or a float");
+          return torch::tensor(out.cast<double>(), torch::dtype(torch::kFloat64));
+        },
+        "raised by the error norm");
   };
 }
 
@@ -92,15 +47,12 @@ Solution solve_py(py::object f, const torch::Tensor& u0, const torch::Tensor& ts
                   SolveOptions options, py::object norm) {
   Dynamics dyn = python_dynamics(std::move(f));
   if (!norm.is_none()) options.norm = python_norm(std::move(norm));
-  try {
-    py::gil_scoped_release release;
-    return solve(dyn, u0, tspan, options);
-  } catch (PythonErrorPending&) {
-    throw py::error_already_set();
-  }
+  return without_gil([&] { return solve(dyn, u0, tspan, options); });
 }
 
 }  // namespace
+
+void bind_forward_mode(py::module& m);  // bind_forward_mode.cpp
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "diffeqlayers C++ core: explicit Runge-Kutta solvers on torch tensors";
@@ -191,4 +143,6 @@ PYBIND11_MODULE(_C, m) {
   m.def("solve", &solve_py, py::arg("f"), py::arg("u0"), py::arg("tspan"), py::arg("options"),
         py::arg("norm") = py::none(),
         "Solve du/dt = f(t, u) from tspan[0] to tspan[1]; f is called as f(t: float, u: Tensor).");
+
+  bind_forward_mode(m);
 }
