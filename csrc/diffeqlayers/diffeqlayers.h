@@ -1,5 +1,6 @@
 // Umbrella header of the diffeqlayers C++ API.
 #pragma once
 
+#include "diffeqlayers/forward_mode.h"
 #include "diffeqlayers/solve.h"
 #include "diffeqlayers/tableau.h"

@@ -75,7 +75,13 @@ class Integrator {
   std::pair<double, bool> step_error(const torch::Tensor& u, const torch::Tensor& unew,
                                      const std::vector<torch::Tensor>& k, double h) {
     at::NoGradGuard no_grad;
-    torch::Tensor err = combine(torch::Tensor(), h, tab_.b_err, k, k.size());
+    // Detached stages: the error (hence the step sequence) depends on primal values only, also
+    // for dual tensors in forward mode (detach() drops tangents), and stays off the slow path
+    // that mixing duals with plain tensors takes.
+    std::vector<torch::Tensor> kd;
+    kd.reserve(k.size());
+    for (const auto& kj : k) kd.push_back(kj.detach());
+    torch::Tensor err = combine(torch::Tensor(), h, tab_.b_err, kd, kd.size());
     torch::Tensor ud = u.detach(), und = unew.detach();
     torch::Tensor scale = at::maximum(ud.abs(), und.abs()).mul_(o_.rtol).add_(o_.atol);
     torch::Tensor scaled = err.div_(scale);

@@ -12,6 +12,7 @@ face of it::
 import torch  # noqa: F401  (loads libtorch before the extension that links it)
 
 from ._C import ControllerOptions, ReturnCode, SolverError, Tableau, tableau
+from .forward import diffeq_fd, diffeq_jvp
 from .layers import NeuralODE, neural_ode
 from .odeint import odeint, odeint_adjoint, odeint_event
 from .problem import ODEProblem, remake
@@ -27,6 +28,8 @@ __all__ = [
     "Solution",
     "SolverError",
     "Tableau",
+    "diffeq_fd",
+    "diffeq_jvp",
     "diffeq_rd",
     "methods",
     "neural_ode",

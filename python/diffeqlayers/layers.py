@@ -8,11 +8,12 @@ from typing import Any, Callable, Union
 import torch
 from torch import nn
 
+from .forward import diffeq_fd
 from .problem import ODEProblem
 from .sensitivity import diffeq_rd
 
-# Gradient modes by name; diffeq_fd and the adjoints join as they land.
-_SENSEALGS: dict[str, Callable[..., Any]] = {"rd": diffeq_rd}
+# Gradient modes by name; the adjoints join as they land.
+_SENSEALGS: dict[str, Callable[..., Any]] = {"rd": diffeq_rd, "fd": diffeq_fd}
 
 
 def _sensealg(name: str) -> Callable[..., Any]:
@@ -45,7 +46,8 @@ def neural_ode(
         solver: a method name (see :func:`diffeqlayers.methods`).
         saveat: None returns ``x(t1)`` (shape of ``x``); otherwise the trajectory at the save
             times, ``[n_times, *x.shape]`` (time first, as torchdiffeq).
-        sensealg: the gradient mode: ``"rd"`` (reverse mode through the solver).
+        sensealg: the gradient mode: ``"rd"`` (reverse mode through the solver) or ``"fd"``
+            (forward mode, best for few parameters).
         **solve_kwargs: ``rtol``, ``atol``, ``dt``, ... as for :func:`diffeqlayers.solve`.
     """
     grad_fn = _sensealg(sensealg)
@@ -59,7 +61,9 @@ def neural_ode(
         def f(u: torch.Tensor, p: Any, t: float) -> torch.Tensor:
             return module(u)
 
-    params = list(module.parameters()) if isinstance(module, nn.Module) else None
+    # The module itself is p: forward mode swaps its parameters for dual tensors in place, which
+    # reaches f through the module (a list of its tensors would not).
+    params = module if isinstance(module, nn.Module) else None
     prob = ODEProblem(f, x, tuple(tspan), params)
     if saveat is None:
         end = tspan[1]
@@ -83,7 +87,8 @@ class NeuralODE(nn.Module):
         tspan: ``(t0, t1)``.
         solver: a method name.
         saveat: None, a spacing, or save times.
-        sensealg: the gradient mode: ``"rd"`` (reverse mode through the solver).
+        sensealg: the gradient mode: ``"rd"`` (reverse mode through the solver) or ``"fd"``
+            (forward mode, best for few parameters).
         rtol, atol: tolerances of adaptive methods.
         **solve_kwargs: further options of :func:`diffeqlayers.solve` (``dt``, ``max_num_steps``,
             ``controller``, ...).

@@ -107,3 +107,16 @@ def test_bad_arguments():
         dl.NeuralODE(42)
     with pytest.raises(ValueError, match="tspan"):
         dl.NeuralODE(Decay(), tspan=(0.0, 1.0, 2.0))
+
+
+def test_forward_mode_layer_matches_reverse_mode():
+    torch.manual_seed(2)
+    grads = {}
+    for sensealg in ("rd", "fd"):
+        torch.manual_seed(3)
+        func = nn.Sequential(nn.Linear(2, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+        layer = dl.NeuralODE(func, tspan=(0.0, 1.0), sensealg=sensealg, rtol=1e-10, atol=1e-12)
+        x = torch.tensor([[0.5, -1.0], [1.0, 0.2]], dtype=torch.float64)
+        layer(x).pow(2).sum().backward()
+        grads[sensealg] = torch.cat([p.grad.reshape(-1) for p in layer.parameters()])
+    torch.testing.assert_close(grads["fd"], grads["rd"], rtol=1e-9, atol=1e-12)
