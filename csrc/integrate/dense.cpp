@@ -21,69 +21,65 @@ std::string to_string(ReturnCode code) {
   return "Unknown";
 }
 
-torch::Tensor interpolate(const Tableau& tab, const DenseStep& step, double theta) {
-  if (theta == 0.0) return step.u0;
-  if (theta == 1.0) return step.u1;
-  const double h = step.h;
-  std::vector<torch::Tensor> terms;
-  std::vector<double> w;
+namespace {
+
+// Number of interpolation weights: one per stage (own interpolant) or four (Hermite).
+size_t num_weights(const Tableau& tab) { return tab.has_dense() ? tab.dense.size() : 4; }
+
+// The weights at theta of a step of size h: on the stages, u(theta) = u0 + sum_i w_i k_i with
+// w_i = h * b_i(theta), b_i(theta) = sum_m dense[i][m] theta^(m+1) (own interpolant); or on
+// [u0, u1, f0, f1], the cubic Hermite basis (third order, continuous derivative).
+void interpolation_weights(const Tableau& tab, double theta, double h, double* w) {
   if (tab.has_dense()) {
-    // u0 + h * sum_i b_i(theta) k_i with b_i(theta) = sum_m dense[i][m] theta^(m+1).
     for (size_t i = 0; i < tab.dense.size(); ++i) {
       double acc = 0.0, p = theta;
       for (double coef : tab.dense[i]) {
         acc += coef * p;
         p *= theta;
       }
-      if (acc == 0.0) continue;
-      terms.push_back(step.k[i]);
-      w.push_back(h * acc);
+      w[i] = h * acc;
     }
-    return terms.empty() ? step.u0 : lincomb(step.u0, terms, w);
+    return;
   }
-  // Cubic Hermite through (u0, f0) and (u1, f1): third order, continuous derivative.
   const double t2 = theta * theta, t3 = t2 * theta;
-  terms = {step.u0, step.u1, step.k[0], step.k[1]};
-  w = {2 * t3 - 3 * t2 + 1, -2 * t3 + 3 * t2, h * (t3 - 2 * t2 + theta), h * (t3 - t2)};
-  return lincomb(torch::Tensor(), terms, w);
+  w[0] = 2 * t3 - 3 * t2 + 1;
+  w[1] = -2 * t3 + 3 * t2;
+  w[2] = h * (t3 - 2 * t2 + theta);
+  w[3] = h * (t3 - t2);
+}
+
+// What the weights multiply: the stages, or [u0, u1, f0, f1].
+std::vector<torch::Tensor> interpolation_terms(const Tableau& tab, const DenseStep& step) {
+  return tab.has_dense() ? step.k
+                         : std::vector<torch::Tensor>{step.u0, step.u1, step.k[0], step.k[1]};
+}
+
+}  // namespace
+
+torch::Tensor interpolate(const Tableau& tab, const DenseStep& step, double theta) {
+  if (theta == 0.0) return step.u0;
+  if (theta == 1.0) return step.u1;
+  std::vector<double> w(num_weights(tab));
+  interpolation_weights(tab, theta, step.h, w.data());
+  // The own interpolant adds to u0; the Hermite basis already carries u0 and u1.
+  return lincomb(tab.has_dense() ? step.u0 : torch::Tensor(), interpolation_terms(tab, step), w);
 }
 
 torch::Tensor interpolate_many(const Tableau& tab, const DenseStep& step,
                                const std::vector<double>& thetas) {
   const int64_t m = static_cast<int64_t>(thetas.size());
   const bool own = tab.has_dense();
-  // Rows of weights on the stacked stages (own interpolant), or on [u0, u1, f0, f1] (Hermite).
-  const int64_t ns = own ? static_cast<int64_t>(tab.dense.size()) : 4;
-  std::vector<double> w(static_cast<size_t>(m * ns), 0.0);
-  const double h = step.h;
-  for (int64_t j = 0; j < m; ++j) {
-    const double th = thetas[static_cast<size_t>(j)];
-    double* row = w.data() + j * ns;
-    if (own) {
-      for (int64_t i = 0; i < ns; ++i) {
-        double acc = 0.0, p = th;
-        for (double coef : tab.dense[static_cast<size_t>(i)]) {
-          acc += coef * p;
-          p *= th;
-        }
-        row[i] = h * acc;
-      }
-    } else {
-      const double t2 = th * th, t3 = t2 * th;
-      row[0] = 2 * t3 - 3 * t2 + 1;
-      row[1] = -2 * t3 + 3 * t2;
-      row[2] = h * (t3 - 2 * t2 + th);
-      row[3] = h * (t3 - t2);
-    }
-  }
+  const int64_t ns = static_cast<int64_t>(num_weights(tab));
+  std::vector<double> w(static_cast<size_t>(m * ns));
+  for (int64_t j = 0; j < m; ++j)
+    interpolation_weights(tab, thetas[static_cast<size_t>(j)], step.h, w.data() + j * ns);
   const torch::Tensor& u0 = step.u0;
   // copy=true: from_blob does not own w, and mm saves W for backward.
   torch::Tensor W = torch::from_blob(w.data(), {m, ns}, torch::dtype(torch::kFloat64))
                         .to(u0.options(), /*non_blocking=*/false, /*copy=*/true);
   // Stack the stages as they are and flatten once: two view nodes per step, not one per stage.
-  const std::vector<torch::Tensor> parts =
-      own ? step.k : std::vector<torch::Tensor>{u0, step.u1, step.k[0], step.k[1]};
-  torch::Tensor out = at::mm(W, at::stack(parts).reshape({ns, -1}));  // [m, N]
+  torch::Tensor out =
+      at::mm(W, at::stack(interpolation_terms(tab, step)).reshape({ns, -1}));  // [m, N]
   if (own) out = out + u0.reshape({1, -1});
   std::vector<int64_t> shape{m};
   for (int64_t d : u0.sizes()) shape.push_back(d);

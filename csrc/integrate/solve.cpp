@@ -57,19 +57,18 @@ class Integrator {
     return out;
   }
 
-  // The user's norm, checked to give one number.
-  torch::Tensor user_norm(const torch::Tensor& scaled) const {
+  // The norm of a scaled error as a 0-d tensor (no host synchronisation): the user's, checked to
+  // give one number, or the RMS norm.
+  torch::Tensor norm_tensor(const torch::Tensor& scaled) const {
+    if (!o_.norm)
+      return at::linalg_vector_norm(scaled, 2) / std::sqrt(static_cast<double>(scaled.numel()));
     torch::Tensor n = o_.norm(scaled);
     TORCH_CHECK_VALUE(n.numel() == 1, "norm must return a scalar, got a tensor of shape ",
                       n.sizes());
     return n.reshape({});
   }
 
-  double norm(const torch::Tensor& scaled) const {
-    if (o_.norm) return user_norm(scaled).item<double>();
-    return at::linalg_vector_norm(scaled, 2).item<double>() /
-           std::sqrt(static_cast<double>(scaled.numel()));
-  }
+  double norm(const torch::Tensor& scaled) const { return norm_tensor(scaled).item<double>(); }
 
   // Error norm of a step and whether the new state is finite, with one host synchronisation.
   std::pair<double, bool> step_error(const torch::Tensor& u, const torch::Tensor& unew,
@@ -85,9 +84,7 @@ class Integrator {
     torch::Tensor ud = u.detach(), und = unew.detach();
     torch::Tensor scale = at::maximum(ud.abs(), und.abs()).mul_(o_.rtol).add_(o_.atol);
     torch::Tensor scaled = err.div_(scale);
-    torch::Tensor n = o_.norm ? user_norm(scaled)
-                              : at::linalg_vector_norm(scaled, 2) /
-                                    std::sqrt(static_cast<double>(scaled.numel()));
+    torch::Tensor n = norm_tensor(scaled);
     if (!o_.check_finite) return {n.item<double>(), true};
     torch::Tensor both = at::stack({n.to(at::kDouble), und.sum().to(at::kDouble)}).cpu();
     const double* v = both.data_ptr<double>();

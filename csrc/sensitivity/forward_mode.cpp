@@ -298,26 +298,31 @@ struct ForwardModeFunction : public torch::autograd::Function<ForwardModeFunctio
   }
 };
 
+// [u0, params...], after checking the closure and the tensors.
+std::vector<torch::Tensor> checked_inputs(const SolveAndReduce& solve_and_reduce,
+                                          const torch::Tensor& u0,
+                                          const std::vector<torch::Tensor>& params) {
+  TORCH_CHECK_TYPE(static_cast<bool>(solve_and_reduce), "solve_and_reduce is empty");
+  check_inputs(u0, params);
+  std::vector<torch::Tensor> inputs{u0};
+  inputs.insert(inputs.end(), params.begin(), params.end());
+  return inputs;
+}
+
 }  // namespace
 
 std::pair<torch::Tensor, torch::Tensor> forward_jacobian(const SolveAndReduce& solve_and_reduce,
                                                          const torch::Tensor& u0,
                                                          const std::vector<torch::Tensor>& params,
                                                          const ForwardModeOptions& options) {
-  TORCH_CHECK_TYPE(static_cast<bool>(solve_and_reduce), "solve_and_reduce is empty");
-  check_inputs(u0, params);
-  std::vector<torch::Tensor> inputs{u0};
-  inputs.insert(inputs.end(), params.begin(), params.end());
+  const std::vector<torch::Tensor> inputs = checked_inputs(solve_and_reduce, u0, params);
   return jacobian_impl(solve_and_reduce, inputs, options);
 }
 
 torch::Tensor diffeq_fd(const SolveAndReduce& solve_and_reduce, const torch::Tensor& u0,
                         const std::vector<torch::Tensor>& params,
                         const ForwardModeOptions& options) {
-  TORCH_CHECK_TYPE(static_cast<bool>(solve_and_reduce), "solve_and_reduce is empty");
-  check_inputs(u0, params);
-  std::vector<torch::Tensor> inputs{u0};
-  inputs.insert(inputs.end(), params.begin(), params.end());
+  const std::vector<torch::Tensor> inputs = checked_inputs(solve_and_reduce, u0, params);
   return ForwardModeFunction::apply(FdArgs{&solve_and_reduce, &options}, at::TensorList(inputs));
 }
 
