@@ -12,12 +12,7 @@
 namespace py = pybind11;
 using namespace diffeqlayers;
 
-namespace {
-
-using bindings::call_python;
-using bindings::PyHolder;
-using bindings::returned_tensor;
-using bindings::without_gil;
+namespace diffeqlayers::bindings {
 
 Dynamics python_dynamics(py::object f) {
   auto holder = std::make_shared<PyHolder>(std::move(f));
@@ -43,6 +38,14 @@ ErrorNorm python_norm(py::object norm) {
   };
 }
 
+}  // namespace diffeqlayers::bindings
+
+namespace {
+
+using bindings::python_dynamics;
+using bindings::python_norm;
+using bindings::without_gil;
+
 Solution solve_py(py::object f, const torch::Tensor& u0, const torch::Tensor& tspan,
                   SolveOptions options, py::object norm) {
   Dynamics dyn = python_dynamics(std::move(f));
@@ -53,6 +56,7 @@ Solution solve_py(py::object f, const torch::Tensor& u0, const torch::Tensor& ts
 }  // namespace
 
 void bind_forward_mode(py::module& m);  // bind_forward_mode.cpp
+void bind_adjoint(py::module& m);       // bind_adjoint.cpp
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "diffeqlayers C++ core: explicit Runge-Kutta solvers on torch tensors";
@@ -118,6 +122,8 @@ PYBIND11_MODULE(_C, m) {
       .def_readonly("stats", &Solution::stats)
       .def_readonly("retcode", &Solution::retcode)
       .def_readonly("message", &Solution::message)
+      .def_readonly("dt_next", &Solution::dt_next)
+      .def_readonly("adjoint_stats", &Solution::adjoint_stats)
       .def_property_readonly("has_dense", [](const Solution& s) { return s.dense != nullptr; })
       .def(
           "evaluate", [](const Solution& s, double t) { return s(t); }, py::arg("t"));
@@ -145,4 +151,5 @@ PYBIND11_MODULE(_C, m) {
         "Solve du/dt = f(t, u) from tspan[0] to tspan[1]; f is called as f(t: float, u: Tensor).");
 
   bind_forward_mode(m);
+  bind_adjoint(m);
 }

@@ -127,6 +127,8 @@ torch::Tensor interpolate(const Tableau& tab, const DenseStep& step, double thet
 torch::Tensor interpolate_many(const Tableau& tab, const DenseStep& step,
                                const std::vector<double>& thetas);
 
+struct AdjointStats;  // adjoint.h
+
 struct Solution {
   torch::Tensor t;  // [n] float64, the saved times
   torch::Tensor u;  // [n, *u0.shape], the saved states
@@ -134,6 +136,11 @@ struct Solution {
   ReturnCode retcode = ReturnCode::Success;
   std::string message;
   std::shared_ptr<DenseOutput> dense;  // set when SolveOptions::dense
+  // Adaptive solves: the step size the controller proposed after the last accepted step (a good
+  // first step for a continuation of the solve). 0 for fixed steps.
+  double dt_next = 0.0;
+  // Set by solve_adjoint (adjoint.h): the backward solve's statistics, filled in by backward.
+  std::shared_ptr<AdjointStats> adjoint_stats;
 
   bool success() const { return retcode == ReturnCode::Success; }
   // Dense evaluation; requires SolveOptions::dense.

@@ -10,6 +10,7 @@
 #include "control/controller.h"
 #include "core/lincomb.h"
 #include "diffeqlayers/solve.h"
+#include "integrate/tape.h"
 
 namespace diffeqlayers {
 namespace {
@@ -40,21 +41,12 @@ std::string fmt(double x) {
 
 class Integrator {
  public:
-  Integrator(const Dynamics& f, const Tableau& tab, const SolveOptions& o)
-      : f_(f), tab_(tab), o_(o) {}
+  Integrator(const Dynamics& f, const Tableau& tab, const SolveOptions& o,
+             detail::Tape* tape = nullptr)
+      : f_(f), tab_(tab), o_(o), tape_(tape) {}
 
-  // Evaluates f and checks what it returned against the state.
   torch::Tensor eval(double t, const torch::Tensor& u) {
-    torch::Tensor out = f_(t, u);
-    ++stats.nfe;
-    TORCH_CHECK_TYPE(out.defined(), "f returned no tensor (at t=", fmt(t), ")");
-    TORCH_CHECK_VALUE(out.sizes() == u.sizes(), "f returned shape ", out.sizes(),
-                      " but the state has shape ", u.sizes(), " (at t=", fmt(t), ")");
-    TORCH_CHECK_TYPE(out.scalar_type() == u.scalar_type(), "f returned dtype ", out.scalar_type(),
-                     " but the state has dtype ", u.scalar_type(), " (at t=", fmt(t), ")");
-    TORCH_CHECK_VALUE(out.device() == u.device(), "f returned a tensor on ", out.device(),
-                      " but the state is on ", u.device(), " (at t=", fmt(t), ")");
-    return out;
+    return detail::checked_eval(f_, t, u, stats.nfe);
   }
 
   // The norm of a scaled error as a 0-d tensor (no host synchronisation): the user's, checked to
@@ -124,12 +116,18 @@ class Integrator {
       if (o_.save_start) {
         out_t.push_back(t0);
         out_u.push_back(u);
+        if (tape_) tape_->saves.push_back({-1, 0.0});
       }
     } else {
       while (save_idx < saveat.size() && dir * (saveat[save_idx] - t0) <= 0) {
         out_t.push_back(saveat[save_idx++]);
         out_u.push_back(u.unsqueeze(0));
+        if (tape_) tape_->saves.push_back({-1, 0.0});
       }
+    }
+    if (tape_) {
+      tape_->u_end = u.detach();
+      tape_->t_end = t0;
     }
     std::vector<DenseStep> dense_steps;
 
@@ -198,16 +196,8 @@ class Integrator {
         hh = lands ? stop - t : dir * h;
       }
 
-      // Stages.
       k[0] = k1;
-      for (int i = 1; i < s; ++i) {
-        torch::Tensor ui = combine(u, hh, tab_.a[i], k, static_cast<size_t>(i));
-        k[i] = eval(t + tab_.c[i] * hh, ui);
-      }
-      // With FSAL the last stage was evaluated at u_new: rebuild that state rather than
-      // storing every stage input.
-      torch::Tensor unew = fsal ? combine(u, hh, tab_.a[s - 1], k, static_cast<size_t>(s - 1))
-                                : combine(u, hh, tab_.b, k, static_cast<size_t>(s));
+      torch::Tensor unew = detail::rk_step(f_, tab_, t, hh, u, k, stats.nfe);
 
       bool accepted = true;
       if (adaptive) {
@@ -227,6 +217,7 @@ class Integrator {
         // A step clipped short to land on a stop says little about the step size the solution
         // allows: when it wanted to grow, resume from the step proposed before clipping.
         if (lands && factor >= 1.0) h = std::min(std::max(h, h_unclipped), o_.dt_max);
+        h_next_ = h;
       } else if (o_.check_finite) {
         at::NoGradGuard g;
         if (!std::isfinite(unew.sum().item<double>()))
@@ -235,6 +226,8 @@ class Integrator {
                       dense_steps);
       }
       ++stats.naccept;
+      if (tape_) tape_->record(t, hh, u, unew);
+      const int64_t step_idx = stats.naccept - 1;
 
       // f at the new state: the last stage (FSAL), or evaluated now when the next step or the
       // Hermite interpolant needs it.
@@ -259,6 +252,7 @@ class Integrator {
       if (want_every_step) {
         out_t.push_back(tnew);
         out_u.push_back(unew);
+        if (tape_) tape_->saves.push_back({step_idx, 1.0});
       } else {
         // Save points inside the step in one block; one at the step's end is u_new itself.
         std::vector<double> thetas;
@@ -266,11 +260,13 @@ class Integrator {
           const double ts = saveat[save_idx++];
           out_t.push_back(ts);
           thetas.push_back((ts - t) / hh);
+          if (tape_) tape_->saves.push_back({step_idx, thetas.back()});
         }
         if (!thetas.empty()) out_u.push_back(interpolate_many(tab_, step, thetas));
         if (save_idx < saveat.size() && saveat[save_idx] == tnew) {
           out_t.push_back(saveat[save_idx++]);
           out_u.push_back(unew.unsqueeze(0));
+          if (tape_) tape_->saves.push_back({step_idx, 1.0});
         }
       }
       if (o_.dense) dense_steps.push_back(std::move(step));
@@ -309,6 +305,7 @@ class Integrator {
     sol.retcode = code;
     sol.message = msg;
     sol.stats = stats;
+    sol.dt_next = h_next_;
     sol.t = torch::tensor(out_t, torch::dtype(torch::kFloat64));
     if (!out_u.empty()) {
       sol.u = rows ? at::stack(out_u) : at::cat(out_u);
@@ -325,6 +322,8 @@ class Integrator {
   const Dynamics& f_;
   const Tableau& tab_;
   const SolveOptions& o_;
+  detail::Tape* tape_;
+  double h_next_ = 0.0;  // the controller's proposal after the last accepted step
   std::vector<int64_t> state_shape_;
   torch::TensorOptions state_options_;
 };
@@ -396,21 +395,91 @@ std::vector<double> check_saveat(const torch::Tensor& saveat, double t0, double 
 
 }  // namespace
 
-Solution solve(const Dynamics& f, const torch::Tensor& u0, const torch::Tensor& tspan,
-               const SolveOptions& options) {
+namespace detail {
+
+torch::Tensor checked_eval(const Dynamics& f, double t, const torch::Tensor& u, int64_t& nfe) {
+  torch::Tensor out = f(t, u);
+  ++nfe;
+  TORCH_CHECK_TYPE(out.defined(), "f returned no tensor (at t=", fmt(t), ")");
+  TORCH_CHECK_VALUE(out.sizes() == u.sizes(), "f returned shape ", out.sizes(),
+                    " but the state has shape ", u.sizes(), " (at t=", fmt(t), ")");
+  TORCH_CHECK_TYPE(out.scalar_type() == u.scalar_type(), "f returned dtype ", out.scalar_type(),
+                   " but the state has dtype ", u.scalar_type(), " (at t=", fmt(t), ")");
+  TORCH_CHECK_VALUE(out.device() == u.device(), "f returned a tensor on ", out.device(),
+                    " but the state is on ", u.device(), " (at t=", fmt(t), ")");
+  return out;
+}
+
+torch::Tensor rk_step(const Dynamics& f, const Tableau& tab, double t, double hh,
+                      const torch::Tensor& u, std::vector<torch::Tensor>& k, int64_t& nfe) {
+  const int s = tab.stages();
+  if (!k[0].defined()) k[0] = checked_eval(f, t, u, nfe);
+  torch::Tensor ui;
+  for (int i = 1; i < s; ++i) {
+    ui = combine(u, hh, tab.a[i], k, static_cast<size_t>(i));
+    k[i] = checked_eval(f, t + tab.c[i] * hh, ui, nfe);
+  }
+  // With FSAL the last stage was evaluated at u_new itself.
+  if (tab.fsal()) return ui;
+  return combine(u, hh, tab.b, k, static_cast<size_t>(s));
+}
+
+DenseStep replay_step(const Dynamics& f, const Tableau& tab, double t, double hh,
+                      const torch::Tensor& u, bool dense, int64_t& nfe) {
+  std::vector<torch::Tensor> k(static_cast<size_t>(tab.stages()));
+  DenseStep step;
+  step.t0 = t;
+  step.h = hh;
+  step.u0 = u;
+  step.u1 = rk_step(f, tab, t, hh, u, k, nfe);
+  if (dense) {
+    step.k = tab.has_dense()
+                 ? std::move(k)
+                 : std::vector<torch::Tensor>{
+                       k[0], tab.fsal() ? k.back() : checked_eval(f, t + hh, step.u1, nfe)};
+  }
+  return step;
+}
+
+void Tape::record(double t0, double hh, const torch::Tensor& u, const torch::Tensor& unew) {
+  const int64_t j = steps();
+  t.push_back(t0);
+  h.push_back(hh);
+  u_end = unew.detach();
+  t_end = t0 + hh;
+  if (!store_states) return;
+  if (j % stride == 0) checkpoints.emplace(j, u.detach());
+  if (cap > 0 && static_cast<int64_t>(checkpoints.size()) > cap) {
+    stride *= 2;
+    for (auto it = checkpoints.begin(); it != checkpoints.end();)
+      it = it->first % stride != 0 ? checkpoints.erase(it) : std::next(it);
+  }
+}
+
+Prepared prepare(const Dynamics& f, const torch::Tensor& u0, const torch::Tensor& tspan,
+                 const SolveOptions& options) {
   TORCH_CHECK_TYPE(static_cast<bool>(f), "f (the dynamics) is empty");
   check_state(u0, options);
   TORCH_CHECK_TYPE(tspan.defined(), "tspan is undefined");
   TORCH_CHECK_VALUE(tspan.numel() == 2, "tspan must hold two times (t0, t1), got shape ",
                     tspan.sizes());
   torch::Tensor span = tspan.detach().to(at::kCPU, at::kDouble).reshape({-1});
-  const double t0 = span[0].item<double>(), t1 = span[1].item<double>();
-  TORCH_CHECK_VALUE(std::isfinite(t0) && std::isfinite(t1), "tspan holds a non-finite time");
-  TORCH_CHECK_VALUE(t0 != t1, "tspan is empty: t0 == t1 == ", t0);
-  const Tableau& tab = tableau(options.method);
-  check_options(options, tab);
-  std::vector<double> saveat = check_saveat(options.saveat, t0, t1);
+  Prepared prep;
+  prep.t0 = span[0].item<double>();
+  prep.t1 = span[1].item<double>();
+  TORCH_CHECK_VALUE(std::isfinite(prep.t0) && std::isfinite(prep.t1),
+                    "tspan holds a non-finite time");
+  TORCH_CHECK_VALUE(prep.t0 != prep.t1, "tspan is empty: t0 == t1 == ", prep.t0);
+  prep.tab = &tableau(options.method);
+  check_options(options, *prep.tab);
+  prep.saveat = check_saveat(options.saveat, prep.t0, prep.t1);
+  return prep;
+}
 
+Solution solve_with_time_terms(const Dynamics& f, const torch::Tensor& u0,
+                               const torch::Tensor& tspan, const SolveOptions& options,
+                               const Prepared& prep,
+                               const std::function<Solution(const torch::Tensor&)>& core) {
   // Gradients with respect to the times. The exact flow satisfies d u(t_i)/d t_i = f(t_i, u_i)
   // and d u(t_i)/d t0 = -(d u(t_i)/d u0) f(t0, u0). Both are attached as zero-valued terms
   // (t - t.detach()) * f, so values are untouched and autograd adds the right products.
@@ -427,10 +496,9 @@ Solution solve(const Dynamics& f, const torch::Tensor& u0, const torch::Tensor& 
     }
     return (tt - tt.detach()).to(uv.scalar_type()) * fv;
   };
-  if (grad_on && tspan.requires_grad()) u = u + -time_term(tspan_flat[0], t0, u0);
+  if (grad_on && tspan.requires_grad()) u = u + -time_term(tspan_flat[0], prep.t0, u0);
 
-  Integrator integ(f, tab, options);
-  Solution sol = integ.run(u, t0, t1, saveat);
+  Solution sol = core(u);
 
   if (grad_on && sol.u.defined()) {
     // Output-time terms: each saved state moves with its own time.
@@ -442,7 +510,7 @@ Solution solve(const Dynamics& f, const torch::Tensor& u0, const torch::Tensor& 
       // Saving every step: only the last time (t1) is a user time with a gradient.
       const int64_t n = sol.u.size(0);
       std::vector<torch::Tensor> rows(sol.u.unbind(0));
-      rows[n - 1] = rows[n - 1] + time_term(tspan_flat[1], t1, rows[n - 1]);
+      rows[n - 1] = rows[n - 1] + time_term(tspan_flat[1], prep.t1, rows[n - 1]);
       sol.u = at::stack(rows);
     }
     if (times.defined()) {
@@ -455,6 +523,22 @@ Solution solve(const Dynamics& f, const torch::Tensor& u0, const torch::Tensor& 
   }
   sol.stats.nfe += extra_nfe;
   return sol;
+}
+
+Solution integrate(const Dynamics& f, const torch::Tensor& u0, const Prepared& prep,
+                   const SolveOptions& options, Tape* tape) {
+  Integrator integ(f, *prep.tab, options, tape);
+  return integ.run(u0, prep.t0, prep.t1, prep.saveat);
+}
+
+}  // namespace detail
+
+Solution solve(const Dynamics& f, const torch::Tensor& u0, const torch::Tensor& tspan,
+               const SolveOptions& options) {
+  const detail::Prepared prep = detail::prepare(f, u0, tspan, options);
+  return detail::solve_with_time_terms(f, u0, tspan, options, prep, [&](const torch::Tensor& u) {
+    return detail::integrate(f, u, prep, options, nullptr);
+  });
 }
 
 Solution solve(const Dynamics& f, const torch::Tensor& u0, double t0, double t1,

@@ -7,11 +7,13 @@ face of it::
     prob = dl.ODEProblem(f, u0, (0.0, 10.0), p)        # f(u, p, t)
     sol = dl.solve(prob, "tsit5", saveat=0.1)           # sol.t, sol.u, sol.stats
     loss = dl.diffeq_rd(p, lambda s: s.u.sum(), prob, "tsit5", saveat=0.1)
+    loss = dl.diffeq_adjoint(p, lambda s: s.u.sum(), prob, "tsit5", saveat=0.1)  # same, adjoint
 """
 
 import torch  # noqa: F401  (loads libtorch before the extension that links it)
 
-from ._C import ControllerOptions, ReturnCode, SolverError, Tableau, tableau
+from ._C import AdjointStats, ControllerOptions, ReturnCode, SolverError, Tableau, tableau
+from .adjoint import adjoint_sensealgs, diffeq_adjoint
 from .forward import diffeq_fd, diffeq_jvp
 from .layers import NeuralODE, neural_ode
 from .odeint import odeint, odeint_adjoint, odeint_event
@@ -21,6 +23,7 @@ from .solution import Solution
 from .solve import methods, solve
 
 __all__ = [
+    "AdjointStats",
     "ControllerOptions",
     "NeuralODE",
     "ODEProblem",
@@ -28,6 +31,8 @@ __all__ = [
     "Solution",
     "SolverError",
     "Tableau",
+    "adjoint_sensealgs",
+    "diffeq_adjoint",
     "diffeq_fd",
     "diffeq_jvp",
     "diffeq_rd",

@@ -2,18 +2,27 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any, Callable, Union
 
 import torch
 from torch import nn
 
+from .adjoint import diffeq_adjoint
 from .forward import diffeq_fd
 from .problem import ODEProblem
 from .sensitivity import diffeq_rd
 
-# Gradient modes by name; the adjoints join as they land.
-_SENSEALGS: dict[str, Callable[..., Any]] = {"rd": diffeq_rd, "fd": diffeq_fd}
+# Gradient modes by name: "adjoint" is the interpolating adjoint.
+_SENSEALGS: dict[str, Callable[..., Any]] = {
+    "rd": diffeq_rd,
+    "fd": diffeq_fd,
+    "adjoint": functools.partial(diffeq_adjoint, sensealg="interpolating"),
+    "interpolating": functools.partial(diffeq_adjoint, sensealg="interpolating"),
+    "backsolve": functools.partial(diffeq_adjoint, sensealg="backsolve"),
+    "discrete": functools.partial(diffeq_adjoint, sensealg="discrete"),
+}
 
 
 def _sensealg(name: str) -> Callable[..., Any]:
@@ -46,8 +55,11 @@ def neural_ode(
         solver: a method name (see :func:`diffeqlayers.methods`).
         saveat: None returns ``x(t1)`` (shape of ``x``); otherwise the trajectory at the save
             times, ``[n_times, *x.shape]`` (time first, as torchdiffeq).
-        sensealg: the gradient mode: ``"rd"`` (reverse mode through the solver) or ``"fd"``
-            (forward mode, best for few parameters).
+        sensealg: the gradient mode: ``"rd"`` (reverse mode through the solver), ``"fd"``
+            (forward mode, best for few parameters), or an adjoint (memory that does not grow
+            with the steps): ``"adjoint"`` (= ``"interpolating"``), ``"backsolve"``,
+            ``"discrete"``; see :func:`diffeqlayers.diffeq_adjoint`, whose options
+            (``adjoint_rtol``, ``checkpoints``, ...) pass through the keyword arguments.
         **solve_kwargs: ``rtol``, ``atol``, ``dt``, ... as for :func:`diffeqlayers.solve`.
     """
     grad_fn = _sensealg(sensealg)
@@ -87,8 +99,11 @@ class NeuralODE(nn.Module):
         tspan: ``(t0, t1)``.
         solver: a method name.
         saveat: None, a spacing, or save times.
-        sensealg: the gradient mode: ``"rd"`` (reverse mode through the solver) or ``"fd"``
-            (forward mode, best for few parameters).
+        sensealg: the gradient mode: ``"rd"`` (reverse mode through the solver), ``"fd"``
+            (forward mode, best for few parameters), or an adjoint (memory that does not grow
+            with the steps): ``"adjoint"`` (= ``"interpolating"``), ``"backsolve"``,
+            ``"discrete"``; see :func:`diffeqlayers.diffeq_adjoint`, whose options
+            (``adjoint_rtol``, ``checkpoints``, ...) pass through the keyword arguments.
         rtol, atol: tolerances of adaptive methods.
         **solve_kwargs: further options of :func:`diffeqlayers.solve` (``dt``, ``max_num_steps``,
             ``controller``, ...).

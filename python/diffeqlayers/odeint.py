@@ -5,8 +5,10 @@ The signatures, defaults, option names and return conventions are those of torch
     from diffeqlayers.odeint import odeint      # instead of: from torchdiffeq import odeint
     ys = odeint(func, y0, t, rtol=1e-7, atol=1e-9, method="dopri5")   # [len(t), *y0.shape]
 
-The solve itself is diffeqlayers' C++ loop (:func:`diffeqlayers.solve`); gradients are reverse
-mode through the solver (autograd records every step, as :func:`diffeqlayers.diffeq_rd`).
+The solve itself is diffeqlayers' C++ loop (:func:`diffeqlayers.solve`); ``odeint``'s gradients
+are reverse mode through the solver (autograd records every step, as
+:func:`diffeqlayers.diffeq_rd`), ``odeint_adjoint``'s come from an adjoint solved backwards (as
+:func:`diffeqlayers.diffeq_adjoint`).
 
 What differs from torchdiffeq (details in the docstrings of :func:`odeint` and
 :func:`odeint_adjoint`):
@@ -21,8 +23,10 @@ What differs from torchdiffeq (details in the docstrings of :func:`odeint` and
 * Unknown options raise :class:`ValueError` (torchdiffeq only warns and ignores them), and so
   do ``perturb=True`` and ``min_step > 0``, which diffeqlayers cannot honour.
 * ``max_num_steps`` counts every step of the whole solve (torchdiffeq: per output interval).
-* ``odeint_adjoint`` differentiates through the solver (exact gradients of the discretisation)
-  instead of solving the adjoint ODE backwards; see its docstring.
+* ``odeint_adjoint`` runs torchdiffeq's algorithm (backsolve) by default and also offers the
+  interpolating and discrete adjoints (``sensealg=``); of ``adjoint_options`` only
+  ``norm="seminorm"`` changes the backward solve, which otherwise follows the forward's options.
+  With ``event_fn`` it differentiates through the solver instead.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import torch
 from torch import nn
 
 from . import _C
+from .adjoint import adjoint_options as adjoint_options_for
 from .problem import ODEProblem
 from .solution import Solution
 from .solve import solve
@@ -386,12 +391,18 @@ def _linear_at(sol: Solution, t: torch.Tensor) -> torch.Tensor:
     return torch.stack(rows)
 
 
-def _solve_at(setup: _Setup, t: torch.Tensor) -> torch.Tensor:
-    """The flat solution at every time of t, ``[len(t), n]``."""
+def _solve_at(
+    setup: _Setup,
+    t: torch.Tensor,
+    adjoint: Optional[tuple[_C.AdjointOptions, list[torch.Tensor]]] = None,
+) -> torch.Tensor:
+    """The flat solution at every time of t, ``[len(t), n]``; differentiated by the given
+    adjoint (options, parameters) instead of reverse mode when one is given."""
     t64 = t.to(torch.float64)  # keeps t's graph: gradients with respect to t flow through saveat
     span = (t64[0], t64[-1])
     prob = ODEProblem(setup.f, setup.y0, span)
     kw = setup.solve_kwargs(t)
+    kw["_adjoint"] = adjoint
     if setup.adaptive:
         return solve(prob, setup.method, saveat=t64, **kw).u
     dt, tstops, grid_is_t = _fixed_grid(setup, t)
@@ -696,25 +707,33 @@ def odeint_adjoint(
     adjoint_method: Optional[str] = None,
     adjoint_options: Optional[Mapping[str, Any]] = None,
     adjoint_params: Optional[Iterable[torch.Tensor]] = None,
+    sensealg: str = "backsolve",
 ) -> Any:
-    """torchdiffeq's ``odeint_adjoint`` interface.
+    """torchdiffeq's ``odeint_adjoint``: :func:`odeint` whose gradients come from an adjoint.
 
-    **Currently this differentiates through the solver** (reverse mode, as :func:`odeint`):
-    it does not solve the adjoint ODE backwards in time. The gradients are the exact
-    gradients of the forward discretisation (torchdiffeq's adjoint gives an approximation of
-    them to the adjoint tolerances), and memory grows with the number of steps instead of
-    staying constant. The ``adjoint_*`` arguments are validated as torchdiffeq does but do not
-    change the result; every parameter ``func`` uses gets its gradient, not only those in
-    ``adjoint_params``. This will switch to a true adjoint once diffeqlayers has one.
+    By default the same algorithm as torchdiffeq (``sensealg="backsolve"``): the augmented
+    state ``[y, a, ∂L/∂θ]`` is solved backwards from the end, ``y`` reset to the forward value
+    at every time of ``t``. ``sensealg`` (an extension of torchdiffeq's signature) selects
+    ``"interpolating"`` (checkpoints and dense output of the forward solve instead of solving
+    ``y`` backwards: accurate on chaotic and unstable problems) or ``"discrete"`` (the exact
+    gradient of the forward discretisation, one stored state per step); see
+    :func:`diffeqlayers.diffeq_adjoint`. As in torchdiffeq, gradients reach ``y0``, ``t`` and
+    ``adjoint_params`` only, not other tensors ``func`` captures.
 
     Args:
-        func, y0, t, rtol, atol, method, options, event_fn: as for :func:`odeint`.
+        func, y0, t, rtol, atol, method, options: as for :func:`odeint`.
+        event_fn: as for :func:`odeint`; with an event the solve is differentiated in reverse
+            mode (through the solver), not by an adjoint.
         adjoint_rtol, adjoint_atol: tolerances of the adjoint solve (default: rtol, atol).
         adjoint_method: its method (default: method).
-        adjoint_options: its options (default: ``options`` without ``norm``; required when
-            ``adjoint_method`` differs from ``method`` and ``options`` is given).
+        adjoint_options: its options, checked as torchdiffeq checks them; ``norm="seminorm"``
+            switches on the seminorm (error control ignores the parameter channels). Other
+            options of the backward solve follow the forward's (controller, step bounds, the
+            step size of fixed-grid methods).
         adjoint_params: the parameters to differentiate; required unless ``func`` is an
-            ``nn.Module`` (``()`` when there are none).
+            ``nn.Module`` (``()`` when there are none). Default: ``func``'s parameters that
+            require grad.
+        sensealg: ``"backsolve"`` (default), ``"interpolating"`` or ``"discrete"``.
     """
     if adjoint_params is None and not isinstance(func, nn.Module):
         raise ValueError(
@@ -726,6 +745,8 @@ def odeint_adjoint(
         bad = [type(p).__name__ for p in params if not isinstance(p, torch.Tensor)]
         if bad:
             raise TypeError(f"adjoint_params must hold tensors, got {bad}")
+    else:
+        params = tuple(p for p in func.parameters() if p.requires_grad)
     if adjoint_method is None:
         adjoint_method = method
     if adjoint_method != method and options is not None and adjoint_options is None:
@@ -734,14 +755,33 @@ def odeint_adjoint(
             "too (they cannot be inferred from options)"
         )
     checked = _check_method(adjoint_method)
+    seminorm = False
     if adjoint_options is not None:
-        _check_options(checked, adjoint_options)
+        norm = adjoint_options.get("norm")
+        seminorm = isinstance(norm, str) and norm == "seminorm"
+        rest = {k: v for k, v in adjoint_options.items() if not (k == "norm" and seminorm)}
+        _check_options(checked, rest)
+    tols = {}
     for name, tol in (("adjoint_rtol", adjoint_rtol), ("adjoint_atol", adjoint_atol)):
         if tol is not None:
-            _scalar_tol(name, tol, _Flat(y0))
-    return odeint(
-        func, y0, t, rtol=rtol, atol=atol, method=method, options=options, event_fn=event_fn
+            tols[name] = _scalar_tol(name, tol, _Flat(y0))
+    if event_fn is not None:
+        return odeint(
+            func, y0, t, rtol=rtol, atol=atol, method=method, options=options, event_fn=event_fn
+        )
+    t = _check_t(t)
+    setup = _Setup(func, y0, rtol, atol, method, options)
+    if len(t) == 1:
+        return setup.flat.unflatten(setup.y0[None], (1,))
+    adjoint = adjoint_options_for(
+        sensealg,
+        adjoint_rtol=tols.get("adjoint_rtol"),
+        adjoint_atol=tols.get("adjoint_atol"),
+        adjoint_method=None if checked == setup.method else checked,
+        seminorm=seminorm,
     )
+    flat_sol = _solve_at(setup, t, (adjoint, list(params)))
+    return setup.flat.unflatten(flat_sol, (len(t),))
 
 
 __all__ = ["odeint", "odeint_adjoint", "odeint_event"]

@@ -20,6 +20,9 @@ class Solution:
         retcode: a :class:`diffeqlayers.ReturnCode`; ``Success`` unless the solve was asked not
             to raise on failure (``throw_on_failure=False``).
         message: why the solve failed, with ``t`` and ``dt``; empty on success.
+        adjoint_stats: for a solve differentiated by an adjoint (:func:`diffeq_adjoint`), what
+            its backward did (``nfe``, ``nvjp``, ``naccept``, ``nreject``, ``replayed_steps``,
+            ``checkpoints``), filled in once backward has run (``done``); otherwise None.
 
     ``sol(t)`` evaluates the solution anywhere in the span when it was solved with
     ``dense=True`` (differentiably, under grad mode).
@@ -36,6 +39,7 @@ class Solution:
         self.stats = raw.stats
         self.retcode = raw.retcode
         self.message: str = raw.message
+        self.adjoint_stats: Optional[_C.AdjointStats] = raw.adjoint_stats
 
     @property
     def success(self) -> bool:

@@ -90,6 +90,7 @@ def solve(
     check_finite: bool = True,
     throw_on_failure: bool = True,
     u0: Optional[torch.Tensor] = None,
+    _adjoint: Optional[tuple[_C.AdjointOptions, list[torch.Tensor]]] = None,
 ) -> Solution:
     """Solve an :class:`ODEProblem`.
 
@@ -119,6 +120,7 @@ def solve(
         throw_on_failure: False returns the partial solution with its ``retcode`` instead of
             raising :class:`SolverError`.
         u0: overrides ``prob.u0``.
+        _adjoint: private (:func:`diffeq_adjoint` passes its options and parameters here).
 
     Returns:
         A :class:`Solution`: ``sol.t`` ``[n]``, ``sol.u`` ``[n, *u0.shape]``, ``sol.stats``.
@@ -174,4 +176,7 @@ def solve(
     def rhs(t: float, u: torch.Tensor) -> torch.Tensor:
         return f(u, p, t)
 
+    if _adjoint is not None:
+        options, params = _adjoint
+        return Solution(_C.solve_adjoint(rhs, state, span, params, opts, options, norm))
     return Solution(_C.solve(rhs, state, span, opts, norm))

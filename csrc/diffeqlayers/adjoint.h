@@ -1,0 +1,73 @@
+// Adjoint sensitivities: gradients of a solve by solving backwards instead of recording the
+// unrolled solver (diffeq_adjoint).
+#pragma once
+
+#include <torch/types.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "diffeqlayers/solve.h"
+
+namespace diffeqlayers {
+
+// The three adjoints. For a loss L of the saved states u(t_i):
+//  * "interpolating" (the default): the forward solve keeps checkpoints (states at the start of
+//    accepted steps). The adjoint ODE  dlambda/dt = -(df/du)^T lambda,  dg/dt = -(df/dp)^T lambda
+//    is solved backwards with its own adaptive steps; u(t) comes from replaying each forward step
+//    from its checkpoint (exactly the forward's arithmetic) and evaluating that step's dense
+//    output. Accurate to the tolerances even where backsolve is not (chaotic, unstable systems).
+//  * "backsolve": the augmented state [u, lambda, g] solved backwards from the end, u reset to
+//    the saved value at every output time (the adjoint of Chen et al. 2018, torchdiffeq's
+//    odeint_adjoint). Stores nothing but the outputs; wrong where the backward solve of u is
+//    unstable (Lorenz over long spans, stiff problems).
+//  * "discrete": the discrete adjoint of the solver itself, checkpointed. The forward keeps the
+//    accepted steps (t, dt, u); backward replays each step under autograd, last to first, and
+//    chains the vector-Jacobian products. Equals diffeq_rd's gradient to rounding, storing one
+//    state per step (or fewer with checkpoints > 0) instead of the whole graph.
+struct AdjointOptions {
+  std::string sensealg = "interpolating";
+  // The backward solve (interpolating, backsolve): method and tolerances; empty / negative:
+  // those of the forward solve.
+  std::string method;
+  double rtol = -1.0;
+  double atol = -1.0;
+  // Error control of the backward solve ignores the parameter-gradient channels (Kidger, Chen &
+  // Lyons 2021, "Hey, that's not an ODE"): they do not feed back into the dynamics, so their
+  // error need not limit the steps.
+  bool seminorm = false;
+  // The most states the forward solve keeps (interpolating, discrete); 0: one per step. Fewer
+  // checkpoints cost recomputation: see Tape::cap in integrate/tape.h.
+  int64_t checkpoints = 0;
+  // The dynamics used by backward's calls, when they must differ from f (the Python bindings
+  // transport exceptions differently on autograd's threads). Empty: f.
+  Dynamics backward_dynamics;
+};
+
+// What backward did; solve_adjoint returns it empty and backward fills it in.
+struct AdjointStats {
+  bool done = false;           // backward has run
+  int64_t nfe = 0;             // evaluations of f in backward (replays, vector-Jacobian products)
+  int64_t nvjp = 0;            // vector-Jacobian products of f (each includes one evaluation of f)
+  int64_t naccept = 0;         // accepted steps of the backward solves (interpolating, backsolve)
+  int64_t nreject = 0;         // rejected steps of the backward solves
+  int64_t replayed_steps = 0;  // forward steps recomputed from checkpoints
+  int64_t checkpoints = 0;     // states the forward solve kept
+};
+
+// solve(f, u0, tspan, options) whose saved states are differentiable by the adjoint method
+// chosen in `adjoint`: with respect to u0, to every tensor in `params` that requires grad (f
+// must use exactly these tensors: gradients reach nothing else f captures), and to the times
+// (tspan entries, saveat) through exact-flow terms as in solve(). sol.adjoint_stats is filled in
+// by backward. Under no-grad mode, or when nothing requires grad, this is solve().
+// Dense output (options.dense) carries no gradient here and is refused; differentiating twice
+// is not supported.
+Solution solve_adjoint(const Dynamics& f, const torch::Tensor& u0, const torch::Tensor& tspan,
+                       const std::vector<torch::Tensor>& params, const SolveOptions& options = {},
+                       const AdjointOptions& adjoint = {});
+
+// The names accepted in AdjointOptions::sensealg.
+std::vector<std::string> adjoint_sensealgs();
+
+}  // namespace diffeqlayers

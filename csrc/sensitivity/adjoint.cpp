@@ -1,0 +1,468 @@
+// The adjoints (diffeq_adjoint): a C++ autograd Function whose forward runs the solve without
+// recording a graph, keeping what its backward needs on a tape (integrate/tape.h), and whose
+// backward solves the adjoint problem (interpolating, backsolve) or replays the solver's steps
+// in reverse (discrete). See adjoint.h for what each one is and when to use it.
+//
+// Conventions. For a loss L of the saved rows u(t_i), lambda(t) = dL/du(t) obeys
+//   dlambda/dt = -(df/du)^T lambda        between output times,
+//   lambda(t_i^-) = lambda(t_i^+) + dL/du(t_i)   at each output time,
+// and dL/dp = int_{t0}^{t1} lambda^T df/dp dt, carried as g with dg/dt = -(df/dp)^T lambda,
+// g(t1) = 0, dL/dp = g(t0). The vector-Jacobian products lambda^T df/du and lambda^T df/dp come
+// from one reverse-mode pass through one evaluation of f (vjp() below).
+#include "diffeqlayers/adjoint.h"
+
+#include <ATen/ATen.h>
+#include <c10/core/GradMode.h>
+#include <torch/csrc/autograd/autograd.h>
+#include <torch/csrc/autograd/custom_function.h>
+
+#include <algorithm>
+#include <cmath>
+#include <map>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "integrate/tape.h"
+
+namespace diffeqlayers {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+enum class Kind { Interpolating, Backsolve, Discrete };
+
+const std::vector<std::string>& kind_names() {
+  static const std::vector<std::string> names{"interpolating", "backsolve", "discrete"};
+  return names;
+}
+
+Kind kind_of(const std::string& name) {
+  const auto& names = kind_names();
+  for (size_t i = 0; i < names.size(); ++i)
+    if (names[i] == name) return static_cast<Kind>(i);
+  TORCH_CHECK_VALUE(false, "unknown adjoint sensealg '", name,
+                    "'; choose interpolating (the default), backsolve or discrete");
+  return Kind::Interpolating;  // not reached
+}
+
+// Everything backward needs. The autograd graph keeps it alive (a capsule in saved_data), so
+// the dynamics, the tape and the parameters live exactly as long as the graph.
+struct AdjointState : torch::CustomClassHolder {
+  Dynamics f;   // forward solve
+  Dynamics fb;  // backward's calls
+  SolveOptions options;
+  AdjointOptions adjoint;
+  detail::Prepared prep;
+  Kind kind = Kind::Interpolating;
+  std::vector<torch::Tensor> params;  // as given: f uses these very tensors
+  std::vector<int64_t> versions;      // their version counters at forward time
+  detail::Tape tape;
+  torch::Tensor out;  // the saved rows (backsolve resets u to them)
+  std::vector<double> out_t;
+  std::vector<int64_t> shape;  // of the state
+  Solution meta;               // the forward solution without u (times, stats, retcode)
+  std::shared_ptr<AdjointStats> stats = std::make_shared<AdjointStats>();
+};
+
+struct AdjointArgs {
+  c10::intrusive_ptr<AdjointState> state;
+};
+
+// f(t, u) and the products lambda^T df/du, lambda^T df/dp_i (zeros where f does not use them),
+// from one evaluation of f under grad mode and one reverse pass.
+struct Vjp {
+  torch::Tensor fu, du;
+  std::vector<torch::Tensor> dp;
+};
+
+Vjp vjp(const Dynamics& f, double t, const torch::Tensor& u, const torch::Tensor& lambda,
+        const std::vector<torch::Tensor>& wrt, AdjointStats& stats) {
+  at::AutoGradMode grad_on(true);
+  torch::Tensor ul = u.detach().requires_grad_(true);
+  torch::Tensor out = detail::checked_eval(f, t, ul, stats.nfe);
+  ++stats.nvjp;
+  Vjp r;
+  r.fu = out.detach();
+  std::vector<torch::Tensor> inputs{ul};
+  inputs.insert(inputs.end(), wrt.begin(), wrt.end());
+  std::vector<torch::Tensor> grads(inputs.size());
+  if (out.requires_grad())
+    grads = torch::autograd::grad({out}, inputs, {lambda}, /*retain_graph=*/false,
+                                  /*create_graph=*/false, /*allow_unused=*/true);
+  r.du = grads[0].defined() ? grads[0] : at::zeros_like(u);
+  for (size_t i = 0; i < wrt.size(); ++i)
+    r.dp.push_back(grads[i + 1].defined() ? grads[i + 1] : at::zeros_like(wrt[i]));
+  return r;
+}
+
+torch::Tensor flat_cat(const std::vector<torch::Tensor>& ts, const torch::TensorOptions& opts) {
+  if (ts.empty()) return at::empty({0}, opts);
+  std::vector<torch::Tensor> flat;
+  flat.reserve(ts.size());
+  for (const auto& t : ts) flat.push_back(t.reshape({-1}).to(opts.dtype()));
+  return at::cat(flat);
+}
+
+// The forward solution replayed from the tape's checkpoints: the state at the start of any
+// accepted step, and (dense) u(t) anywhere in the solved span. A missing step is recomputed
+// with its whole segment (from the checkpoint before it up to the next one); at most `budget`
+// steps are cached, dropping those farthest along the direction of integration first (backward
+// walks against it).
+class Replay {
+ public:
+  Replay(const AdjointState& s, bool dense, AdjointStats& stats)
+      : s_(s), tape_(s.tape), dense_(dense), stats_(stats) {
+    dir_ = s.prep.t1 > s.prep.t0 ? 1 : -1;
+    budget_ = std::max<int64_t>(64, 2 * tape_.stride);
+  }
+
+  torch::Tensor state(int64_t j) {
+    auto it = tape_.checkpoints.find(j);
+    if (it != tape_.checkpoints.end()) return it->second;
+    return step(j).u0;
+  }
+
+  const DenseStep& step(int64_t j) {
+    auto it = cache_.find(j);
+    if (it == cache_.end()) {
+      fill(j);
+      it = cache_.find(j);
+    }
+    return it->second;
+  }
+
+  // u(t) from the dense output of the step holding t.
+  torch::Tensor at(double t) {
+    const int64_t j = locate(t);
+    const DenseStep& st = step(j);
+    const double theta = std::clamp((t - st.t0) / st.h, 0.0, 1.0);
+    torch::Tensor u = interpolate(*s_.prep.tab, st, theta);
+    trim(j);
+    return u;
+  }
+
+  // Drops cached steps from index j on.
+  void release_from(int64_t j) { cache_.erase(cache_.lower_bound(j), cache_.end()); }
+
+ private:
+  // The step whose span holds t: the last one starting strictly before t (the first if none).
+  int64_t locate(double t) const {
+    const auto& ts = tape_.t;
+    auto it = std::partition_point(ts.begin(), ts.end(),
+                                   [&](double start) { return dir_ * (start - t) < 0; });
+    const int64_t idx = static_cast<int64_t>(it - ts.begin()) - 1;
+    return std::max<int64_t>(idx, 0);
+  }
+
+  void fill(int64_t j) {
+    TORCH_CHECK(j >= 0 && j < tape_.steps(), "internal: replay of step ", j, " of ", tape_.steps());
+    auto next = tape_.checkpoints.upper_bound(j);
+    TORCH_CHECK(next != tape_.checkpoints.begin(), "internal: no checkpoint before step ", j);
+    auto start = std::prev(next);
+    const int64_t end = next == tape_.checkpoints.end() ? tape_.steps() : next->first;
+    at::NoGradGuard no_grad;
+    torch::Tensor u = start->second;
+    for (int64_t i = start->first; i < end; ++i) {
+      const auto iu = static_cast<size_t>(i);
+      DenseStep st =
+          detail::replay_step(s_.fb, *s_.prep.tab, tape_.t[iu], tape_.h[iu], u, dense_, stats_.nfe);
+      ++stats_.replayed_steps;
+      u = st.u1;
+      cache_[i] = std::move(st);
+    }
+  }
+
+  void trim(int64_t current) {
+    while (static_cast<int64_t>(cache_.size()) > budget_) {
+      auto last = std::prev(cache_.end());
+      if (last->first <= current) break;
+      cache_.erase(last);
+    }
+  }
+
+  const AdjointState& s_;
+  const detail::Tape& tape_;
+  bool dense_;
+  AdjointStats& stats_;
+  int dir_ = 1;
+  int64_t budget_ = 64;
+  std::map<int64_t, DenseStep> cache_;
+};
+
+// The tensors among the parameters that get gradients, and their positions.
+std::vector<size_t> grad_params(const std::vector<torch::Tensor>& params) {
+  std::vector<size_t> idx;
+  for (size_t i = 0; i < params.size(); ++i)
+    if (params[i].defined() && params[i].is_floating_point() && params[i].requires_grad())
+      idx.push_back(i);
+  return idx;
+}
+
+struct Grads {
+  torch::Tensor u0;
+  std::vector<torch::Tensor> params;  // per entry of grad_params()
+};
+
+// Interpolating and backsolve: the adjoint ODE solved backwards between output times.
+Grads backward_continuous(AdjointState& s, const torch::Tensor& G) {
+  AdjointStats& stats = *s.stats;
+  const detail::Tape& tape = s.tape;
+  const bool backsolve = s.kind == Kind::Backsolve;
+  const auto opts = s.out.options();
+  const std::vector<size_t> gi = grad_params(s.params);
+  std::vector<torch::Tensor> wrt;
+  for (size_t i : gi) wrt.push_back(s.params[i]);
+  int64_t m = 1;
+  for (int64_t d : s.shape) m *= d;
+  int64_t np = 0;
+  for (const auto& w : wrt) np += w.numel();
+
+  // The backward solve's options.
+  SolveOptions bo;
+  bo.method = s.adjoint.method.empty() ? s.options.method : s.adjoint.method;
+  const Tableau& btab = tableau(bo.method);
+  bo.rtol = s.adjoint.rtol >= 0 ? s.adjoint.rtol : s.options.rtol;
+  bo.atol = s.adjoint.atol >= 0 ? s.adjoint.atol : s.options.atol;
+  bo.adaptive = s.options.adaptive;
+  const bool b_adaptive = btab.adaptive() && bo.adaptive;
+  bo.dt = b_adaptive ? 0.0 : s.options.dt;
+  TORCH_CHECK_VALUE(b_adaptive || bo.dt > 0, "the adjoint's backward solve uses the fixed-step ",
+                    "method '", bo.method, "': give the forward solve a step size dt");
+  bo.dt_min = s.options.dt_min;
+  bo.dt_max = s.options.dt_max;
+  bo.max_num_steps = s.options.max_num_steps;
+  bo.controller = s.options.controller;
+  bo.check_finite = true;
+  bo.throw_on_failure = true;
+  bo.save_start = false;
+  // The channels the error control sees: [u,] lambda, and g unless seminorm.
+  const int64_t controlled = (backsolve ? 2 * m : m) + (s.adjoint.seminorm ? 0 : np);
+  if (s.adjoint.seminorm && np > 0)
+    bo.norm = [controlled](const torch::Tensor& scaled) {
+      torch::Tensor head = scaled.narrow(0, 0, controlled);
+      return at::linalg_vector_norm(head, 2) / std::sqrt(static_cast<double>(controlled));
+    };
+
+  Replay replay(s, /*dense=*/true, stats);
+  const Dynamics& fb = s.fb;
+  Dynamics aug;
+  if (backsolve) {
+    aug = [&](double t, const torch::Tensor& y) {
+      torch::Tensor u = y.narrow(0, 0, m).view(s.shape);
+      torch::Tensor lam = y.narrow(0, m, m).view(s.shape);
+      Vjp r = vjp(fb, t, u, lam, wrt, stats);
+      return at::cat({r.fu.reshape({-1}), -r.du.reshape({-1}), -flat_cat(r.dp, opts)});
+    };
+  } else {
+    aug = [&](double t, const torch::Tensor& y) {
+      torch::Tensor lam = y.narrow(0, 0, m).view(s.shape);
+      Vjp r = vjp(fb, t, replay.at(t), lam, wrt, stats);
+      return at::cat({-r.du.reshape({-1}), -flat_cat(r.dp, opts)});
+    };
+  }
+
+  torch::Tensor lam = at::zeros(s.shape, opts);
+  torch::Tensor g = at::zeros({np}, opts);
+  torch::Tensor u = tape.u_end;
+  double cur = tape.t_end;
+  auto integrate_to = [&](double tb) {
+    if (tb == cur) return;
+    std::vector<torch::Tensor> parts;
+    if (backsolve) parts.push_back(u.reshape({-1}));
+    parts.push_back(lam.reshape({-1}));
+    parts.push_back(g);
+    torch::Tensor y = at::cat(parts);
+    bo.saveat = torch::tensor({tb}, torch::dtype(torch::kFloat64));
+    Solution r;
+    try {
+      r = solve(aug, y, cur, tb, bo);
+    } catch (const SolverError& e) {
+      throw SolverError(e.code, e.t, e.dt,
+                        std::string("the backward solve of the ") +
+                            kind_names()[static_cast<size_t>(s.kind)] +
+                            " adjoint failed: " + e.what());
+    }
+    stats.naccept += r.stats.naccept;
+    stats.nreject += r.stats.nreject;
+    if (b_adaptive && r.dt_next > 0) bo.dt = r.dt_next;  // continue with the step size reached
+    torch::Tensor yb = r.u[-1];
+    int64_t off = 0;
+    if (backsolve) {
+      u = yb.narrow(0, 0, m).view(s.shape);
+      off = m;
+    }
+    lam = yb.narrow(0, off, m).view(s.shape);
+    g = yb.narrow(0, off + m, np);
+    cur = tb;
+  };
+  const int64_t n = static_cast<int64_t>(s.out_t.size());
+  for (int64_t i = n - 1; i >= 0; --i) {
+    integrate_to(s.out_t[static_cast<size_t>(i)]);
+    if (backsolve) u = s.out[i];
+    if (G.defined()) lam = lam + G[i];
+  }
+  integrate_to(s.prep.t0);
+
+  Grads out;
+  out.u0 = lam;
+  int64_t off = 0;
+  for (const auto& w : wrt) {
+    out.params.push_back(g.narrow(0, off, w.numel()).view(w.sizes()).to(w.scalar_type()));
+    off += w.numel();
+  }
+  return out;
+}
+
+// Discrete: the solver's own steps replayed under autograd, last to first.
+Grads backward_discrete(AdjointState& s, const torch::Tensor& G) {
+  AdjointStats& stats = *s.stats;
+  const detail::Tape& tape = s.tape;
+  const Tableau& tab = *s.prep.tab;
+  const std::vector<size_t> gi = grad_params(s.params);
+  std::vector<torch::Tensor> wrt;
+  for (size_t i : gi) wrt.push_back(s.params[i]);
+  std::vector<torch::Tensor> gp;
+  for (const auto& w : wrt) gp.push_back(at::zeros_like(w));
+
+  // The output rows of each step (index step + 1; 0 holds the rows equal to the initial state).
+  const int64_t nsteps = tape.steps();
+  std::vector<std::vector<std::pair<int64_t, double>>> rows(static_cast<size_t>(nsteps + 1));
+  for (size_t r = 0; r < tape.saves.size(); ++r)
+    rows[static_cast<size_t>(tape.saves[r].step + 1)].emplace_back(static_cast<int64_t>(r),
+                                                                   tape.saves[r].theta);
+
+  Replay replay(s, /*dense=*/false, stats);
+  torch::Tensor lam = at::zeros(s.shape, s.out.options());
+  for (int64_t j = nsteps - 1; j >= 0; --j) {
+    std::vector<int64_t> inner;
+    std::vector<double> thetas;
+    for (const auto& [row, theta] : rows[static_cast<size_t>(j + 1)]) {
+      if (theta == 1.0) {
+        if (G.defined()) lam = lam + G[row];
+      } else {
+        inner.push_back(row);
+        thetas.push_back(theta);
+      }
+    }
+    if (!G.defined()) inner.clear();
+    const torch::Tensor uj = replay.state(j);
+    const auto ju = static_cast<size_t>(j);
+    at::AutoGradMode grad_on(true);
+    torch::Tensor ul = uj.detach().requires_grad_(true);
+    DenseStep st =
+        detail::replay_step(s.fb, tab, tape.t[ju], tape.h[ju], ul, !inner.empty(), stats.nfe);
+    ++stats.replayed_steps;
+    std::vector<torch::Tensor> outs{st.u1}, gouts{lam};
+    if (!inner.empty()) {
+      outs.push_back(interpolate_many(tab, st, thetas));
+      gouts.push_back(G.index_select(0, torch::tensor(inner, torch::dtype(torch::kLong))));
+    }
+    std::vector<torch::Tensor> inputs{ul};
+    inputs.insert(inputs.end(), wrt.begin(), wrt.end());
+    std::vector<torch::Tensor> gr =
+        torch::autograd::grad(outs, inputs, gouts, /*retain_graph=*/false,
+                              /*create_graph=*/false, /*allow_unused=*/true);
+    lam = gr[0].defined() ? gr[0] : at::zeros_like(lam);
+    for (size_t i = 0; i < wrt.size(); ++i)
+      if (gr[i + 1].defined()) gp[i] = gp[i] + gr[i + 1];
+    replay.release_from(j);
+  }
+  if (G.defined())
+    for (const auto& [row, theta] : rows[0]) lam = lam + G[row];
+  return {lam, gp};
+}
+
+struct AdjointFunction : public torch::autograd::Function<AdjointFunction> {
+  // inputs: the start state, then the parameters.
+  static torch::Tensor forward(AutogradContext* ctx, const AdjointArgs& args,
+                               at::TensorList inputs) {
+    AdjointState& s = *args.state;
+    // The state at t0 is kept as a copy, safe from in-place changes of the caller's tensor.
+    torch::Tensor u0 = inputs[0].detach().clone();
+    s.shape = u0.sizes().vec();
+    s.tape.store_states = s.kind != Kind::Backsolve;
+    s.tape.cap = s.adjoint.checkpoints;
+    Solution sol = detail::integrate(s.f, u0, s.prep, s.options, &s.tape);
+    s.out = sol.u.detach();
+    s.out_t.assign(sol.t.data_ptr<double>(), sol.t.data_ptr<double>() + sol.t.numel());
+    s.stats->checkpoints = static_cast<int64_t>(s.tape.checkpoints.size());
+    s.meta = sol;
+    s.meta.u = torch::Tensor();
+    for (const auto& p : s.params) s.versions.push_back(p.defined() ? p._version() : 0);
+    ctx->saved_data["state"] = c10::IValue::make_capsule(args.state);
+    return sol.u;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_out) {
+    TORCH_CHECK(!at::GradMode::is_enabled(),
+                "diffeq_adjoint does not support differentiating twice (backward with "
+                "create_graph=True); use diffeq_rd for higher derivatives");
+    auto s = c10::static_intrusive_pointer_cast<AdjointState>(ctx->saved_data["state"].toCapsule());
+    for (size_t i = 0; i < s->params.size(); ++i)
+      TORCH_CHECK(!s->params[i].defined() || s->params[i]._version() == s->versions[i],
+                  "parameter ", i,
+                  " of the adjoint solve was modified in place after the forward solve (an "
+                  "optimizer step before backward?); its gradient would be wrong");
+    const torch::Tensor& G = grad_out[0];
+    Grads g = s->kind == Kind::Discrete ? backward_discrete(*s, G) : backward_continuous(*s, G);
+    s->stats->done = true;
+    variable_list grads(s->params.size() + 2);  // the non-tensor argument, u0, the parameters
+    grads[1] = g.u0;
+    const std::vector<size_t> gi = grad_params(s->params);
+    for (size_t i = 0; i < gi.size(); ++i) grads[gi[i] + 2] = g.params[i];
+    return grads;
+  }
+};
+
+}  // namespace
+
+std::vector<std::string> adjoint_sensealgs() { return kind_names(); }
+
+Solution solve_adjoint(const Dynamics& f, const torch::Tensor& u0, const torch::Tensor& tspan,
+                       const std::vector<torch::Tensor>& params, const SolveOptions& options,
+                       const AdjointOptions& adjoint) {
+  const Kind kind = kind_of(adjoint.sensealg);
+  SolveOptions o = options;
+  o.params.insert(o.params.end(), params.begin(), params.end());
+  const detail::Prepared prep = detail::prepare(f, u0, tspan, o);
+  TORCH_CHECK_VALUE(!o.dense,
+                    "dense output carries no gradient under an adjoint; save the times you need "
+                    "with saveat (or use diffeq_rd for a differentiable dense solution)");
+  if (!adjoint.method.empty()) tableau(adjoint.method);  // throws for an unknown name
+  TORCH_CHECK_VALUE(adjoint.rtol < 0 || std::isfinite(adjoint.rtol),
+                    "adjoint_rtol must be a finite number, got ", adjoint.rtol);
+  TORCH_CHECK_VALUE(adjoint.atol < 0 || std::isfinite(adjoint.atol),
+                    "adjoint_atol must be a finite number, got ", adjoint.atol);
+  TORCH_CHECK_VALUE(adjoint.checkpoints >= 0, "checkpoints must be non-negative, got ",
+                    adjoint.checkpoints);
+  for (size_t i = 0; i < params.size(); ++i)
+    TORCH_CHECK_TYPE(params[i].defined(), "parameter ", i, " is undefined");
+
+  bool wants_grad = u0.requires_grad() || tspan.requires_grad() ||
+                    (o.saveat.defined() && o.saveat.requires_grad());
+  for (const auto& p : params) wants_grad = wants_grad || p.requires_grad();
+  if (!at::GradMode::is_enabled() || !wants_grad) return solve(f, u0, tspan, o);
+
+  auto state = c10::make_intrusive<AdjointState>();
+  state->f = f;
+  state->fb = adjoint.backward_dynamics ? adjoint.backward_dynamics : f;
+  state->options = o;
+  state->adjoint = adjoint;
+  state->prep = prep;
+  state->kind = kind;
+  state->params = params;
+  Solution sol = detail::solve_with_time_terms(f, u0, tspan, o, prep, [&](const torch::Tensor& u) {
+    std::vector<torch::Tensor> inputs{u};
+    inputs.insert(inputs.end(), params.begin(), params.end());
+    torch::Tensor out = AdjointFunction::apply(AdjointArgs{state}, at::TensorList(inputs));
+    Solution s = state->meta;
+    s.u = out;
+    return s;
+  });
+  sol.adjoint_stats = state->stats;
+  return sol;
+}
+
+}  // namespace diffeqlayers
