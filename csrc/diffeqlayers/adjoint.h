@@ -18,6 +18,7 @@ namespace diffeqlayers {
 //    is solved backwards with its own adaptive steps; u(t) comes from replaying each forward step
 //    from its checkpoint (exactly the forward's arithmetic) and evaluating that step's dense
 //    output. Accurate to the tolerances even where backsolve is not (chaotic, unstable systems).
+//    (dopri8 has no interpolant of its order: there u(t) costs a partial step of the method.)
 //  * "backsolve": the augmented state [u, lambda, g] solved backwards from the end, u reset to
 //    the saved value at every output time (the adjoint of Chen et al. 2018, torchdiffeq's
 //    odeint_adjoint). Stores nothing but the outputs; wrong where the backward solve of u is

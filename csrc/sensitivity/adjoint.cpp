@@ -133,12 +133,24 @@ class Replay {
     return it->second;
   }
 
-  // u(t) from the dense output of the step holding t.
+  // u(t) from the dense output of the step holding t. A method whose interpolant is much less
+  // accurate than its steps (cubic Hermite on dopri8's long steps: the criterion by which the
+  // forward solve steps onto save points) gets u(t) from a step of the method itself from the
+  // step's start to t instead: accurate to the method's order, at the cost of its stages.
   torch::Tensor at(double t) {
     const int64_t j = locate(t);
     const DenseStep& st = step(j);
     const double theta = std::clamp((t - st.t0) / st.h, 0.0, 1.0);
-    torch::Tensor u = interpolate(*s_.prep.tab, st, theta);
+    const Tableau& tab = *s_.prep.tab;
+    torch::Tensor u;
+    if (theta > 0.0 && theta < 1.0 && !tab.has_dense() && tab.order > 4) {
+      at::NoGradGuard no_grad;
+      std::vector<torch::Tensor> k(static_cast<size_t>(tab.stages()));
+      k[0] = st.k[0];  // f(t_j, u_j), kept by the replay for the Hermite interpolant
+      u = detail::rk_step(s_.fb, tab, st.t0, t - st.t0, st.u0, k, stats_.nfe);
+    } else {
+      u = interpolate(tab, st, theta);
+    }
     trim(j);
     return u;
   }

@@ -192,12 +192,16 @@ def test_gradients_match_torchdiffeq(func, y0, method, options):
         assert err(a, b) < bound * max(1.0, float(b.abs().max())), name
 
 
-def test_adjoint_gradients_equal_odeint(func, y0):
+def test_adjoint_gradients_match_odeint_and_torchdiffeq(func, y0):
+    # odeint_adjoint solves the adjoint backwards (backsolve, torchdiffeq's algorithm): it agrees
+    # with reverse mode through the solver and with torchdiffeq's adjoint to the tolerances.
     ours = _grads(dl.odeint, func, y0)
     adjoint = _grads(dl.odeint_adjoint, func, y0)
-    assert all(torch.equal(a, b) for a, b in zip(ours, adjoint))
     theirs = _grads(td.odeint_adjoint, func, y0)
-    assert all(err(a, b) < 1e-5 * max(1.0, float(b.abs().max())) for a, b in zip(ours, theirs))
+    for a, b in zip(adjoint, ours):
+        assert err(a, b) < 1e-5 * max(1.0, float(b.abs().max()))
+    for a, b in zip(adjoint, theirs):
+        assert err(a, b) < 1e-5 * max(1.0, float(b.abs().max()))
 
 
 def test_adjoint_argument_checks(y0):
