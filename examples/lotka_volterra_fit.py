@@ -156,7 +156,7 @@ def main() -> None:
         )
     ax.set_xlabel("Adam iteration")
     ax.set_ylabel("loss  sum (x(t) - 1)^2")
-    ax.set_title("Loss per gradient mode (Adam, lr 0.1)")
+    ax.set_title(f"Loss per gradient mode (Adam, lr {args.lr:g})")
     ax.legend()
     ax.grid(True, which="both", alpha=0.3)
     save_figure(fig, args.out, "lv_fit_loss.png")
