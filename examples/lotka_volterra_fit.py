@@ -45,6 +45,10 @@ def make_problem() -> dl.ODEProblem:
     )
 
 
+def fmt(p: torch.Tensor, digits: int = 4) -> str:
+    return "[" + ", ".join(f"{v:.{digits}f}" for v in p.tolist()) + "]"
+
+
 def prey_loss(sol: dl.Solution) -> torch.Tensor:
     """The reduction: sum over the saved times of (x(t) - 1)^2, x the first component."""
     return ((sol.u[:, 0] - 1.0) ** 2).sum()
@@ -92,19 +96,14 @@ def main() -> None:
         initial = prey_loss(dl.solve(prob, "tsit5", **SOLVE_KW)).item()
     print(f"initial p = {list(P0)}, loss {initial:.6e}")
 
-    results: dict[str, tuple[torch.Tensor, list[float], float]] = {}
+    results: dict[str, tuple[torch.Tensor, list[float], float, dl.Solution]] = {}
     for name in args.sensealg:
         p, losses, seconds = fit(name, prob, args.iters, args.lr, args.print_every)
-        results[name] = (p, losses, seconds)
         with torch.no_grad():
             sol = dl.solve(dl.remake(prob, p=p), "tsit5", **SOLVE_KW)
+        results[name] = (p, losses, seconds, sol)
         dev = (sol.u - 1.0).abs().max().item()
-        print(
-            f"[{name}] final loss {prey_loss(sol).item():.6e}  p = "
-            + "["
-            + ", ".join(f"{v:.4f}" for v in p.tolist())
-            + "]"
-        )
+        print(f"[{name}] final loss {prey_loss(sol).item():.6e}  p = {fmt(p)}")
         print(f"[{name}] max |u(t) - 1| over [0, 10] (x and y): {dev:.3e}")
         print(
             f"[{name}] time: {seconds:.2f} s for {args.iters} iterations "
@@ -120,9 +119,7 @@ def main() -> None:
     fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 4), squeeze=False)
     with torch.no_grad():
         start_sol = dl.solve(prob, "tsit5", **SOLVE_KW)
-    for ax, (name, (p, _, _)) in zip(axes[0], results.items()):
-        with torch.no_grad():
-            sol = dl.solve(dl.remake(prob, p=p), "tsit5", **SOLVE_KW)
+    for ax, (name, (p, _, _, sol)) in zip(axes[0], results.items()):
         for i, (label, color) in enumerate((("prey x", "tab:blue"), ("predator y", "tab:red"))):
             ax.plot(
                 start_sol.t,
@@ -137,7 +134,7 @@ def main() -> None:
         ax.set_ylim(0, 6)
         ax.set_xlabel("t")
         ax.set_ylabel("population")
-        ax.set_title(f"{name}: p = [" + ", ".join(f"{v:.2f}" for v in p.tolist()) + "]")
+        ax.set_title(f"{name}: p = {fmt(p, 2)}")
         ax.legend(fontsize=8, loc="upper right")
     fig.suptitle("Lotka-Volterra fitted so that the populations stay at 1")
     save_figure(fig, args.out, "lv_fit_trajectory.png")
@@ -146,7 +143,7 @@ def main() -> None:
     # The modes compute the same gradient up to rounding, so their curves may coincide: dashes
     # of different lengths keep each one visible.
     styles = ["-", "--", ":", "-."]
-    for k, (name, (_, losses, seconds)) in enumerate(results.items()):
+    for k, (name, (_, losses, seconds, _)) in enumerate(results.items()):
         ax.semilogy(
             range(1, len(losses) + 1),
             losses,
