@@ -17,23 +17,10 @@ import os
 import time
 
 import torch
+from _common import growing_window, lv_reference, should_report
 from torch import nn
 
 import diffeqlayers as dl
-
-
-def lotka_volterra(u: torch.Tensor, p: torch.Tensor, t: float) -> torch.Tensor:
-    x, y = u[..., 0], u[..., 1]
-    return torch.stack([p[0] * x - p[1] * x * y, -p[2] * y + p[3] * x * y], dim=-1)
-
-
-def make_data(t_end: float = 10.0, spacing: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
-    p = torch.tensor([1.5, 1.0, 3.0, 1.0], dtype=torch.float64)
-    prob = dl.ODEProblem(
-        lotka_volterra, torch.tensor([1.0, 1.0], dtype=torch.float64), (0.0, t_end), p
-    )
-    sol = dl.solve(prob, "dopri5", saveat=spacing, rtol=1e-10, atol=1e-10)
-    return sol.t.float(), sol.u.float()
 
 
 def main() -> None:
@@ -48,7 +35,7 @@ def main() -> None:
     torch.manual_seed(args.seed)
     torch.set_num_threads(1)  # tiny tensors: threads only add overhead
 
-    t, data = make_data()
+    t, data = lv_reference((1.0, 1.0), 0.1)
     net = nn.Sequential(nn.Linear(2, 50), nn.Tanh(), nn.Linear(50, 2))
     prob = dl.ODEProblem(lambda u, p, t: net(u), data[0], (0.0, 10.0), list(net.parameters()))
     opt = torch.optim.Adam(net.parameters(), lr=args.lr)
@@ -56,11 +43,10 @@ def main() -> None:
 
     # Curriculum: the window grows from 2 to 10 time units over the first 60% of iterations.
     windows = [2.0, 4.0, 6.0, 8.0, 10.0]
-    per_window = max(1, int(0.6 * args.iters) // (len(windows) - 1))
     start = time.perf_counter()
     loss = torch.tensor(float("nan"))
     for it in range(1, args.iters + 1):
-        window = windows[min((it - 1) // per_window, len(windows) - 1)]
+        window = growing_window(it, args.iters, windows)
         n = int(round(window / 0.1)) + 1
         pred = dl.diffeq_rd(
             list(net.parameters()),
@@ -74,7 +60,7 @@ def main() -> None:
         opt.zero_grad()
         loss.backward()
         opt.step()
-        if it == 1 or it % 50 == 0 or it == args.iters:
+        if should_report(it, args.iters, 50):
             print(
                 f"iter {it:5d}  window [0, {window:4.1f}]  loss {loss.item():.6f}  "
                 f"({time.perf_counter() - start:6.1f} s)",

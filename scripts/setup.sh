@@ -37,13 +37,15 @@ if ! "$PYTHON" -c 'import torch' >/dev/null 2>&1; then
   "${PIP[@]}" torch==2.13.0
 fi
 
-# torch is installed by now, so none of these pulls another one in.
+# torch is installed by now, so none of these pulls another one in (scikit-learn does not depend
+# on torch; it is for examples/ode_layer_digits.py and its test).
 need_pip=0
 "$PYTHON" - <<'PY' || need_pip=1
 import importlib.metadata as md
 import sys
 want = {"numpy": None, "pybind11": None, "ninja": None, "pytest": None, "matplotlib": None,
-        "scipy": None, "torchdiffeq": "0.2.5", "setuptools": None, "wheel": None}
+        "scipy": None, "scikit-learn": None, "torchdiffeq": "0.2.5", "setuptools": None,
+        "wheel": None}
 for name, version in want.items():
     try:
         have = md.version(name)
@@ -53,8 +55,9 @@ for name, version in want.items():
         sys.exit(1)
 PY
 if ((need_pip)); then
-  log "pip install numpy pybind11 ninja pytest matplotlib scipy torchdiffeq==0.2.5"
-  "${PIP[@]}" numpy pybind11 ninja pytest matplotlib scipy torchdiffeq==0.2.5 setuptools wheel
+  log "pip install numpy pybind11 ninja pytest matplotlib scipy scikit-learn torchdiffeq==0.2.5"
+  "${PIP[@]}" numpy pybind11 ninja pytest matplotlib scipy scikit-learn torchdiffeq==0.2.5 \
+    setuptools wheel
 fi
 
 # --- this package ----------------------------------------------------------------------------
