@@ -61,8 +61,10 @@ def gradient(
         loss = dl.diffeq_adjoint(p, reduction, prob, solver, sensealg=mode, **kw)
     try:
         (g,) = torch.autograd.grad(loss, u0)
-    except dl.SolverError as err:
-        print(f"    ({mode}: the backward solve failed: {str(err)[:160]}...)")
+    except RuntimeError as err:  # a failed backward solve surfaces from autograd as RuntimeError
+        if "backward solve" not in str(err):
+            raise
+        print(f"    ({mode}: {str(err)[:200]}...)")
         return None, -1
     stats = keep[0].adjoint_stats
     return g, (stats.nfe if stats is not None else -1)
@@ -94,7 +96,7 @@ def main() -> None:
     ap.add_argument("--T", type=float, nargs="+", default=[1.0, 5.0, 20.0])
     ap.add_argument("--rtol", type=float, default=1e-8, help="tolerance of the compared modes")
     ap.add_argument("--ref-rtol", type=float, default=1e-13, help="tolerance of the reference")
-    ap.add_argument("--max-steps", type=int, default=20000,
+    ap.add_argument("--max-steps", type=int, default=10000,
                     help="step budget of each solve, forward and backward")  # fmt: skip
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "out"))
     args = ap.parse_args()

@@ -27,7 +27,11 @@ from _common import DEFAULT_OUT_DIR, lotka_volterra, pyplot, save_figure, should
 import diffeqlayers as dl
 
 # The gradient modes to compare, by name (they share one signature).
-SENSEALGS: dict[str, Callable[..., Any]] = {"rd": dl.diffeq_rd, "fd": dl.diffeq_fd}
+SENSEALGS: dict[str, Callable[..., Any]] = {
+    "rd": dl.diffeq_rd,
+    "fd": dl.diffeq_fd,
+    "adjoint": dl.diffeq_adjoint,
+}
 
 P0 = (2.2, 1.0, 2.0, 0.4)
 U0 = (1.0, 1.0)

@@ -6,6 +6,7 @@
 #include <string>
 #include <utility>
 
+#include "diffeqlayers/adjoint.h"
 #include "diffeqlayers/solve.h"
 
 namespace diffeqlayers {
@@ -23,8 +24,10 @@ struct NeuralODEOptions {
   // Undefined: forward returns x(t1). Otherwise the trajectory [n_times, *x.shape].
   TORCH_ARG(torch::Tensor, saveat) = {};
   // Gradient mode. "rd": reverse mode through the unrolled solver (the solve runs under grad
-  // mode and autograd records it). Further modes join as they are implemented.
+  // mode and autograd records it). "adjoint" (= "interpolating"), "backsolve", "discrete": the
+  // adjoints of adjoint.h, with the options in `adjoint` (its sensealg field is ignored).
   TORCH_ARG(std::string, sensealg) = "rd";
+  TORCH_ARG(AdjointOptions, adjoint) = {};
 };
 
 // forward(x) solves dx/dt = func(x) from x over [t0, t1]. The wrapped module is registered as
@@ -40,8 +43,10 @@ class NeuralODEImpl : public torch::nn::Module {
 
   torch::Tensor forward(const torch::Tensor& x);
 
-  // Statistics of the most recent forward solve.
+  // Statistics of the most recent forward solve, and (adjoints) of its backward, filled in when
+  // backward has run.
   const Stats& last_stats() const { return stats_; }
+  std::shared_ptr<AdjointStats> last_adjoint_stats() const { return adjoint_stats_; }
   const NeuralODEOptions& options() const { return options_; }
 
  private:
@@ -50,6 +55,7 @@ class NeuralODEImpl : public torch::nn::Module {
   torch::nn::AnyModule func_;
   NeuralODEOptions options_;
   Stats stats_;
+  std::shared_ptr<AdjointStats> adjoint_stats_;
 };
 TORCH_MODULE(NeuralODE);
 

@@ -3,9 +3,21 @@
 
 namespace diffeqlayers {
 
+namespace {
+// The adjoint named by a NeuralODE sensealg ("adjoint" is the interpolating one); empty for "rd".
+std::string adjoint_kind(const std::string& sensealg) {
+  if (sensealg == "rd") return "";
+  if (sensealg == "adjoint") return "interpolating";
+  for (const auto& name : adjoint_sensealgs())
+    if (name == sensealg) return name;
+  TORCH_CHECK_VALUE(false, "NeuralODE: sensealg must be \"rd\", \"adjoint\", \"interpolating\", ",
+                    "\"backsolve\" or \"discrete\", got \"", sensealg, "\"");
+  return "";
+}
+}  // namespace
+
 void NeuralODEImpl::check_options() const {
-  TORCH_CHECK_VALUE(options_.sensealg() == "rd", "NeuralODE: sensealg must be \"rd\", got \"",
-                    options_.sensealg(), "\"");
+  adjoint_kind(options_.sensealg());
   TORCH_CHECK_VALUE(options_.t0() != options_.t1(),
                     "NeuralODE: the span is empty (t0 == t1 == ", options_.t0(), ")");
 }
@@ -22,8 +34,19 @@ torch::Tensor NeuralODEImpl::forward(const torch::Tensor& x) {
                          : torch::tensor({options_.t1()}, torch::dtype(torch::kFloat64));
   for (const auto& p : parameters()) so.params.push_back(p);
   Dynamics f = [this](double, const torch::Tensor& u) { return func_.forward(u); };
-  Solution sol = solve(f, x, options_.t0(), options_.t1(), so);
+  const std::string kind = adjoint_kind(options_.sensealg());
+  const torch::Tensor span =
+      torch::tensor({options_.t0(), options_.t1()}, torch::dtype(torch::kFloat64));
+  Solution sol;
+  if (kind.empty()) {
+    sol = solve(f, x, span, so);
+  } else {
+    AdjointOptions ao = options_.adjoint();
+    ao.sensealg = kind;
+    sol = solve_adjoint(f, x, span, parameters(), so, ao);
+  }
   stats_ = sol.stats;
+  adjoint_stats_ = sol.adjoint_stats;
   return trajectory ? sol.u : sol.u[0];
 }
 

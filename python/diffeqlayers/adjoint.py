@@ -132,6 +132,9 @@ def diffeq_adjoint(
 
     Raises:
         ValueError: an unknown sensealg or adjoint_method, bad tolerances, ``dense=True``.
+        RuntimeError: from backward, when the backward solve fails (the message names the
+            adjoint, the cause, t and dt; autograd turns the :class:`SolverError` into a plain
+            RuntimeError); an exception raised by ``f`` during backward propagates as itself.
         RuntimeError: backward with ``create_graph=True`` (use :func:`diffeq_rd`), or a
             parameter modified in place between forward and backward.
     """

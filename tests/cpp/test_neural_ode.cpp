@@ -42,3 +42,17 @@ TEST(NeuralODE, TrajectoryAndBadOptions) {
                c10::ValueError);
   EXPECT_THROW(dl::NeuralODE(Decay(), dl::NeuralODEOptions(1.0, 1.0)), c10::ValueError);
 }
+
+TEST(NeuralODE, AdjointSensealgsGiveTheAnalyticGradient) {
+  for (const char* sensealg : {"adjoint", "interpolating", "backsolve", "discrete"}) {
+    Decay decay;
+    dl::NeuralODE layer(decay,
+                        dl::NeuralODEOptions(0.0, 2.0).rtol(1e-11).atol(1e-12).sensealg(sensealg));
+    auto x = torch::tensor({1.5, -2.0}, torch::kFloat64);
+    layer->forward(x).sum().backward();
+    EXPECT_NEAR(decay->a.grad().item<double>(), -2.0 * (1.5 - 2.0) * std::exp(-1.0), 1e-8)
+        << sensealg;
+    ASSERT_NE(layer->last_adjoint_stats(), nullptr) << sensealg;
+    EXPECT_TRUE(layer->last_adjoint_stats()->done) << sensealg;
+  }
+}
