@@ -6,7 +6,8 @@ the field, no ODE solve) so that the trajectories oscillate and the number of st
 the span. Loss: the sum of squares of u(T).
 
 1. Peak memory against the number of steps (spans chosen for about 1e2, 1e3 and 1e4 accepted
-   dopri5 steps at rtol = atol = 1e-6): diffeq_rd and the three adjoints. Each configuration
+   dopri5 steps at rtol = atol = 1e-6): diffeq_rd and the three adjoints, the interpolating and
+   discrete ones also with at most 100 checkpoints ("name:100"). Each configuration
    runs in its own process; the figure is the growth of the process's peak resident memory
    (ru_maxrss) during one forward + backward, above its level just before.
 2. Forward and backward time and nfe against torchdiffeq.odeint_adjoint on the same problem
@@ -32,7 +33,8 @@ from torch import nn
 HERE = os.path.dirname(os.path.abspath(__file__))
 RTOL = ATOL = 1e-6
 BATCH = 64
-MODES = ["rd", "interpolating", "backsolve", "discrete"]
+# "name:C" is the adjoint `name` with at most C checkpoints.
+MODES = ["rd", "interpolating", "interpolating:100", "backsolve", "discrete", "discrete:100"]
 
 
 def lv_field(u: torch.Tensor) -> torch.Tensor:
@@ -77,7 +79,9 @@ def run_dl(net, x0, T, mode, stats=None):
     if mode == "rd":
         loss = dl.diffeq_rd(net, red, prob, "dopri5", **kw)
     else:
-        loss = dl.diffeq_adjoint(net, red, prob, "dopri5", sensealg=mode, **kw)
+        name, _, cap = mode.partition(":")
+        loss = dl.diffeq_adjoint(net, red, prob, "dopri5", sensealg=name,
+                                 checkpoints=int(cap or 0), **kw)  # fmt: skip
     t1 = time.perf_counter()
     loss.backward()
     t2 = time.perf_counter()
@@ -197,7 +201,7 @@ def main() -> None:
     except ImportError:
         have_tdq = False
         print("torchdiffeq is not installed: no comparison")
-    runners = {m: (lambda m=m, s=None: run_dl(net, x0, T, m, s)) for m in MODES[1:]}
+    runners = {m: (lambda m=m, s=None: run_dl(net, x0, T, m, s)) for m in MODES if m != "rd"}
     if have_tdq:
         runners["torchdiffeq"] = lambda s=None: run_tdq(net, x0, T, s)
     for name, fn in runners.items():  # warm up, and collect nfe

@@ -180,13 +180,19 @@ def main() -> None:
     ax1.set_yscale("log")
     ax1.set_xticks(list(xs), [f"T = {T:g}" for T in args.T])
     ax1.set_ylabel("relative error of dL/du0")
-    ax1.set_title(f"Lorenz, tsit5 at tolerance {args.rtol:g}")
+    ax1.set_title(f"Lorenz, tsit5 at tolerance {args.rtol:g} (hatched: failed)")
     ax1.legend()
     T, err, sol = back[-1]
     prob, _ = problem(T)
     fwd = dl.solve(prob, "tsit5", saveat=T / 2000, rtol=args.rtol, atol=args.rtol)
     ax2.plot(fwd.t, fwd.u[:, 0], label="forward from u0")
     ax2.plot(sol.t, sol.u[:, 0], "--", label="backward from u(T)")
+    lo, hi = float(fwd.u[:, 0].min()), float(fwd.u[:, 0].max())
+    ax2.set_ylim(lo - 0.5 * (hi - lo), hi + 0.5 * (hi - lo))
+    if sol.t.numel() and float(sol.t[-1]) != 0.0:
+        ax2.axvline(float(sol.t[-1]), color="C1", lw=0.8, ls=":")
+        ax2.text(float(sol.t[-1]), hi, f" backward solve\n failed at t={float(sol.t[-1]):.2f}",
+                 color="C1", va="top")  # fmt: skip
     ax2.set_xlabel("t")
     ax2.set_ylabel("x(t)")
     ax2.set_title(f"Solving back from u({T:g}) does not retrace the trajectory")

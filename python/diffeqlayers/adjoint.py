@@ -29,6 +29,15 @@ def _distinct(tensors: Iterable[torch.Tensor]) -> list[torch.Tensor]:
     return out
 
 
+def checked_adjoint_params(adjoint_params: Iterable[torch.Tensor]) -> list[torch.Tensor]:
+    """The given parameters as a list of distinct tensors; TypeError for anything else."""
+    params = list(adjoint_params)
+    bad = [type(x).__name__ for x in params if not isinstance(x, torch.Tensor)]
+    if bad:
+        raise TypeError(f"adjoint_params must hold tensors, got {bad}")
+    return _distinct(params)
+
+
 def _tolerance(name: str, value: Any) -> float:
     if value is None:
         return -1.0
@@ -149,13 +158,9 @@ def diffeq_adjoint(
         checkpoints=checkpoints,
     )
     if adjoint_params is not None:
-        params = list(adjoint_params)
-        bad = [type(x).__name__ for x in params if not isinstance(x, torch.Tensor)]
-        if bad:
-            raise TypeError(f"adjoint_params must hold tensors, got {bad}")
+        params = checked_adjoint_params(adjoint_params)
     else:
-        params = parameter_tensors(p)
-    params = _distinct(params)
+        params = _distinct(parameter_tensors(p))
     prob = remake(prob, p=p)
     sol = solve(prob, solver, u0=u0, _adjoint=(options, params), **solve_kwargs)
     return reduction(sol)

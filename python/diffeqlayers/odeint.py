@@ -40,6 +40,7 @@ from torch import nn
 
 from . import _C
 from .adjoint import adjoint_options as adjoint_options_for
+from .adjoint import checked_adjoint_params
 from .problem import ODEProblem
 from .solution import Solution
 from .solve import solve
@@ -741,12 +742,9 @@ def odeint_adjoint(
             "adjoint_params (adjoint_params=() when there are none)"
         )
     if adjoint_params is not None:
-        params = tuple(adjoint_params)
-        bad = [type(p).__name__ for p in params if not isinstance(p, torch.Tensor)]
-        if bad:
-            raise TypeError(f"adjoint_params must hold tensors, got {bad}")
+        params = checked_adjoint_params(adjoint_params)
     else:
-        params = tuple(p for p in func.parameters() if p.requires_grad)
+        params = [p for p in func.parameters() if p.requires_grad]
     if adjoint_method is None:
         adjoint_method = method
     if adjoint_method != method and options is not None and adjoint_options is None:
@@ -780,7 +778,7 @@ def odeint_adjoint(
         adjoint_method=None if checked == setup.method else checked,
         seminorm=seminorm,
     )
-    flat_sol = _solve_at(setup, t, (adjoint, list(params)))
+    flat_sol = _solve_at(setup, t, (adjoint, params))
     return setup.flat.unflatten(flat_sol, (len(t),))
 
 

@@ -104,7 +104,8 @@ TEST(Adjoint, ModuleParametersGetGradients) {
   torch::nn::Sequential net(torch::nn::Linear(2, 8), torch::nn::Tanh(), torch::nn::Linear(8, 2));
   net->to(torch::kFloat64);
   torch::Tensor x = torch::randn({4, 2}, torch::kFloat64);
-  dl::Dynamics f = dl::module_dynamics(net);
+  // (Sequential's variadic forward would also take (t, u): call it with u only.)
+  dl::Dynamics f = [net](double, const torch::Tensor& u) mutable { return net->forward(u); };
   dl::SolveOptions o = options();
   o.saveat = f64({1.0});
   std::vector<torch::Tensor> ref;
