@@ -3,4 +3,5 @@
 
 #include "diffeqlayers/forward_mode.h"
 #include "diffeqlayers/solve.h"
+#include "diffeqlayers/stiff.h"
 #include "diffeqlayers/tableau.h"

@@ -10,6 +10,8 @@
 #include "control/controller.h"
 #include "core/lincomb.h"
 #include "diffeqlayers/solve.h"
+#include "diffeqlayers/stiff.h"
+#include "solvers/stiff.h"
 
 namespace diffeqlayers {
 namespace {
@@ -407,8 +409,9 @@ Solution solve(const Dynamics& f, const torch::Tensor& u0, const torch::Tensor& 
   const double t0 = span[0].item<double>(), t1 = span[1].item<double>();
   TORCH_CHECK_VALUE(std::isfinite(t0) && std::isfinite(t1), "tspan holds a non-finite time");
   TORCH_CHECK_VALUE(t0 != t1, "tspan is empty: t0 == t1 == ", t0);
-  const Tableau& tab = tableau(options.method);
-  check_options(options, tab);
+  // Stiff methods (csrc/solvers) check their own options and run their own loop.
+  const bool stiff_method = is_stiff_method(options.method);
+  if (!stiff_method) check_options(options, tableau(options.method));
   std::vector<double> saveat = check_saveat(options.saveat, t0, t1);
 
   // Gradients with respect to the times. The exact flow satisfies d u(t_i)/d t_i = f(t_i, u_i)
@@ -429,8 +432,9 @@ Solution solve(const Dynamics& f, const torch::Tensor& u0, const torch::Tensor& 
   };
   if (grad_on && tspan.requires_grad()) u = u + -time_term(tspan_flat[0], t0, u0);
 
-  Integrator integ(f, tab, options);
-  Solution sol = integ.run(u, t0, t1, saveat);
+  Solution sol = stiff_method
+                     ? stiff::solve_stiff(f, u, t0, t1, saveat, options)
+                     : Integrator(f, tableau(options.method), options).run(u, t0, t1, saveat);
 
   if (grad_on && sol.u.defined()) {
     // Output-time terms: each saved state moves with its own time.
