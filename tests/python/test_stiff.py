@@ -203,3 +203,29 @@ def test_gradcheck_adaptive_rodas5():
         return dl.diffeq_rd(p_, lambda s: s.u[-1], prob, "rodas5", u0=u0_, rtol=1e-8, atol=1e-8)
 
     assert gradcheck(out, (u0, p), eps=1e-6, atol=1e-6, rtol=1e-5, fast_mode=True)
+
+
+def test_rober_example_runs_and_writes_a_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = tmp_path / "rober.png"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(root, "examples", "rober.py"),
+            "--out",
+            str(out),
+            "--explicit-steps",
+            "500",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "tsit5: ReturnCode.MaxIters" in proc.stdout and "at t=" in proc.stdout
+    assert out.exists() and out.stat().st_size > 10_000
