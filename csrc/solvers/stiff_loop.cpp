@@ -334,6 +334,11 @@ Solution solve_stiff(const Dynamics& f, const torch::Tensor& u, double t0, doubl
                      const std::vector<double>& saveat, const SolveOptions& o) {
   const MethodInfo& m = method_info(o.method);
   check_options(o, m);
+  // Forward mode (dual tensors) is not supported: the Jacobian is built by reverse-mode autograd
+  // on the primal, so the tangents would miss its derivative and come out silently inexact.
+  TORCH_CHECK_NOT_IMPLEMENTED(!u._fw_grad(/*level=*/0).defined(), "the stiff method '", o.method,
+                              "' does not support forward mode (dual tensors, diffeq_fd / "
+                              "diffeq_jvp) yet; use reverse mode (diffeq_rd)");
   Loop loop(f, o, m);
   return loop.run(u, t0, t1, saveat);
 }

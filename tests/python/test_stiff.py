@@ -229,3 +229,10 @@ def test_rober_example_runs_and_writes_a_plot(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "tsit5: ReturnCode.MaxIters" in proc.stdout and "at t=" in proc.stdout
     assert out.exists() and out.stat().st_size > 10_000
+
+
+def test_forward_mode_is_refused_clearly():
+    p = torch.tensor([2.0, 0.5, 50.0], dtype=torch.float64)
+    prob = dl.ODEProblem(stiff_pair, torch.tensor([1.0, 0.3], dtype=torch.float64), (0.0, 0.3), p)
+    with pytest.raises(NotImplementedError, match="forward mode"):
+        dl.diffeq_fd(p, lambda s: s.u[-1], prob, "rodas5")
