@@ -23,6 +23,16 @@ Dynamics python_dynamics(py::object f) {
   };
 }
 
+Jacobian python_jacobian(py::object jac) {
+  auto holder = std::make_shared<PyHolder>(std::move(jac));
+  return [holder](double t, const torch::Tensor& u) -> torch::Tensor {
+    const std::string at = "t=" + std::to_string(t);
+    return call_python(
+        [&] { return returned_tensor(holder->obj(t, u), "jac", " (at " + at + ")"); },
+        "raised by the Jacobian jac at " + at);
+  };
+}
+
 ErrorNorm python_norm(py::object norm) {
   auto holder = std::make_shared<PyHolder>(std::move(norm));
   return [holder](const torch::Tensor& x) -> torch::Tensor {
@@ -43,13 +53,16 @@ ErrorNorm python_norm(py::object norm) {
 namespace {
 
 using bindings::python_dynamics;
+using bindings::python_jacobian;
 using bindings::python_norm;
 using bindings::without_gil;
 
 Solution solve_py(py::object f, const torch::Tensor& u0, const torch::Tensor& tspan,
-                  SolveOptions options, py::object norm) {
+                  SolveOptions options, py::object norm, py::object jac) {
   Dynamics dyn = python_dynamics(std::move(f));
   if (!norm.is_none()) options.norm = python_norm(std::move(norm));
+  // The Jacobian of the stiff methods: a callable like f, called as jac(t, u).
+  if (!jac.is_none()) options.jac = python_jacobian(std::move(jac));
   return without_gil([&] { return solve(dyn, u0, tspan, options); });
 }
 
@@ -111,9 +124,15 @@ PYBIND11_MODULE(_C, m) {
       .def_readonly("nfe", &Stats::nfe)
       .def_readonly("naccept", &Stats::naccept)
       .def_readonly("nreject", &Stats::nreject)
+      .def_readonly("njac", &Stats::njac)
+      .def_readonly("nlu", &Stats::nlu)
       .def("__repr__", [](const Stats& s) {
         return "Stats(nfe=" + std::to_string(s.nfe) + ", naccept=" + std::to_string(s.naccept) +
-               ", nreject=" + std::to_string(s.nreject) + ")";
+               ", nreject=" + std::to_string(s.nreject) +
+               (s.njac || s.nlu
+                    ? ", njac=" + std::to_string(s.njac) + ", nlu=" + std::to_string(s.nlu)
+                    : std::string()) +
+               ")";
       });
 
   py::class_<Solution>(m, "Solution")
@@ -146,8 +165,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("tableau", &tableau, py::arg("name"), py::return_value_policy::reference,
         "The Butcher tableau registered under a method name.");
   m.def("methods", &methods, "Names of the registered methods.");
+  m.def("stiff_methods", &stiff_methods, "Names of the stiff (Rosenbrock) methods.");
   m.def("solve", &solve_py, py::arg("f"), py::arg("u0"), py::arg("tspan"), py::arg("options"),
-        py::arg("norm") = py::none(),
+        py::arg("norm") = py::none(), py::arg("jac") = py::none(),
         "Solve du/dt = f(t, u) from tspan[0] to tspan[1]; f is called as f(t: float, u: Tensor).");
 
   bind_forward_mode(m);

@@ -4,4 +4,5 @@
 #include "diffeqlayers/adjoint.h"
 #include "diffeqlayers/forward_mode.h"
 #include "diffeqlayers/solve.h"
+#include "diffeqlayers/stiff.h"
 #include "diffeqlayers/tableau.h"

@@ -20,6 +20,10 @@ namespace diffeqlayers {
 // every op the callable runs is recorded by autograd, which is how diffeq_rd differentiates.
 using Dynamics = std::function<torch::Tensor(double t, const torch::Tensor& u)>;
 
+// The Jacobian df/du at (t, u) for the stiff methods, as an [n, n] matrix over the flattened
+// state (n = u.numel(), row i = d f_i / d u). Optional: without it, autograd builds it.
+using Jacobian = std::function<torch::Tensor(double t, const torch::Tensor& u)>;
+
 // Maps the scaled error err / (atol + rtol * max(|u|, |u_new|)) to a non-negative scalar; a
 // step is accepted when the result is <= 1. Default: root mean square over all elements.
 using ErrorNorm = std::function<torch::Tensor(const torch::Tensor& scaled_error)>;
@@ -75,6 +79,8 @@ struct SolveOptions {
   bool throw_on_failure = true;
   // Tensors the dynamics use as parameters; checked for dtype and device against u0.
   std::vector<torch::Tensor> params;
+  // Stiff methods (stiff_methods()): a user-supplied Jacobian df/du; empty: built by autograd.
+  Jacobian jac;
 };
 
 enum class ReturnCode { Success, MaxIters, DtLessThanMin, Unstable };
@@ -84,6 +90,8 @@ struct Stats {
   int64_t nfe = 0;      // evaluations of f
   int64_t naccept = 0;  // accepted steps
   int64_t nreject = 0;  // rejected steps
+  int64_t njac = 0;     // Jacobians of f (stiff methods)
+  int64_t nlu = 0;      // LU factorizations (stiff methods)
 };
 
 // A failed solve: the message names the cause, t and dt.

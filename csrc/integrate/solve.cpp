@@ -10,7 +10,9 @@
 #include "control/controller.h"
 #include "core/lincomb.h"
 #include "diffeqlayers/solve.h"
+#include "diffeqlayers/stiff.h"
 #include "integrate/tape.h"
+#include "solvers/stiff.h"
 
 namespace diffeqlayers {
 namespace {
@@ -470,8 +472,12 @@ Prepared prepare(const Dynamics& f, const torch::Tensor& u0, const torch::Tensor
   TORCH_CHECK_VALUE(std::isfinite(prep.t0) && std::isfinite(prep.t1),
                     "tspan holds a non-finite time");
   TORCH_CHECK_VALUE(prep.t0 != prep.t1, "tspan is empty: t0 == t1 == ", prep.t0);
-  prep.tab = &tableau(options.method);
-  check_options(options, *prep.tab);
+  // Stiff methods (csrc/solvers) check their own options and run their own loop.
+  prep.stiff = is_stiff_method(options.method);
+  if (!prep.stiff) {
+    prep.tab = &tableau(options.method);
+    check_options(options, *prep.tab);
+  }
   prep.saveat = check_saveat(options.saveat, prep.t0, prep.t1);
   return prep;
 }
@@ -527,6 +533,10 @@ Solution solve_with_time_terms(const Dynamics& f, const torch::Tensor& u0,
 
 Solution integrate(const Dynamics& f, const torch::Tensor& u0, const Prepared& prep,
                    const SolveOptions& options, Tape* tape) {
+  if (prep.stiff) {
+    TORCH_CHECK(tape == nullptr, "internal: the stiff methods keep no step tape");
+    return stiff::solve_stiff(f, u0, prep.t0, prep.t1, prep.saveat, options);
+  }
   Integrator integ(f, *prep.tab, options, tape);
   return integ.run(u0, prep.t0, prep.t1, prep.saveat);
 }

@@ -62,7 +62,8 @@ DenseStep replay_step(const Dynamics& f, const Tableau& tab, double t, double hh
 // The checked span, method and save times of a solve (everything solve() validates).
 struct Prepared {
   double t0 = 0.0, t1 = 0.0;
-  const Tableau* tab = nullptr;
+  const Tableau* tab = nullptr;  // null for the stiff methods (csrc/solvers), which have none
+  bool stiff = false;
   std::vector<double> saveat;
 };
 Prepared prepare(const Dynamics& f, const torch::Tensor& u0, const torch::Tensor& tspan,

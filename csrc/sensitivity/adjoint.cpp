@@ -23,6 +23,7 @@
 #include <utility>
 #include <vector>
 
+#include "diffeqlayers/stiff.h"
 #include "integrate/tape.h"
 
 namespace diffeqlayers {
@@ -439,6 +440,13 @@ Solution solve_adjoint(const Dynamics& f, const torch::Tensor& u0, const torch::
   SolveOptions o = options;
   o.params.insert(o.params.end(), params.begin(), params.end());
   const detail::Prepared prep = detail::prepare(f, u0, tspan, o);
+  TORCH_CHECK_VALUE(!prep.stiff,
+                    "the adjoints run the explicit methods only (not yet the stiff "
+                    "method '",
+                    o.method, "'); use diffeq_rd with a stiff method");
+  TORCH_CHECK_VALUE(adjoint.method.empty() || !is_stiff_method(adjoint.method),
+                    "adjoint_method must be an explicit method, got the stiff method '",
+                    adjoint.method, "'");
   TORCH_CHECK_VALUE(!o.dense,
                     "dense output carries no gradient under an adjoint; save the times you need "
                     "with saveat (or use diffeq_rd for a differentiable dense solution)");

@@ -20,7 +20,7 @@ from .odeint import odeint, odeint_adjoint, odeint_event
 from .problem import ODEProblem, remake
 from .sensitivity import diffeq_rd
 from .solution import Solution
-from .solve import methods, solve
+from .solve import methods, solve, stiff_methods
 
 __all__ = [
     "AdjointStats",
@@ -43,6 +43,7 @@ __all__ = [
     "odeint_event",
     "remake",
     "solve",
+    "stiff_methods",
     "tableau",
 ]
 __version__ = "0.1.0"

@@ -24,6 +24,11 @@ def methods() -> list[str]:
     return list(_C.methods())
 
 
+def stiff_methods() -> list[str]:
+    """Names of the stiff methods (Rosenbrock: ``rosenbrock23``, ``rodas5``, ``rodas5p``)."""
+    return list(_C.stiff_methods())
+
+
 def _span_tensor(tspan: Sequence[Any]) -> torch.Tensor:
     """(t0, t1) as a float64 tensor, keeping the graph of entries that require grad."""
     parts = []
@@ -90,6 +95,7 @@ def solve(
     check_finite: bool = True,
     throw_on_failure: bool = True,
     u0: Optional[torch.Tensor] = None,
+    jac: Optional[Callable[[torch.Tensor, Any, float], torch.Tensor]] = None,
     _adjoint: Optional[tuple[_C.AdjointOptions, list[torch.Tensor]]] = None,
 ) -> Solution:
     """Solve an :class:`ODEProblem`.
@@ -101,7 +107,8 @@ def solve(
         prob: the problem.
         solver: a method name (see :func:`methods`): fixed step ``euler``, ``midpoint``,
             ``heun2``, ``heun3``, ``ralston``, ``rk4``; adaptive ``adaptive_heun``,
-            ``fehlberg2``, ``bosh3``, ``dopri5``, ``tsit5``, ``dopri8``.
+            ``fehlberg2``, ``bosh3``, ``dopri5``, ``tsit5``, ``dopri8``; stiff (see
+            :func:`stiff_methods`) ``rosenbrock23``, ``rodas5``, ``rodas5p``.
         saveat: where to save: a spacing (``0.1`` saves at t0, t0 + 0.1, ..., t1), or times
             (a sequence or 1-D tensor, strictly monotone along the span, possibly requiring
             grad). None saves every step.
@@ -120,6 +127,9 @@ def solve(
         throw_on_failure: False returns the partial solution with its ``retcode`` instead of
             raising :class:`SolverError`.
         u0: overrides ``prob.u0``.
+        jac: stiff methods only: the Jacobian df/du, called as ``jac(u, p, t)`` and returning an
+            ``[n, n]`` tensor over the flattened state (``n = u.numel()``). None: built by
+            autograd (one reverse pass per row).
         _adjoint: private (:func:`diffeq_adjoint` passes its options and parameters here).
 
     Returns:
@@ -176,7 +186,17 @@ def solve(
     def rhs(t: float, u: torch.Tensor) -> torch.Tensor:
         return f(u, p, t)
 
+    jac_rhs = None
+    if jac is not None:
+        if not callable(jac):
+            raise TypeError(f"jac must be callable as jac(u, p, t), got {type(jac).__name__}")
+        if solver not in _C.stiff_methods():
+            raise ValueError(f"jac is used by the stiff methods only, not by {solver!r}")
+
+        def jac_rhs(t: float, u: torch.Tensor) -> torch.Tensor:
+            return jac(u, p, t)
+
     if _adjoint is not None:
         options, params = _adjoint
         return Solution(_C.solve_adjoint(rhs, state, span, params, opts, options, norm))
-    return Solution(_C.solve(rhs, state, span, opts, norm))
+    return Solution(_C.solve(rhs, state, span, opts, norm, jac_rhs))

@@ -1,0 +1,62 @@
+// Internal to csrc/solvers: the interface of the stiff steppers and the loop that drives them.
+#pragma once
+
+#include <torch/types.h>
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "diffeqlayers/solve.h"
+#include "diffeqlayers/tableau.h"
+
+namespace diffeqlayers {
+namespace stiff {
+
+struct MethodInfo {
+  std::string name;
+  int order = 0;           // order of the propagated solution
+  int embedded_order = 0;  // order of the embedded solution (0: no error estimate)
+  // The method's own continuous extension in Tableau::dense form (u0 + h sum_i b_i(theta) k_i
+  // over StepResult::dense_terms), or nullptr for the cubic Hermite interpolant.
+  const Tableau* interpolant = nullptr;
+  std::string reference;
+
+  bool adaptive() const { return embedded_order > 0; }
+  // The error estimate behaves like h^(min(p, p_hat) + 1).
+  int controller_order() const {
+    return (adaptive() ? std::min(order, embedded_order) : order) + 1;
+  }
+  int interpolant_order() const { return interpolant ? interpolant->dense_order : 3; }
+};
+
+struct StepResult {
+  torch::Tensor unew;
+  torch::Tensor err;                       // local error estimate (undefined: none)
+  std::vector<torch::Tensor> dense_terms;  // what info().interpolant weighs
+  torch::Tensor f0;                        // f(t, u), for the Hermite interpolant
+  std::string failure;  // non-empty: the step could not be computed; the loop shrinks dt
+};
+
+class Stepper {
+ public:
+  virtual ~Stepper() = default;
+  virtual const MethodInfo& info() const = 0;
+  // One step of signed size h from (t, u). new_point is false when (t, u) is the point of the
+  // previous call (a retry after a rejection): derivatives computed there may be reused.
+  virtual StepResult step(double t, const torch::Tensor& u, double h, bool new_point) = 0;
+};
+
+// The registered stepper for `name` (is_stiff_method(name) must hold). `track`: record the
+// Jacobian's own dependence on u and the parameters (reverse mode through the solve).
+std::unique_ptr<Stepper> make_stepper(const std::string& name, const Dynamics& f,
+                                      const SolveOptions& o, Stats& stats, bool track);
+const MethodInfo& method_info(const std::string& name);
+
+// Checks the options (as solve() does for explicit methods) and runs the stiff loop from
+// (t0, u) to t1. saveat is already checked and converted to doubles.
+Solution solve_stiff(const Dynamics& f, const torch::Tensor& u, double t0, double t1,
+                     const std::vector<double>& saveat, const SolveOptions& o);
+
+}  // namespace stiff
+}  // namespace diffeqlayers
