@@ -8,24 +8,31 @@ the span. Loss: the sum of squares of u(T).
 1. Peak memory against the number of steps (spans chosen for about 1e2, 1e3 and 1e4 accepted
    dopri5 steps at rtol = atol = 1e-6): diffeq_rd and the three adjoints, the interpolating and
    discrete ones also with at most 100 checkpoints ("name:100"). Each configuration
-   runs in its own process; the figure is the growth of the process's peak resident memory
-   (ru_maxrss) during one forward + backward, above its level just before.
+   runs in its own process, and two figures are reported for one forward + backward: the peak
+   of the memory allocated on the heap (glibc's mallinfo2, sampled every 2 ms by a thread),
+   above its level just before, which counts what the solve holds; and the growth of the
+   process's peak resident memory (ru_maxrss), which also counts what the allocator keeps
+   after fragmentation.
 2. Forward and backward time and nfe against torchdiffeq.odeint_adjoint on the same problem
    (dopri5, same tolerances, the ~1e3-step span), one thread, medians over repeats.
 
-    python benchmarks/bench_adjoint.py      # writes benchmarks/results/adjoint.{md,png}
+    python benchmarks/bench_adjoint.py   # writes benchmarks/results/adjoint{,_memory}.md, .png
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import resource
 import statistics
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
+from typing import Optional
 
 import torch
 from torch import nn
@@ -143,11 +150,46 @@ def span_for_steps(net, x0, target):
     return hi
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+                     "uordblks", "fordblks", "keepcost")
+    ]  # fmt: skip
+
+
+def heap_in_use() -> Optional[Callable[[], int]]:
+    """Bytes allocated through malloc now (glibc >= 2.33), or None where unavailable."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = _MallInfo2
+    except (OSError, AttributeError):
+        return None
+
+    def used() -> int:
+        m = libc.mallinfo2()
+        return int(m.uordblks + m.hblkhd)
+
+    return used
+
+
 def child(mode: str, T: float) -> None:
     """Measures one configuration in this (fresh) process and prints JSON."""
     torch.set_num_threads(1)
     net, x0 = make_model()
     # Everything up to here (the fit included) counts as the baseline.
+    used = heap_in_use()
+    peak, stop = [0], threading.Event()
+
+    def poll() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], used())
+            time.sleep(0.002)
+
+    base = used() if used else 0
+    sampler = threading.Thread(target=poll) if used else None
+    if sampler:
+        sampler.start()
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     stats = {}
     if mode == "torchdiffeq":
@@ -155,7 +197,11 @@ def child(mode: str, T: float) -> None:
     else:
         fwd, bwd = run_dl(net, x0, T, mode, stats)
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    stats.update(mode=mode, T=T, peak_mib=(after - before) / 1024.0, fwd=fwd, bwd=bwd)
+    if sampler:
+        stop.set()
+        sampler.join()
+    stats.update(mode=mode, T=T, peak_mib=(after - before) / 1024.0, fwd=fwd, bwd=bwd,
+                 heap_mib=(peak[0] - base) / 2**20 if used else None)  # fmt: skip
     print(json.dumps(stats))
 
 
@@ -170,6 +216,7 @@ def main() -> None:
     ap.add_argument("--child", nargs=2, metavar=("MODE", "T"), help=argparse.SUPPRESS)
     ap.add_argument("--targets", type=int, nargs="+", default=[100, 1000, 10000])
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--skip-timing", action="store_true", help="measure memory only")
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     args = ap.parse_args()
     if args.child:
@@ -187,9 +234,37 @@ def main() -> None:
         for mode in MODES:
             r = measure(mode, T)
             mem.append(r)
-            print(f"steps ~{n:>6}: {mode:>13}  peak +{r['peak_mib']:8.1f} MiB  "
+            print(f"steps ~{n:>6}: {mode:>17}  heap +{r['heap_mib']:8.2f} MiB  "
+                  f"rss +{r['peak_mib']:8.1f} MiB  "
                   f"(steps {r['steps']}, fwd {r['fwd']:.2f} s, bwd {r['bwd']:.2f} s)",
                   flush=True)  # fmt: skip
+
+    header = (
+        f"`{' '.join(['python', 'benchmarks/bench_adjoint.py', *sys.argv[1:]])}` (torch "
+        f"{torch.__version__}, one thread). Neural ODE Linear(2,50)-tanh-Linear(50,2), float32, "
+        f"batch {BATCH}, dopri5, rtol = atol = {RTOL:g}, loss = sum u(T)^2."
+    )
+    lines = ["# Adjoints: peak memory against the number of steps", "", header, ""]
+    for key, title in (
+        ("heap_mib", "Peak heap memory in use above the level before the solve (MiB, mallinfo2)"),
+        ("peak_mib", "Growth of the process's peak resident memory (MiB, ru_maxrss)"),
+    ):
+        lines += [f"### {title}", "", "| steps | " + " | ".join(MODES) + " |",
+                  "|---|" + "---|" * len(MODES)]  # fmt: skip
+        for n in spans:
+            rs = {r["mode"]: r for r in mem if r["T"] == spans[n]}
+            cells = [f"{rs[m][key]:.2f}" if rs[m][key] is not None else "-" for m in MODES]
+            lines.append(f"| {rs['rd']['steps']} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines.append("![memory](adjoint_memory.png)")
+    path = os.path.join(args.out, "adjoint_memory.md")
+    with open(path, "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"wrote {path}")
+    plot_memory(mem, os.path.join(args.out, "adjoint_memory.png"))
+    if args.skip_timing:
+        return
 
     # 2. Time against torchdiffeq.odeint_adjoint, on the middle span.
     T = spans[sorted(spans)[len(spans) // 2]]
@@ -214,26 +289,12 @@ def main() -> None:
             timing[name]["fwd"].append(f)
             timing[name]["bwd"].append(b)
     lines = [
-        "# Adjoints: memory and backward time",
+        "# Adjoints: backward time against torchdiffeq.odeint_adjoint",
         "",
-        f"`python benchmarks/bench_adjoint.py` (torch {torch.__version__}, one thread). Neural "
-        f"ODE Linear(2,50)-tanh-Linear(50,2), float32, batch {BATCH}, dopri5, rtol = atol = "
-        f"{RTOL:g}, loss = sum u(T)^2.",
+        header,
         "",
-        "## Peak memory against the number of steps",
-        "",
-        "Growth of the process's peak resident memory during one forward + backward (MiB).",
-        "",
-        "| steps | " + " | ".join(MODES) + " |",
-        "|---|" + "---|" * len(MODES),
-    ]
-    for n in spans:
-        rs = {r["mode"]: r for r in mem if r["T"] == spans[n]}
-        steps = rs["rd"]["steps"]
-        lines.append(f"| {steps} | " + " | ".join(f"{rs[m]['peak_mib']:.1f}" for m in MODES) + " |")
-    lines += [
-        "",
-        f"## Time against torchdiffeq.odeint_adjoint (T = {T:.3g}, medians of {args.repeats})",
+        f"T = {T:.3g} (about {sorted(spans)[len(spans) // 2]} steps), medians of "
+        f"{args.repeats} round-robin repeats.",
         "",
         "| method | forward ms | backward ms | forward nfe | backward nfe | backward speed-up vs "
         "torchdiffeq |",
@@ -253,9 +314,9 @@ def main() -> None:
         fh.write(text)
     print(text)
     print(f"wrote {path}")
-    with open(os.path.join(args.out, "adjoint.json"), "w") as fh:
-        json.dump({"memory": mem, "timing": timing, "spans": spans}, fh, indent=1)
 
+
+def plot_memory(mem: list[dict], path: str) -> None:
     try:
         import matplotlib
 
@@ -266,16 +327,18 @@ def main() -> None:
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for m in MODES:
         rs = sorted((r for r in mem if r["mode"] == m), key=lambda r: r["steps"])
-        ax.plot([r["steps"] for r in rs], [max(r["peak_mib"], 0.1) for r in rs], "o-", label=m)
+        if rs and rs[0]["heap_mib"] is not None:
+            ax.plot([r["steps"] for r in rs], [max(r["heap_mib"], 0.01) for r in rs], "o-",
+                    label=m)  # fmt: skip
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("accepted steps")
-    ax.set_ylabel("peak memory growth (MiB)")
+    ax.set_ylabel("peak heap memory above baseline (MiB)")
     ax.set_title("Neural ODE: memory of one gradient")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(os.path.join(args.out, "adjoint_memory.png"), dpi=120)
-    print(f"wrote {os.path.join(args.out, 'adjoint_memory.png')}")
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

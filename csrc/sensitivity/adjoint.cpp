@@ -107,29 +107,43 @@ torch::Tensor flat_cat(const std::vector<torch::Tensor>& ts, const torch::Tensor
 }
 
 // The forward solution replayed from the tape's checkpoints: the state at the start of any
-// accepted step, and (dense) u(t) anywhere in the solved span. A missing step is recomputed
-// with its whole segment (from the checkpoint before it up to the next one); at most `budget`
-// steps are cached, dropping those farthest along the direction of integration first (backward
-// walks against it).
+// accepted step, and u(t) anywhere in the solved span from the dense output of its step.
+// Two levels, so that memory stays bounded by the checkpoints plus one segment of states: a
+// state that is not a checkpoint is recomputed with the states of its whole segment (from the
+// checkpoint before it up to the next one; with one checkpoint per step there is nothing to
+// recompute), and a step's dense data (its stages) is recomputed from its state when first
+// needed and kept in a small cache. Backward walks against the direction of integration, so
+// the entries farthest along it are dropped first.
 class Replay {
  public:
-  Replay(const AdjointState& s, bool dense, AdjointStats& stats)
-      : s_(s), tape_(s.tape), dense_(dense), stats_(stats) {
+  Replay(const AdjointState& s, AdjointStats& stats) : s_(s), tape_(s.tape), stats_(stats) {
     dir_ = s.prep.t1 > s.prep.t0 ? 1 : -1;
-    budget_ = std::max<int64_t>(64, 2 * tape_.stride);
   }
 
   torch::Tensor state(int64_t j) {
     auto it = tape_.checkpoints.find(j);
     if (it != tape_.checkpoints.end()) return it->second;
-    return step(j).u0;
+    auto st = states_.find(j);
+    if (st == states_.end()) {
+      fill_states(j);
+      st = states_.find(j);
+    }
+    return st->second;
   }
 
   const DenseStep& step(int64_t j) {
-    auto it = cache_.find(j);
-    if (it == cache_.end()) {
-      fill(j);
-      it = cache_.find(j);
+    auto it = dense_.find(j);
+    if (it == dense_.end()) {
+      TORCH_CHECK(j >= 0 && j < tape_.steps(), "internal: replay of step ", j, " of ",
+                  tape_.steps());
+      const torch::Tensor u = state(j);
+      at::NoGradGuard no_grad;
+      const auto ju = static_cast<size_t>(j);
+      it = dense_
+               .emplace(j, detail::replay_step(s_.fb, *s_.prep.tab, tape_.t[ju], tape_.h[ju], u,
+                                               /*dense=*/true, stats_.nfe))
+               .first;
+      ++stats_.replayed_steps;
     }
     return it->second;
   }
@@ -156,10 +170,17 @@ class Replay {
     return u;
   }
 
-  // Drops cached steps from index j on.
-  void release_from(int64_t j) { cache_.erase(cache_.lower_bound(j), cache_.end()); }
+  // Drops what is kept for steps from index j on.
+  void release_from(int64_t j) {
+    states_.erase(states_.lower_bound(j), states_.end());
+    dense_.erase(dense_.lower_bound(j), dense_.end());
+  }
 
  private:
+  // Dense steps kept: enough for a backward step (or a rejected one) that spans several
+  // forward steps, few enough that their stages cost little memory.
+  static constexpr int64_t kDenseBudget = 32;
+
   // The step whose span holds t: the last one starting strictly before t (the first if none).
   int64_t locate(double t) const {
     const auto& ts = tape_.t;
@@ -169,39 +190,41 @@ class Replay {
     return std::max<int64_t>(idx, 0);
   }
 
-  void fill(int64_t j) {
+  // The states at the start of every step of the segment holding step j.
+  void fill_states(int64_t j) {
     TORCH_CHECK(j >= 0 && j < tape_.steps(), "internal: replay of step ", j, " of ", tape_.steps());
     auto next = tape_.checkpoints.upper_bound(j);
     TORCH_CHECK(next != tape_.checkpoints.begin(), "internal: no checkpoint before step ", j);
     auto start = std::prev(next);
-    const int64_t end = next == tape_.checkpoints.end() ? tape_.steps() : next->first;
+    const int64_t end = std::min(next == tape_.checkpoints.end() ? tape_.steps() : next->first,
+                                 j + 1);  // the states up to j are all backward will ask for
     at::NoGradGuard no_grad;
     torch::Tensor u = start->second;
     for (int64_t i = start->first; i < end; ++i) {
+      if (i > start->first) states_[i] = u;
+      if (i + 1 == end) break;
       const auto iu = static_cast<size_t>(i);
-      DenseStep st =
-          detail::replay_step(s_.fb, *s_.prep.tab, tape_.t[iu], tape_.h[iu], u, dense_, stats_.nfe);
+      u = detail::replay_step(s_.fb, *s_.prep.tab, tape_.t[iu], tape_.h[iu], u, false, stats_.nfe)
+              .u1;
       ++stats_.replayed_steps;
-      u = st.u1;
-      cache_[i] = std::move(st);
     }
   }
 
   void trim(int64_t current) {
-    while (static_cast<int64_t>(cache_.size()) > budget_) {
-      auto last = std::prev(cache_.end());
+    while (static_cast<int64_t>(dense_.size()) > kDenseBudget) {
+      auto last = std::prev(dense_.end());
       if (last->first <= current) break;
-      cache_.erase(last);
+      dense_.erase(last);
     }
+    states_.erase(states_.upper_bound(current + kDenseBudget), states_.end());
   }
 
   const AdjointState& s_;
   const detail::Tape& tape_;
-  bool dense_;
   AdjointStats& stats_;
   int dir_ = 1;
-  int64_t budget_ = 64;
-  std::map<int64_t, DenseStep> cache_;
+  std::map<int64_t, torch::Tensor> states_;  // recomputed states (not checkpoints)
+  std::map<int64_t, DenseStep> dense_;       // recomputed steps with their stages
 };
 
 // The tensors among the parameters that get gradients, and their positions.
@@ -258,7 +281,7 @@ Grads backward_continuous(AdjointState& s, const torch::Tensor& G) {
       return at::linalg_vector_norm(head, 2) / std::sqrt(static_cast<double>(controlled));
     };
 
-  Replay replay(s, /*dense=*/true, stats);
+  Replay replay(s, stats);
   const Dynamics& fb = s.fb;
   Dynamics aug;
   if (backsolve) {
@@ -346,7 +369,7 @@ Grads backward_discrete(AdjointState& s, const torch::Tensor& G) {
     rows[static_cast<size_t>(tape.saves[r].step + 1)].emplace_back(static_cast<int64_t>(r),
                                                                    tape.saves[r].theta);
 
-  Replay replay(s, /*dense=*/false, stats);
+  Replay replay(s, stats);
   torch::Tensor lam = at::zeros(s.shape, s.out.options());
   for (int64_t j = nsteps - 1; j >= 0; --j) {
     std::vector<int64_t> inner;
