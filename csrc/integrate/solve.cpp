@@ -303,21 +303,10 @@ class Integrator {
   Solution finish(ReturnCode code, const std::string& msg, std::vector<double>& out_t,
                   std::vector<torch::Tensor>& out_u, std::vector<DenseStep>& dense_steps, int dir,
                   bool rows) {
-    Solution sol;
-    sol.retcode = code;
-    sol.message = msg;
-    sol.stats = stats;
+    Solution sol =
+        detail::assemble_solution(code, msg, stats, out_t, out_u, dense_steps, state_shape_,
+                                  state_options_, rows, o_.dense, &tab_, dir);
     sol.dt_next = h_next_;
-    sol.t = torch::tensor(out_t, torch::dtype(torch::kFloat64));
-    if (!out_u.empty()) {
-      sol.u = rows ? at::stack(out_u) : at::cat(out_u);
-    } else {
-      std::vector<int64_t> shape{0};
-      for (int64_t d : state_shape_) shape.push_back(d);
-      sol.u = at::empty(shape, state_options_);
-    }
-    if (o_.dense && !dense_steps.empty())
-      sol.dense = std::make_shared<DenseOutput>(&tab_, std::move(dense_steps), dir);
     return sol;
   }
 
@@ -441,6 +430,30 @@ DenseStep replay_step(const Dynamics& f, const Tableau& tab, double t, double hh
                        k[0], tab.fsal() ? k.back() : checked_eval(f, t + hh, step.u1, nfe)};
   }
   return step;
+}
+
+Solution assemble_solution(ReturnCode code, const std::string& msg, const Stats& stats,
+                           const std::vector<double>& out_t,
+                           const std::vector<torch::Tensor>& out_u,
+                           std::vector<DenseStep>& dense_steps,
+                           const std::vector<int64_t>& state_shape,
+                           const torch::TensorOptions& state_options, bool rows, bool dense,
+                           const Tableau* interpolant, int dir) {
+  Solution sol;
+  sol.retcode = code;
+  sol.message = msg;
+  sol.stats = stats;
+  sol.t = torch::tensor(out_t, torch::dtype(torch::kFloat64));
+  if (!out_u.empty()) {
+    sol.u = rows ? at::stack(out_u) : at::cat(out_u);
+  } else {
+    std::vector<int64_t> shape{0};
+    for (int64_t d : state_shape) shape.push_back(d);
+    sol.u = at::empty(shape, state_options);
+  }
+  if (dense && !dense_steps.empty())
+    sol.dense = std::make_shared<DenseOutput>(interpolant, std::move(dense_steps), dir);
+  return sol;
 }
 
 void Tape::record(double t0, double hh, const torch::Tensor& u, const torch::Tensor& unew) {

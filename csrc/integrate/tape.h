@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <functional>
 #include <map>
+#include <string>
 #include <vector>
 
 #include "diffeqlayers/solve.h"
@@ -58,6 +59,18 @@ torch::Tensor rk_step(const Dynamics& f, const Tableau& tab, double t, double hh
 // and u1 are filled (k empty).
 DenseStep replay_step(const Dynamics& f, const Tableau& tab, double t, double hh,
                       const torch::Tensor& u, bool dense, int64_t& nfe);
+
+// The Solution of a finished or failed loop from what it saved: rows stacked (one state per
+// entry) or blocks concatenated ([m, *shape] per entry), an empty [0, *shape] when nothing was
+// saved, and the dense output over `interpolant` when options.dense kept steps. Shared by the
+// explicit integrator and the stiff loop.
+Solution assemble_solution(ReturnCode code, const std::string& msg, const Stats& stats,
+                           const std::vector<double>& out_t,
+                           const std::vector<torch::Tensor>& out_u,
+                           std::vector<DenseStep>& dense_steps,
+                           const std::vector<int64_t>& state_shape,
+                           const torch::TensorOptions& state_options, bool rows, bool dense,
+                           const Tableau* interpolant, int dir);
 
 // The checked span, method and save times of a solve (everything solve() validates).
 struct Prepared {

@@ -8,6 +8,8 @@
 #include <limits>
 #include <sstream>
 
+#include "integrate/tape.h"
+
 namespace diffeqlayers {
 namespace stiff {
 
@@ -19,16 +21,7 @@ std::string fmt(double x) {
 }
 
 torch::Tensor eval_f(const Dynamics& f, double t, const torch::Tensor& u, Stats& stats) {
-  torch::Tensor out = f(t, u);
-  ++stats.nfe;
-  TORCH_CHECK_TYPE(out.defined(), "f returned no tensor (at t=", fmt(t), ")");
-  TORCH_CHECK_VALUE(out.sizes() == u.sizes(), "f returned shape ", out.sizes(),
-                    " but the state has shape ", u.sizes(), " (at t=", fmt(t), ")");
-  TORCH_CHECK_TYPE(out.scalar_type() == u.scalar_type(), "f returned dtype ", out.scalar_type(),
-                   " but the state has dtype ", u.scalar_type(), " (at t=", fmt(t), ")");
-  TORCH_CHECK_VALUE(out.device() == u.device(), "f returned a tensor on ", out.device(),
-                    " but the state is on ", u.device(), " (at t=", fmt(t), ")");
-  return out;
+  return detail::checked_eval(f, t, u, stats.nfe);
 }
 
 namespace {

@@ -11,6 +11,7 @@
 
 #include "control/controller.h"
 #include "diffeqlayers/stiff.h"
+#include "integrate/tape.h"
 #include "solvers/jacobian.h"
 #include "solvers/stiff.h"
 
@@ -303,22 +304,9 @@ class Loop {
   Solution finish(ReturnCode code, const std::string& msg, std::vector<double>& out_t,
                   std::vector<torch::Tensor>& out_u, std::vector<DenseStep>& dense_steps, int dir,
                   bool rows) {
-    Solution sol;
-    sol.retcode = code;
-    sol.message = msg;
-    sol.stats = stats;
-    sol.t = torch::tensor(out_t, torch::dtype(torch::kFloat64));
-    if (!out_u.empty()) {
-      sol.u = rows ? at::stack(out_u) : at::cat(out_u);
-    } else {
-      std::vector<int64_t> shape{0};
-      for (int64_t d : state_shape_) shape.push_back(d);
-      sol.u = at::empty(shape, state_options_);
-    }
-    if (o_.dense && !dense_steps.empty())
-      sol.dense = std::make_shared<DenseOutput>(m_.interpolant ? m_.interpolant : &hermite(),
-                                                std::move(dense_steps), dir);
-    return sol;
+    return detail::assemble_solution(code, msg, stats, out_t, out_u, dense_steps, state_shape_,
+                                     state_options_, rows, o_.dense,
+                                     m_.interpolant ? m_.interpolant : &hermite(), dir);
   }
 
   const Dynamics& f_;
