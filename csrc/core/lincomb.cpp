@@ -1,6 +1,9 @@
 // Linear combinations of stages, u + sum_j w_j k_j, as one autograd node.
 #include "core/lincomb.h"
 
+#include <ATen/Dispatch.h>
+#include <ATen/LegacyBatchedTensorImpl.h>
+#include <ATen/Parallel.h>
 #include <torch/csrc/autograd/custom_function.h>
 
 namespace diffeqlayers {
@@ -15,8 +18,62 @@ struct Weights {
   std::vector<double> w;
 };
 
+// sum_j w[j] * terms[j] as one loop over the elements, for contiguous CPU float/double terms of
+// one dtype and size; undefined otherwise. Every combination of the explicit solvers runs through
+// combine_no_grad (the recorded LinComb node's forward included), so each mode does the same
+// arithmetic and the modes agree bitwise on the primal values. Per element the sum is taken in
+// term order, one product and one addition at a time, as the ATen fallback below does it; one
+// loop instead of one ATen op per term is what makes small states cheap (the dispatcher and the
+// allocation of every intermediate cost more than the arithmetic there).
+template <typename scalar_t>
+void combine_loop(scalar_t* out, const std::vector<const scalar_t*>& src,
+                  const std::vector<scalar_t>& w, int64_t begin, int64_t end) {
+  const scalar_t* t0 = src[0];
+  size_t j = 1;
+  if (src.size() > 1 && w[0] == scalar_t(1)) {
+    const scalar_t* t1 = src[1];
+    const scalar_t w1 = w[1];
+    for (int64_t m = begin; m < end; ++m) out[m] = t0[m] + w1 * t1[m];
+    j = 2;
+  } else {
+    const scalar_t w0 = w[0];
+    for (int64_t m = begin; m < end; ++m) out[m] = t0[m] * w0;
+  }
+  for (; j < src.size(); ++j) {
+    const scalar_t* tj = src[j];
+    const scalar_t wj = w[j];
+    for (int64_t m = begin; m < end; ++m) out[m] += wj * tj[m];
+  }
+}
+
+torch::Tensor combine_fused(at::TensorList terms, const std::vector<double>& w) {
+  const torch::Tensor& first = terms[0];
+  if (!first.device().is_cpu() || !first.is_contiguous()) return {};
+  const auto dtype = first.scalar_type();
+  if (dtype != at::kDouble && dtype != at::kFloat) return {};
+  const int64_t n = first.numel();
+  for (const auto& t : terms)
+    if (t.scalar_type() != dtype || t.numel() != n || !t.device().is_cpu() || !t.is_contiguous() ||
+        t.is_neg() || t.is_conj() || t.sizes() != first.sizes())
+      return {};
+  torch::Tensor out = at::empty_like(first, at::MemoryFormat::Contiguous);
+  AT_DISPATCH_FLOATING_TYPES(dtype, "diffeqlayers_lincomb", [&] {
+    std::vector<const scalar_t*> src;
+    src.reserve(terms.size());
+    for (const auto& t : terms) src.push_back(t.const_data_ptr<scalar_t>());
+    // The weights are rounded to the state's dtype, as an ATen scalar multiplier would be.
+    std::vector<scalar_t> sw(w.begin(), w.end());
+    scalar_t* dst = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, n, 32768, [&](int64_t begin, int64_t end) {
+      combine_loop<scalar_t>(dst, src, sw, begin, end);
+    });
+  });
+  return out;
+}
+
 // sum_j w[j] * terms[j] into one fresh tensor.
 torch::Tensor combine_no_grad(at::TensorList terms, const std::vector<double>& w) {
+  if (torch::Tensor fused = combine_fused(terms, w); fused.defined()) return fused;
   torch::Tensor out;
   size_t j = 1;
   if (terms.size() > 1 && w[0] == 1.0) {
@@ -49,7 +106,68 @@ struct LinComb : public torch::autograd::Function<LinComb> {
   }
 };
 
+// The dual case (forward mode: diffeq_fd, diffeq_jvp). Plain ATen ops on dual tensors would also
+// carry the tangents, but every op would pay the dual dispatch, and, for batched tangents, the
+// vmap dispatch too, twice per term (the product and the sum). Here the primal and the tangent
+// are combined separately (the tangent of a linear combination is the same combination of the
+// tangents) and paired once at the end. Returns undefined when a term's tangent has a layout
+// this path does not handle; the caller then uses plain ops.
+torch::Tensor lincomb_dual(const std::vector<torch::Tensor>& terms, const std::vector<double>& w) {
+  SplitDuals parts;
+  if (!split_duals(terms, parts)) return {};
+  std::vector<torch::Tensor> tangents;
+  std::vector<double> tw;
+  for (size_t j = 0; j < terms.size(); ++j) {
+    if (!parts.tangents[j].defined()) continue;
+    tangents.push_back(parts.tangents[j]);
+    tw.push_back(w[j]);
+  }
+  torch::Tensor out = combine_no_grad(parts.primals, w);
+  if (tangents.empty()) return out;
+  bool same = true;
+  for (const auto& t : tangents) same = same && t.sizes() == tangents[0].sizes();
+  torch::Tensor tan;
+  if (same) {
+    tan = combine_no_grad(tangents, tw);
+  } else {
+    // Out of place: an unbatched tangent broadcasts against batched ones.
+    tan = at::mul(tangents[0], tw[0]);
+    for (size_t j = 1; j < tangents.size(); ++j) tan = at::add(tan, tangents[j], tw[j]);
+  }
+  return make_dual(out, tan, parts.level);
+}
+
 }  // namespace
+
+bool split_duals(const std::vector<torch::Tensor>& terms, SplitDuals& out) {
+  out.primals.clear();
+  out.tangents.clear();
+  out.level = -1;
+  out.batch = 0;
+  for (const auto& term : terms) {
+    auto [p, t] = at::_unpack_dual(term, /*level=*/0);
+    out.primals.push_back(p);
+    const at::BatchedTensorImpl* impl = t.defined() ? at::maybeGetBatchedImpl(t) : nullptr;
+    if (impl == nullptr) {
+      out.tangents.push_back(t);
+      continue;
+    }
+    const auto bdims = impl->bdims();
+    if (bdims.size() != 1 || (out.level >= 0 && bdims[0].level() != out.level)) return false;
+    torch::Tensor v =
+        bdims[0].dim() == 0 ? impl->value() : impl->value().movedim(bdims[0].dim(), 0);
+    if (out.level >= 0 && v.size(0) != out.batch) return false;
+    out.level = bdims[0].level();
+    out.batch = v.size(0);
+    out.tangents.push_back(std::move(v));
+  }
+  return true;
+}
+
+torch::Tensor make_dual(const torch::Tensor& primal, const torch::Tensor& tangent, int64_t level) {
+  return at::_make_dual(primal, level >= 0 ? at::addBatchDim(tangent, level, 0) : tangent,
+                        /*level=*/0);
+}
 
 torch::Tensor lincomb(const torch::Tensor& u, const std::vector<torch::Tensor>& k,
                       const std::vector<double>& w) {
@@ -72,6 +190,10 @@ torch::Tensor lincomb(const torch::Tensor& u, const std::vector<torch::Tensor>& 
   record = record && at::GradMode::is_enabled();
   // C++ autograd Functions have no forward-mode formula: dual tensors take plain ATen ops,
   // which carry tangents (and record reverse mode too, one node per term).
+  if (dual && !record) {
+    torch::Tensor out = lincomb_dual(terms, weights);
+    if (out.defined()) return out;
+  }
   if (dual) {
     torch::Tensor out = at::mul(terms[0], weights[0]);
     for (size_t j = 1; j < terms.size(); ++j) out = at::add(out, terms[j], weights[j]);

@@ -77,13 +77,42 @@ torch::Tensor interpolate_many(const Tableau& tab, const DenseStep& step,
   // copy=true: from_blob does not own w, and mm saves W for backward.
   torch::Tensor W = torch::from_blob(w.data(), {m, ns}, torch::dtype(torch::kFloat64))
                         .to(u0.options(), /*non_blocking=*/false, /*copy=*/true);
-  // Stack the stages as they are and flatten once: two view nodes per step, not one per stage.
-  torch::Tensor out =
-      at::mm(W, at::stack(interpolation_terms(tab, step)).reshape({ns, -1}));  // [m, N]
-  if (own) out = out + u0.reshape({1, -1});
   std::vector<int64_t> shape{m};
   for (int64_t d : u0.sizes()) shape.push_back(d);
-  return out.reshape(shape);
+  const std::vector<torch::Tensor> terms = interpolation_terms(tab, step);
+  // Stack the stages as they are and flatten once: two view nodes per step, not one per stage.
+  auto combine = [&](const std::vector<torch::Tensor>& ks, const torch::Tensor& base) {
+    torch::Tensor out = at::mm(W, at::stack(ks).reshape({ns, -1}));  // [m, N] ([m, K N])
+    if (own) out = out + base.reshape({1, -1});
+    return out;
+  };
+  // Forward mode without recording: primals and tangents interpolated apart (as lincomb does),
+  // the primal exactly as in the plain case.
+  if (!at::GradMode::is_enabled() && u0._fw_grad(/*level=*/0).defined()) {
+    std::vector<torch::Tensor> all = terms;
+    all.push_back(u0);
+    SplitDuals parts;
+    bool ok = split_duals(all, parts);
+    for (size_t j = 0; ok && j < all.size(); ++j)
+      ok = parts.tangents[j].defined() && parts.tangents[j].sizes() == parts.tangents[0].sizes();
+    if (ok) {
+      const torch::Tensor base_p = parts.primals.back(), base_t = parts.tangents.back();
+      parts.primals.pop_back();
+      parts.tangents.pop_back();
+      torch::Tensor primal = combine(parts.primals, base_p).reshape(shape);
+      torch::Tensor tangent = combine(parts.tangents, base_t);
+      if (parts.level >= 0) {
+        std::vector<int64_t> bshape{m, parts.batch};
+        bshape.insert(bshape.end(), shape.begin() + 1, shape.end());
+        // The batch dimension first, in memory too (vmap refuses views of other layouts).
+        tangent = tangent.reshape(bshape).movedim(1, 0).contiguous();
+      } else {
+        tangent = tangent.reshape(shape);
+      }
+      return make_dual(primal, tangent, parts.level);
+    }
+  }
+  return combine(terms, u0).reshape(shape);
 }
 
 torch::Tensor DenseOutput::operator()(double t) const {
