@@ -118,7 +118,9 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("dense", &SolveOptions::dense)
       .def_readwrite("check_finite", &SolveOptions::check_finite)
       .def_readwrite("throw_on_failure", &SolveOptions::throw_on_failure)
-      .def_readwrite("params", &SolveOptions::params);
+      .def_readwrite("params", &SolveOptions::params)
+      .def_readwrite("max_order", &SolveOptions::max_order)
+      .def_readwrite("max_iters", &SolveOptions::max_iters);
 
   py::class_<Stats>(m, "Stats")
       .def_readonly("nfe", &Stats::nfe)
@@ -126,12 +128,15 @@ PYBIND11_MODULE(_C, m) {
       .def_readonly("nreject", &Stats::nreject)
       .def_readonly("njac", &Stats::njac)
       .def_readonly("nlu", &Stats::nlu)
+      .def_readonly("nnonconverged", &Stats::nnonconverged)
       .def("__repr__", [](const Stats& s) {
         return "Stats(nfe=" + std::to_string(s.nfe) + ", naccept=" + std::to_string(s.naccept) +
                ", nreject=" + std::to_string(s.nreject) +
                (s.njac || s.nlu
                     ? ", njac=" + std::to_string(s.njac) + ", nlu=" + std::to_string(s.nlu)
                     : std::string()) +
+               (s.nnonconverged ? ", nnonconverged=" + std::to_string(s.nnonconverged)
+                                : std::string()) +
                ")";
       });
 
@@ -166,6 +171,7 @@ PYBIND11_MODULE(_C, m) {
         "The Butcher tableau registered under a method name.");
   m.def("methods", &methods, "Names of the registered methods.");
   m.def("stiff_methods", &stiff_methods, "Names of the stiff (Rosenbrock) methods.");
+  m.def("adams_methods", &adams_methods, "Names of the fixed-grid Adams methods.");
   m.def("solve", &solve_py, py::arg("f"), py::arg("u0"), py::arg("tspan"), py::arg("options"),
         py::arg("norm") = py::none(), py::arg("jac") = py::none(),
         "Solve du/dt = f(t, u) from tspan[0] to tspan[1]; f is called as f(t: float, u: Tensor).");

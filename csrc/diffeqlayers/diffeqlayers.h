@@ -1,6 +1,7 @@
 // Umbrella header of the diffeqlayers C++ API.
 #pragma once
 
+#include "diffeqlayers/adams.h"
 #include "diffeqlayers/adjoint.h"
 #include "diffeqlayers/forward_mode.h"
 #include "diffeqlayers/solve.h"

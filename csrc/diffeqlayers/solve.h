@@ -81,6 +81,11 @@ struct SolveOptions {
   std::vector<torch::Tensor> params;
   // Stiff methods (stiff_methods()): a user-supplied Jacobian df/du; empty: built by autograd.
   Jacobian jac;
+  // Adams methods (adams_methods()): the highest order the step history may reach (1 to 12,
+  // torchdiffeq's max_order; below 4 every step is RK4), and the most corrector iterations per
+  // step of implicit_adams (torchdiffeq's max_iters).
+  int64_t max_order = 12;
+  int64_t max_iters = 4;
 };
 
 enum class ReturnCode { Success, MaxIters, DtLessThanMin, Unstable };
@@ -92,6 +97,9 @@ struct Stats {
   int64_t nreject = 0;  // rejected steps
   int64_t njac = 0;     // Jacobians of f (stiff methods)
   int64_t nlu = 0;      // LU factorizations (stiff methods)
+  // Steps whose corrector iteration did not converge within max_iters (implicit_adams); the
+  // solve goes on with the last iterate, as torchdiffeq does (it warns).
+  int64_t nnonconverged = 0;
 };
 
 // A failed solve: the message names the cause, t and dt.

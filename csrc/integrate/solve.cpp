@@ -9,12 +9,16 @@
 
 #include "control/controller.h"
 #include "core/lincomb.h"
+#include "diffeqlayers/adams.h"
 #include "diffeqlayers/solve.h"
 #include "diffeqlayers/stiff.h"
 #include "integrate/tape.h"
 #include "solvers/stiff.h"
 
 namespace diffeqlayers {
+namespace stiff {
+bool is_implicit_fixed(const std::string& name);  // csrc/solvers/implicit_fixed.cpp
+}  // namespace stiff
 namespace {
 
 // u + h * sum_j w[j] k[j] over the first n stages, skipping zero weights (u may be undefined:
@@ -485,8 +489,10 @@ Prepared prepare(const Dynamics& f, const torch::Tensor& u0, const torch::Tensor
   TORCH_CHECK_VALUE(std::isfinite(prep.t0) && std::isfinite(prep.t1),
                     "tspan holds a non-finite time");
   TORCH_CHECK_VALUE(prep.t0 != prep.t1, "tspan is empty: t0 == t1 == ", prep.t0);
-  // Stiff methods (csrc/solvers) check their own options and run their own loop.
-  prep.stiff = is_stiff_method(options.method);
+  // Stiff, Adams and fixed-step implicit methods (csrc/solvers) check their own options and
+  // run their own loop.
+  prep.stiff = is_stiff_method(options.method) || is_adams_method(options.method) ||
+               stiff::is_implicit_fixed(options.method);
   if (!prep.stiff) {
     prep.tab = &tableau(options.method);
     check_options(options, *prep.tab);

@@ -23,6 +23,7 @@
 #include <utility>
 #include <vector>
 
+#include "diffeqlayers/adams.h"
 #include "diffeqlayers/stiff.h"
 #include "integrate/tape.h"
 
@@ -464,9 +465,9 @@ Solution solve_adjoint(const Dynamics& f, const torch::Tensor& u0, const torch::
   o.params.insert(o.params.end(), params.begin(), params.end());
   const detail::Prepared prep = detail::prepare(f, u0, tspan, o);
   TORCH_CHECK_VALUE(!prep.stiff,
-                    "the adjoints run the explicit methods only (not yet the stiff "
-                    "method '",
-                    o.method, "'); use diffeq_rd with a stiff method");
+                    "the adjoints run the explicit Runge-Kutta methods only (not yet the ",
+                    is_adams_method(o.method) ? "Adams" : "stiff", " method '", o.method,
+                    "'); use diffeq_rd with it");
   TORCH_CHECK_VALUE(adjoint.method.empty() || !is_stiff_method(adjoint.method),
                     "adjoint_method must be an explicit method, got the stiff method '",
                     adjoint.method, "'");

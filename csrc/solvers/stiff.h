@@ -21,6 +21,9 @@ struct MethodInfo {
   // over StepResult::dense_terms), or nullptr for the cubic Hermite interpolant.
   const Tableau* interpolant = nullptr;
   std::string reference;
+  // The stepper uses df/du (the loop then decides whether to record its dependence on u and the
+  // parameters) and refuses dual tensors; false for steppers that only evaluate f (Adams).
+  bool uses_jacobian = true;
 
   bool adaptive() const { return embedded_order > 0; }
   // The error estimate behaves like h^(min(p, p_hat) + 1).

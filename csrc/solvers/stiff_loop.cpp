@@ -23,6 +23,16 @@ bool is_rosenbrock(const std::string& name);
 const MethodInfo& rosenbrock_info(const std::string& name);
 std::unique_ptr<Stepper> make_rosenbrock(const std::string& name, const Dynamics& f,
                                          const SolveOptions& o, Stats& stats, bool track);
+// adams.cpp
+bool is_adams(const std::string& name);
+const MethodInfo& adams_info(const std::string& name);
+std::unique_ptr<Stepper> make_adams(const std::string& name, const Dynamics& f,
+                                    const SolveOptions& o, Stats& stats);
+// implicit_fixed.cpp
+bool is_implicit_fixed(const std::string& name);
+const MethodInfo& implicit_fixed_info(const std::string& name);
+std::unique_ptr<Stepper> make_implicit_fixed(const std::string& name, const Dynamics& f,
+                                             const SolveOptions& o, Stats& stats, bool track);
 }  // namespace stiff
 
 bool is_stiff_method(const std::string& name) { return stiff::is_rosenbrock(name); }
@@ -32,12 +42,16 @@ std::vector<std::string> stiff_methods() { return {"rodas5", "rodas5p", "rosenbr
 namespace stiff {
 
 const MethodInfo& method_info(const std::string& name) {
+  if (is_adams(name)) return adams_info(name);
+  if (is_implicit_fixed(name)) return implicit_fixed_info(name);
   TORCH_CHECK_VALUE(is_stiff_method(name), "unknown stiff method '", name, "'");
   return rosenbrock_info(name);
 }
 
 std::unique_ptr<Stepper> make_stepper(const std::string& name, const Dynamics& f,
                                       const SolveOptions& o, Stats& stats, bool track) {
+  if (is_adams(name)) return make_adams(name, f, o, stats);
+  if (is_implicit_fixed(name)) return make_implicit_fixed(name, f, o, stats, track);
   TORCH_CHECK_VALUE(is_stiff_method(name), "unknown stiff method '", name, "'");
   return make_rosenbrock(name, f, o, stats, track);
 }
@@ -111,7 +125,7 @@ class Loop {
     // Record the Jacobian's dependence on u and the parameters only when something upstream
     // requires grad: probe f once on a detached state.
     bool track = false;
-    if (at::GradMode::is_enabled()) {
+    if (m_.uses_jacobian && at::GradMode::is_enabled()) {
       track = u.requires_grad();
       if (!track) track = stiff::eval_f(f_, t0, u.detach(), stats).requires_grad();
     }
@@ -324,7 +338,8 @@ Solution solve_stiff(const Dynamics& f, const torch::Tensor& u, double t0, doubl
   check_options(o, m);
   // Forward mode (dual tensors) is not supported: the Jacobian is built by reverse-mode autograd
   // on the primal, so the tangents would miss its derivative and come out silently inexact.
-  TORCH_CHECK_NOT_IMPLEMENTED(!u._fw_grad(/*level=*/0).defined(), "the stiff method '", o.method,
+  TORCH_CHECK_NOT_IMPLEMENTED(!m.uses_jacobian || !u._fw_grad(/*level=*/0).defined(),
+                              "the stiff method '", o.method,
                               "' does not support forward mode (dual tensors, diffeq_fd / "
                               "diffeq_jvp) yet; use reverse mode (diffeq_rd)");
   Loop loop(f, o, m);

@@ -20,7 +20,7 @@ from .odeint import odeint, odeint_adjoint, odeint_event
 from .problem import ODEProblem, remake
 from .sensitivity import diffeq_rd
 from .solution import Solution
-from .solve import methods, solve, stiff_methods
+from .solve import adams_methods, implicit_fixed_methods, methods, solve, stiff_methods
 
 __all__ = [
     "AdjointStats",
@@ -31,11 +31,13 @@ __all__ = [
     "Solution",
     "SolverError",
     "Tableau",
+    "adams_methods",
     "adjoint_sensealgs",
     "diffeq_adjoint",
     "diffeq_fd",
     "diffeq_jvp",
     "diffeq_rd",
+    "implicit_fixed_methods",
     "methods",
     "neural_ode",
     "odeint",

@@ -12,7 +12,7 @@ import torch.autograd.forward_ad as fwAD
 from . import _C
 from .problem import ODEProblem, remake
 from .solution import Solution
-from .solve import solve
+from .solve import implicit_fixed_methods, solve
 
 __all__ = ["diffeq_fd", "diffeq_jvp"]
 
@@ -189,7 +189,7 @@ def _prepare(
         raise TypeError(f"prob must be an ODEProblem, got {type(prob).__name__}")
     if not isinstance(solver, str):
         raise TypeError(f"solver must be a method name (str), got {type(solver).__name__}")
-    if solver in _C.stiff_methods():
+    if solver in _C.stiff_methods() or solver in implicit_fixed_methods():
         raise NotImplementedError(
             f"forward mode does not support the stiff method {solver!r} yet (its Jacobian is "
             "built by reverse-mode autograd); use diffeq_rd"

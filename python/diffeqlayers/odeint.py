@@ -13,8 +13,21 @@ are reverse mode through the solver (autograd records every step, as
 What differs from torchdiffeq (details in the docstrings of :func:`odeint` and
 :func:`odeint_adjoint`):
 
-* ``explicit_adams``, ``implicit_adams``, ``fixed_adams`` and ``scipy_solver`` are not available
-  (:class:`NotImplementedError`); ``tsit5`` and ``ralston`` are available in addition.
+* ``tsit5`` and ``ralston`` are available in addition (``tsit5`` is in torchdiffeq's master,
+  not in 0.2.5).
+* ``explicit_adams``, ``implicit_adams`` (alias ``fixed_adams``) follow torchdiffeq's algorithm
+  step for step (3/8-rule RK4 start-up, Adams-Bashforth of growing order up to
+  ``max_order - 1``, Adams-Moulton corrector by at most ``max_iters`` functional iterations) and
+  agree with it to rounding; their steps run in C++. They are not available in
+  ``odeint_adjoint`` (:class:`NotImplementedError`; ``odeint`` differentiates through them).
+* The fixed-grid implicit methods of torchdiffeq's master (``implicit_euler``, ...,
+  ``trbdf2``) solve their stages by simplified Newton with an autograd Jacobian instead of
+  Broyden's method, in C++; not in ``odeint_adjoint`` either. (torchdiffeq's ``gl4`` tableau
+  has a wrong node c_2; this one is Hairer & Wanner's.)
+* ``scipy_solver`` calls ``scipy.integrate.solve_ivp`` as torchdiffeq does (``solver``,
+  default ``"LSODA"``); options other than ``solver`` are passed on to ``solve_ivp`` instead of
+  only ``min_step``/``max_step``, a failed solve raises :class:`diffeqlayers.SolverError`, and a
+  warning says that the (detached) result has no gradients when the inputs require grad.
 * ``rk4`` is the classic RK4 tableau; torchdiffeq's ``rk4`` is Kutta's 3/8 rule. Both are order
   4, so the results agree to the methods' accuracy, not to rounding.
 * The step-size controller, initial-step heuristic and dense interpolants are diffeqlayers'
@@ -32,6 +45,7 @@ What differs from torchdiffeq (details in the docstrings of :func:`odeint` and
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Optional, Union
 
@@ -52,8 +66,25 @@ EventFn = Callable[[torch.Tensor, State], torch.Tensor]
 # Methods shared with torchdiffeq (plus diffeqlayers' tsit5 and ralston), by kind.
 _ADAPTIVE = ("dopri8", "dopri5", "tsit5", "bosh3", "fehlberg2", "adaptive_heun")
 _FIXED = ("euler", "midpoint", "heun2", "heun3", "ralston", "rk4")
-# torchdiffeq methods that have no counterpart here.
-_UNAVAILABLE = ("explicit_adams", "implicit_adams", "fixed_adams", "scipy_solver")
+# The fixed-grid Adams methods ("fixed_adams" is torchdiffeq's old name of implicit_adams).
+_ADAMS = ("explicit_adams", "implicit_adams", "fixed_adams")
+# The fixed-grid implicit Runge-Kutta methods (torchdiffeq's master, after 0.2.5); odeint's
+# "trbdf2" is solve()'s "fixed_trbdf2" (solve()'s "trbdf2" is an adaptive ESDIRK method).
+_IMPLICIT = (
+    "implicit_euler",
+    "implicit_midpoint",
+    "trapezoid",
+    "radauIIA3",
+    "radauIIA5",
+    "gl4",
+    "gl6",
+    "sdirk2",
+    "trbdf2",
+)
+_ALIASES = {"fixed_adams": "implicit_adams", "trbdf2": "fixed_trbdf2"}
+# scipy.integrate.solve_ivp behind torchdiffeq's interface (no gradients).
+_SCIPY = "scipy_solver"
+_METHODS = _ADAPTIVE + _FIXED + _ADAMS + _IMPLICIT + (_SCIPY,)
 
 # torchdiffeq's options for each kind of method ("norm" is accepted by both; the fixed-grid
 # solvers ignore it there too). "dtype" is accepted by both (see odeint's docstring).
@@ -73,6 +104,11 @@ _ADAPTIVE_OPTIONS = frozenset(
     }
 )
 _FIXED_OPTIONS = frozenset({"norm", "step_size", "grid_constructor", "interp", "perturb", "dtype"})
+_ADAMS_OPTIONS = _FIXED_OPTIONS | {"max_iters", "max_order"}
+_IMPLICIT_OPTIONS = _FIXED_OPTIONS | {"max_iters"}
+# scipy_solver: torchdiffeq ignores these (and so does diffeqlayers); every other option
+# goes to scipy.integrate.solve_ivp (min_step, max_step, first_step, ...).
+_SCIPY_IGNORED = frozenset({"norm", "grid_points", "eps", "dtype"})
 
 # torchdiffeq's default max_num_steps (it counts per output interval; this is effectively "no
 # limit" either way).
@@ -181,15 +217,8 @@ def _check_method(method: Optional[str]) -> str:
         return "dopri5"
     if not isinstance(method, str):
         raise TypeError(f"method must be a string, got {type(method).__name__}")
-    if method in _UNAVAILABLE:
-        raise NotImplementedError(
-            f"method {method!r} is a torchdiffeq method that diffeqlayers does not provide "
-            f"(available: {', '.join(_ADAPTIVE + _FIXED)}); use torchdiffeq for it"
-        )
-    if method not in _ADAPTIVE + _FIXED:
-        raise ValueError(
-            f"invalid method {method!r}; must be one of {', '.join(_ADAPTIVE + _FIXED)}"
-        )
+    if method not in _METHODS:
+        raise ValueError(f"invalid method {method!r}; must be one of {', '.join(_METHODS)}")
     return method
 
 
@@ -199,7 +228,22 @@ def _check_options(method: str, options: Optional[Mapping[str, Any]]) -> dict[st
     if not isinstance(options, Mapping):
         raise TypeError(f"options must be a dict, got {type(options).__name__}")
     options = dict(options)
-    allowed = _ADAPTIVE_OPTIONS if method in _ADAPTIVE else _FIXED_OPTIONS
+    if method == _SCIPY:
+        solver = options.get("solver", "LSODA")
+        if not isinstance(solver, (str, type)):
+            raise TypeError(
+                "option solver must be the name of a scipy.integrate.solve_ivp method (e.g. "
+                f"'LSODA', 'RK45', 'BDF') or an OdeSolver class, got {type(solver).__name__}"
+            )
+        return options
+    if method in _ADAPTIVE:
+        allowed = _ADAPTIVE_OPTIONS
+    elif method in _ADAMS:
+        allowed = _ADAMS_OPTIONS
+    elif method in _IMPLICIT:
+        allowed = _IMPLICIT_OPTIONS
+    else:
+        allowed = _FIXED_OPTIONS
     unknown = sorted(set(options) - allowed)
     if unknown:
         kind = "adaptive" if method in _ADAPTIVE else "fixed-grid"
@@ -229,6 +273,21 @@ def _check_options(method: str, options: Optional[Mapping[str, Any]]) -> dict[st
     norm = options.get("norm")
     if norm is not None and not callable(norm):
         raise TypeError(f"option norm must be callable, got {type(norm).__name__}")
+    for name, low, high in (("max_order", 1, 12), ("max_iters", 1, None)):
+        if name not in options:
+            continue
+        value = options[name]
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"option {name} must be an integer, got {type(value).__name__}")
+        if value < low or (high is not None and value > high):
+            bounds = f"in [{low}, {high}]" if high is not None else f">= {low}"
+            raise ValueError(f"option {name} must be {bounds}, got {value}")
+    if options.get("max_order", 12) < 4:
+        warnings.warn(
+            f"max_order={options['max_order']} is below 4, so {method} reduces to RK4 (the "
+            "3/8 rule)",
+            stacklevel=4,
+        )
     return options
 
 
@@ -269,9 +328,11 @@ class _Setup:
         if not callable(func):
             raise TypeError(f"func must be callable as func(t, y), got {type(func).__name__}")
         self.flat = _Flat(y0)
-        self.method = _check_method(method)
+        checked = _check_method(method)
+        self.options = _check_options(checked, options)
+        # The name solve() knows (fixed_adams is implicit_adams).
+        self.method = _ALIASES.get(checked, checked)
         self.adaptive = self.method in _ADAPTIVE
-        self.options = _check_options(self.method, options)
         self.rtol = _scalar_tol("rtol", rtol, self.flat)
         self.atol = _scalar_tol("atol", atol, self.flat)
         y = self.flat.y0
@@ -331,6 +392,10 @@ class _Setup:
             if len(set(stops)) != len(stops):
                 raise ValueError("step_t and jump_t must not repeat any time between them")
             kw["tstops"] = stops
+        elif self.method in _ADAMS or self.method in _IMPLICIT or self.method == "fixed_trbdf2":
+            for name in ("max_order", "max_iters"):
+                if name in o:
+                    kw[name] = o[name]
         return kw
 
 
@@ -440,7 +505,11 @@ def odeint(
         rtol, atol: scalar tolerances (numbers or one-element tensors).
         method: ``dopri5`` (default), ``dopri8``, ``bosh3``, ``fehlberg2``, ``adaptive_heun``,
             ``tsit5`` (adaptive); ``euler``, ``midpoint``, ``heun2``, ``heun3``, ``rk4``,
-            ``ralston`` (fixed grid).
+            ``ralston``, ``explicit_adams``, ``implicit_adams`` (= ``fixed_adams``) (fixed
+            grid); ``implicit_euler``, ``implicit_midpoint``, ``trapezoid``, ``sdirk2``,
+            ``trbdf2``, ``radauIIA3``, ``radauIIA5``, ``gl4``, ``gl6`` (fixed grid, implicit:
+            torchdiffeq's master has them, 0.2.5 not); ``scipy_solver``
+            (``scipy.integrate.solve_ivp``, no gradients).
         options: torchdiffeq's options for the method:
 
             * adaptive: ``first_step`` (the first step), ``max_step``, ``safety``,
@@ -449,6 +518,30 @@ def odeint(
               torchdiffeq), ``norm``, ``step_t``, ``jump_t``, ``dtype``; ``min_step`` only as 0.
             * fixed grid: ``step_size``, ``grid_constructor``, ``interp``, ``norm`` (ignored, as
               in torchdiffeq), ``dtype``; ``perturb`` only as False.
+            * Adams methods: the fixed-grid options and ``max_order`` (1 to 12, default 12:
+              the order of the Adams-Bashforth steps grows by one per step from 3 to
+              ``max_order - 1`` after two RK4 steps; below 4 every step is RK4, with a
+              warning, as in torchdiffeq) and ``max_iters`` (``implicit_adams``: corrector
+              iterations per step, default 4; the iteration stops when successive increments
+              ``dy`` agree, ``max |dy_old - dy| / (atol + rtol max(|dy_old|, |dy|)) < 1``, so
+              ``rtol``/``atol`` matter here too; a step that does not converge keeps its last
+              iterate, drops the oldest history entry and raises a :class:`RuntimeWarning`,
+              as torchdiffeq does). Steps of unequal length (a grid from ``t`` or
+              ``grid_constructor``) use the constant-step Adams coefficients, as in torchdiffeq.
+              With ``event_fn`` the solve runs in stretches of doubling length and the Adams
+              history restarts (two RK4 steps) at each; torchdiffeq keeps it.
+            * fixed-grid implicit methods: the fixed-grid options and ``max_iters`` (default
+              10): their stage equations are solved by simplified Newton with the Jacobian
+              df/du at the step's start (autograd), stopping when the RMS norm of the update
+              scaled by ``atol + rtol |y|`` is below 0.01 (torchdiffeq uses Broyden's method
+              from an identity Jacobian with an absolute residual tolerance, default 100
+              iterations): results agree to the iteration tolerance. A step that does not
+              converge goes on with a :class:`RuntimeWarning`, as in torchdiffeq.
+            * ``scipy_solver``: ``solver`` (a ``solve_ivp`` method name or ``OdeSolver``
+              class, default ``"LSODA"``); ``norm``, ``grid_points``, ``eps`` and ``dtype``
+              are ignored (as in torchdiffeq) and everything else (``min_step``,
+              ``max_step``, ``first_step``, ...) goes to ``solve_ivp``. ``func`` runs under
+              ``torch.no_grad()`` on CPU NumPy copies of the state; no events.
 
             ``norm`` maps the scaled error ``err / (atol + rtol * max(|y0|, |y1|))`` to a
             scalar and a step is accepted when it is <= 1, as in torchdiffeq (for tuple states
@@ -494,11 +587,19 @@ def odeint(
 
     Raises:
         TypeError, ValueError: bad arguments or options, naming what is wrong.
-        NotImplementedError: a torchdiffeq method diffeqlayers does not provide.
+        NotImplementedError: events with ``scipy_solver``.
+        ImportError: ``scipy_solver`` without scipy installed.
         diffeqlayers.SolverError: the solve failed.
     """
     t = _check_t(t)
     setup = _Setup(func, y0, rtol, atol, method, options)
+    if setup.method == _SCIPY:
+        if event_fn is not None:
+            raise NotImplementedError(
+                "scipy_solver does not handle events (event_fn), as in torchdiffeq; use an "
+                "adaptive method such as dopri5"
+            )
+        return setup.flat.unflatten(_scipy_solve(setup, t), (len(t),))
     if event_fn is not None:
         if len(t) != 2:
             raise ValueError(f"event handling requires len(t) == 2, got len(t) = {len(t)}")
@@ -509,6 +610,59 @@ def odeint(
     else:
         flat_sol = _solve_at(setup, t)
     return setup.flat.unflatten(flat_sol, (len(t),))
+
+
+# ----------------------------------------------------------------------------------------------
+# scipy_solver
+# ----------------------------------------------------------------------------------------------
+
+
+def _scipy_solve(setup: _Setup, t: torch.Tensor) -> torch.Tensor:
+    """torchdiffeq's ``scipy_solver``: ``scipy.integrate.solve_ivp`` on the flat state, saved at
+    ``t``. No gradients: ``func`` runs under ``torch.no_grad()`` and the result is detached (a
+    :class:`UserWarning` says so when the inputs require grad)."""
+    try:
+        from scipy.integrate import solve_ivp
+    except ImportError as e:
+        raise ImportError(
+            "method 'scipy_solver' needs scipy (pip install scipy); the other methods do not"
+        ) from e
+    y0 = setup.y0
+    if torch.is_grad_enabled() and (y0.requires_grad or t.requires_grad):
+        warnings.warn(
+            "scipy_solver gives no gradients (as in torchdiffeq): its result is detached from "
+            "y0, t and func's parameters; use another method to differentiate the solve",
+            stacklevel=3,
+        )
+    if len(t) == 1:
+        return y0.detach()[None].clone()
+    kwargs = {k: v for k, v in setup.options.items() if k not in _SCIPY_IGNORED}
+    solver = kwargs.pop("solver", "LSODA")
+    times = t.detach().to(torch.float64).cpu().numpy()
+    dtype, device, shape = y0.dtype, y0.device, y0.shape
+
+    def rhs(tt: float, y: Any) -> Any:
+        with torch.no_grad():
+            u = torch.tensor(y, dtype=dtype, device=device).reshape(shape)
+            return setup.f(u, None, float(tt)).detach().reshape(-1).cpu().numpy()
+
+    sol = solve_ivp(
+        rhs,
+        t_span=(float(times[0]), float(times[-1])),
+        y0=y0.detach().reshape(-1).cpu().numpy(),
+        t_eval=times,
+        method=solver,
+        rtol=setup.rtol,
+        atol=setup.atol,
+        **kwargs,
+    )
+    if not sol.success or sol.y.shape[1] != len(times):
+        reached = float(sol.t[-1]) if len(sol.t) else float(times[0])
+        raise _C.SolverError(
+            f"scipy_solver ({solver}) failed at t={reached:.10g} (solving from "
+            f"t={float(times[0]):.10g} to {float(times[-1]):.10g}): {sol.message}"
+        )
+    return torch.as_tensor(sol.y.T).to(device=device, dtype=dtype).reshape((len(times), *shape))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -722,7 +876,9 @@ def odeint_adjoint(
     ``adjoint_params`` only, not other tensors ``func`` captures.
 
     Args:
-        func, y0, t, rtol, atol, method, options: as for :func:`odeint`.
+        func, y0, t, rtol, atol, method, options: as for :func:`odeint`, except that the
+            Adams methods and ``scipy_solver`` are refused (:class:`NotImplementedError`): the
+            adjoints here replay Runge-Kutta steps (use :func:`odeint` for the Adams methods).
         event_fn: as for :func:`odeint`; with an event the solve is differentiated in reverse
             mode (through the solver), not by an adjoint.
         adjoint_rtol, adjoint_atol: tolerances of the adjoint solve (default: rtol, atol).
@@ -753,6 +909,17 @@ def odeint_adjoint(
             "too (they cannot be inferred from options)"
         )
     checked = _check_method(adjoint_method)
+    for name in {_check_method(method), checked}:
+        if name in _ADAMS or name in _IMPLICIT or name == _SCIPY:
+            raise NotImplementedError(
+                f"odeint_adjoint does not support {name!r} yet: the adjoints of diffeqlayers "
+                "run Runge-Kutta methods"
+                + (
+                    "; scipy_solver gives no gradients at all"
+                    if name == _SCIPY
+                    else "; odeint with it differentiates through the solver (reverse mode)"
+                )
+            )
     seminorm = False
     if adjoint_options is not None:
         norm = adjoint_options.get("norm")

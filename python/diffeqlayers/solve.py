@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, Optional, Union
 
@@ -27,6 +28,43 @@ def methods() -> list[str]:
 def stiff_methods() -> list[str]:
     """Names of the stiff methods (Rosenbrock: ``rosenbrock23``, ``rodas5``, ``rodas5p``)."""
     return list(_C.stiff_methods())
+
+
+def adams_methods() -> list[str]:
+    """Names of the fixed-grid Adams methods: ``explicit_adams`` (Adams-Bashforth) and
+    ``implicit_adams`` (Adams-Bashforth-Moulton), torchdiffeq's. Give them ``dt``."""
+    return list(_C.adams_methods())
+
+
+# The fixed-step implicit Runge-Kutta methods (csrc/solvers/implicit_fixed.cpp).
+_IMPLICIT_FIXED = (
+    "implicit_euler",
+    "implicit_midpoint",
+    "trapezoid",
+    "sdirk2",
+    "fixed_trbdf2",
+    "radauIIA3",
+    "radauIIA5",
+    "gl4",
+    "gl6",
+)
+
+
+def implicit_fixed_methods() -> list[str]:
+    """Names of the fixed-step implicit Runge-Kutta methods, torchdiffeq's fixed-grid implicit
+    solvers: ``implicit_euler``, ``implicit_midpoint``, ``trapezoid``, ``sdirk2``,
+    ``fixed_trbdf2`` (torchdiffeq's ``trbdf2``), ``radauIIA3``, ``radauIIA5``, ``gl4``, ``gl6``.
+    Give them ``dt``; their stages are solved by simplified Newton (see :func:`solve`)."""
+    return list(_IMPLICIT_FIXED)
+
+
+def _positive_int(name: str, value: Any, low: int, high: Optional[int] = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
+    if value < low or (high is not None and value > high):
+        bounds = f"in [{low}, {high}]" if high is not None else f">= {low}"
+        raise ValueError(f"{name} must be {bounds}, got {value}")
+    return value
 
 
 def _span_tensor(tspan: Sequence[Any]) -> torch.Tensor:
@@ -96,6 +134,8 @@ def solve(
     throw_on_failure: bool = True,
     u0: Optional[torch.Tensor] = None,
     jac: Optional[Callable[[torch.Tensor, Any, float], torch.Tensor]] = None,
+    max_order: Optional[int] = None,
+    max_iters: Optional[int] = None,
     _adjoint: Optional[tuple[_C.AdjointOptions, list[torch.Tensor]]] = None,
 ) -> Solution:
     """Solve an :class:`ODEProblem`.
@@ -108,7 +148,11 @@ def solve(
         solver: a method name (see :func:`methods`): fixed step ``euler``, ``midpoint``,
             ``heun2``, ``heun3``, ``ralston``, ``rk4``; adaptive ``adaptive_heun``,
             ``fehlberg2``, ``bosh3``, ``dopri5``, ``tsit5``, ``dopri8``; stiff (see
-            :func:`stiff_methods`) ``rosenbrock23``, ``rodas5``, ``rodas5p``.
+            :func:`stiff_methods`) ``rosenbrock23``, ``rodas5``, ``rodas5p``; fixed-grid
+            Adams (see :func:`adams_methods`) ``explicit_adams``, ``implicit_adams``;
+            fixed-step implicit Runge-Kutta (see :func:`implicit_fixed_methods`)
+            ``implicit_euler``, ``implicit_midpoint``, ``trapezoid``, ``sdirk2``,
+            ``fixed_trbdf2``, ``radauIIA3``, ``radauIIA5``, ``gl4``, ``gl6``.
         saveat: where to save: a spacing (``0.1`` saves at t0, t0 + 0.1, ..., t1), or times
             (a sequence or 1-D tensor, strictly monotone along the span, possibly requiring
             grad). None saves every step.
@@ -127,9 +171,21 @@ def solve(
         throw_on_failure: False returns the partial solution with its ``retcode`` instead of
             raising :class:`SolverError`.
         u0: overrides ``prob.u0``.
-        jac: stiff methods only: the Jacobian df/du, called as ``jac(u, p, t)`` and returning an
-            ``[n, n]`` tensor over the flattened state (``n = u.numel()``). None: built by
-            autograd (one reverse pass per row).
+        jac: stiff and fixed-step implicit methods only: the Jacobian df/du, called as
+            ``jac(u, p, t)`` and returning an ``[n, n]`` tensor over the flattened state
+            (``n = u.numel()``). None: built by autograd (one reverse pass per row).
+        max_order: Adams methods only: the highest order the step history may reach, 1 to 12
+            (default 12, torchdiffeq's): the first two steps are 3/8-rule RK4, then
+            Adams-Bashforth of order 3, 4, ... up to ``max_order - 1``; below 4, every step is
+            RK4.
+        max_iters: ``implicit_adams`` only: the most Adams-Moulton corrector iterations per
+            step (default 4, torchdiffeq's). They stop when successive increments agree to
+            ``rtol``/``atol``; steps that do not are counted in ``stats.nnonconverged`` and a
+            :class:`RuntimeWarning` is issued (the solve goes on, as in torchdiffeq).
+            Fixed-step implicit methods: the most simplified-Newton iterations per step
+            (default 10; the Jacobian is taken once per step, at its start). They stop when the
+            RMS norm of the Newton update scaled by ``atol + rtol |u|`` is below 0.01; steps
+            that do not are counted and warned about in the same way.
         _adjoint: private (:func:`diffeq_adjoint` passes its options and parameters here).
 
     Returns:
@@ -190,13 +246,42 @@ def solve(
     if jac is not None:
         if not callable(jac):
             raise TypeError(f"jac must be callable as jac(u, p, t), got {type(jac).__name__}")
-        if solver not in _C.stiff_methods():
-            raise ValueError(f"jac is used by the stiff methods only, not by {solver!r}")
+        if solver not in _C.stiff_methods() and solver not in _IMPLICIT_FIXED:
+            raise ValueError(
+                f"jac is used by the stiff methods only (and the fixed-step implicit ones), not "
+                f"by {solver!r}"
+            )
 
         def jac_rhs(t: float, u: torch.Tensor) -> torch.Tensor:
             return jac(u, p, t)
 
+    adams = solver in _C.adams_methods()
+    implicit_fixed = solver in _IMPLICIT_FIXED
+    if max_order is not None:
+        if not adams:
+            raise ValueError(f"max_order is an option of the Adams methods only, not of {solver!r}")
+        opts.max_order = _positive_int("max_order", max_order, 1, 12)
+    if max_iters is not None:
+        if not (adams or implicit_fixed):
+            raise ValueError(
+                "max_iters is an option of the Adams and fixed-step implicit methods only, not "
+                f"of {solver!r}"
+            )
+        opts.max_iters = _positive_int("max_iters", max_iters, 1)
+    elif implicit_fixed:
+        opts.max_iters = 10
+
     if _adjoint is not None:
         options, params = _adjoint
         return Solution(_C.solve_adjoint(rhs, state, span, params, opts, options, norm))
-    return Solution(_C.solve(rhs, state, span, opts, norm, jac_rhs))
+    sol = Solution(_C.solve(rhs, state, span, opts, norm, jac_rhs))
+    if sol.stats.nnonconverged:
+        warnings.warn(
+            f"{solver}: the {'Newton' if implicit_fixed else 'corrector'} iteration did not "
+            "converge within max_iters="
+            f"{opts.max_iters} in {sol.stats.nnonconverged} of {sol.stats.naccept} steps; the "
+            "solution may be inaccurate (take smaller steps or raise max_iters)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return sol
