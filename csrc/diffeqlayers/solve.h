@@ -81,6 +81,10 @@ struct SolveOptions {
   std::vector<torch::Tensor> params;
   // Stiff methods (stiff_methods()): a user-supplied Jacobian df/du; empty: built by autograd.
   Jacobian jac;
+  // A split problem u' = f(t, u) + nonstiff(t, u): kencarp4 treats f implicitly and nonstiff
+  // explicitly (IMEX, its additive tableau pair; the Jacobian, jac included, is that of f alone);
+  // every other method solves the sum. Empty: no split.
+  Dynamics nonstiff;
 };
 
 enum class ReturnCode { Success, MaxIters, DtLessThanMin, Unstable };

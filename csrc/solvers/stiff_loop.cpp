@@ -12,6 +12,7 @@
 #include "control/controller.h"
 #include "diffeqlayers/stiff.h"
 #include "integrate/tape.h"
+#include "solvers/esdirk.h"
 #include "solvers/jacobian.h"
 #include "solvers/stiff.h"
 
@@ -25,20 +26,26 @@ std::unique_ptr<Stepper> make_rosenbrock(const std::string& name, const Dynamics
                                          const SolveOptions& o, Stats& stats, bool track);
 }  // namespace stiff
 
-bool is_stiff_method(const std::string& name) { return stiff::is_rosenbrock(name); }
+bool is_stiff_method(const std::string& name) {
+  return stiff::is_rosenbrock(name) || stiff::is_esdirk(name);
+}
 
-std::vector<std::string> stiff_methods() { return {"rodas5", "rodas5p", "rosenbrock23"}; }
+std::vector<std::string> stiff_methods() {
+  return {"kencarp4", "kvaerno5", "rodas5", "rodas5p", "rosenbrock23", "trbdf2"};
+}
 
 namespace stiff {
 
 const MethodInfo& method_info(const std::string& name) {
   TORCH_CHECK_VALUE(is_stiff_method(name), "unknown stiff method '", name, "'");
+  if (is_esdirk(name)) return esdirk_tableau(name).info;
   return rosenbrock_info(name);
 }
 
 std::unique_ptr<Stepper> make_stepper(const std::string& name, const Dynamics& f,
                                       const SolveOptions& o, Stats& stats, bool track) {
   TORCH_CHECK_VALUE(is_stiff_method(name), "unknown stiff method '", name, "'");
+  if (is_esdirk(name)) return make_esdirk(name, f, o, stats, track);
   return make_rosenbrock(name, f, o, stats, track);
 }
 

@@ -9,7 +9,7 @@ from typing import Any, Optional, Union
 import torch
 
 from . import _C
-from .problem import ODEProblem, parameter_tensors
+from .problem import ODEProblem, SplitODEProblem, parameter_tensors
 from .solution import Solution
 
 _CONTROLLERS = {
@@ -25,7 +25,9 @@ def methods() -> list[str]:
 
 
 def stiff_methods() -> list[str]:
-    """Names of the stiff methods (Rosenbrock: ``rosenbrock23``, ``rodas5``, ``rodas5p``)."""
+    """Names of the stiff methods: Rosenbrock ``rosenbrock23``, ``rodas5``, ``rodas5p``; ESDIRK
+    (Newton on each implicit stage) ``kvaerno5``, ``kencarp4`` (IMEX on a
+    :class:`SplitODEProblem`), ``trbdf2``."""
     return list(_C.stiff_methods())
 
 
@@ -108,7 +110,10 @@ def solve(
         solver: a method name (see :func:`methods`): fixed step ``euler``, ``midpoint``,
             ``heun2``, ``heun3``, ``ralston``, ``rk4``; adaptive ``adaptive_heun``,
             ``fehlberg2``, ``bosh3``, ``dopri5``, ``tsit5``, ``dopri8``; stiff (see
-            :func:`stiff_methods`) ``rosenbrock23``, ``rodas5``, ``rodas5p``.
+            :func:`stiff_methods`) Rosenbrock ``rosenbrock23``, ``rodas5``, ``rodas5p`` and
+            ESDIRK ``kvaerno5``, ``kencarp4``, ``trbdf2``. On a :class:`SplitODEProblem`,
+            ``kencarp4`` is IMEX (``f_stiff`` implicit, ``f_nonstiff`` explicit); every other
+            method solves the sum.
         saveat: where to save: a spacing (``0.1`` saves at t0, t0 + 0.1, ..., t1), or times
             (a sequence or 1-D tensor, strictly monotone along the span, possibly requiring
             grad). None saves every step.
@@ -129,7 +134,8 @@ def solve(
         u0: overrides ``prob.u0``.
         jac: stiff methods only: the Jacobian df/du, called as ``jac(u, p, t)`` and returning an
             ``[n, n]`` tensor over the flattened state (``n = u.numel()``). None: built by
-            autograd (one reverse pass per row).
+            autograd (one reverse pass per row). For kencarp4 on a :class:`SplitODEProblem`,
+            the Jacobian of ``f_stiff`` alone.
         _adjoint: private (:func:`diffeq_adjoint` passes its options and parameters here).
 
     Returns:
@@ -192,6 +198,11 @@ def solve(
             raise TypeError(f"jac must be callable as jac(u, p, t), got {type(jac).__name__}")
         if solver not in _C.stiff_methods():
             raise ValueError(f"jac is used by the stiff methods only, not by {solver!r}")
+        if isinstance(prob, SplitODEProblem) and solver != "kencarp4":
+            raise ValueError(
+                "jac of a SplitODEProblem is the Jacobian of f_stiff, used by kencarp4 (IMEX) "
+                f"only; {solver!r} solves f_stiff + f_nonstiff: drop jac or use kencarp4"
+            )
 
         def jac_rhs(t: float, u: torch.Tensor) -> torch.Tensor:
             return jac(u, p, t)
@@ -199,4 +210,15 @@ def solve(
     if _adjoint is not None:
         options, params = _adjoint
         return Solution(_C.solve_adjoint(rhs, state, span, params, opts, options, norm))
-    return Solution(_C.solve(rhs, state, span, opts, norm, jac_rhs))
+    nonstiff_rhs = None
+    if isinstance(prob, SplitODEProblem) and solver == "kencarp4":
+        # IMEX: the implicit part is f_stiff alone, the explicit part goes along separately.
+        f_stiff, f_nonstiff = prob.f_stiff, prob.f_nonstiff
+
+        def rhs(t: float, u: torch.Tensor) -> torch.Tensor:
+            return f_stiff(u, p, t)
+
+        def nonstiff_rhs(t: float, u: torch.Tensor) -> torch.Tensor:
+            return f_nonstiff(u, p, t)
+
+    return Solution(_C.solve(rhs, state, span, opts, norm, jac_rhs, nonstiff_rhs))
