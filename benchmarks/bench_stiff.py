@@ -1,5 +1,6 @@
-"""Stiff benchmark: diffeqlayers' Rosenbrock methods against scipy.integrate.solve_ivp (Radau,
-BDF, LSODA) on two stiff problems, in one process run.
+"""Stiff benchmark: diffeqlayers' stiff methods (ESDIRK kvaerno5, kencarp4, trbdf2 with Newton and
+Jacobian/LU reuse; Rosenbrock rodas5, rodas5p, rosenbrock23) against scipy.integrate.solve_ivp
+(Radau, BDF, LSODA) on two stiff problems, as a work-precision table, in one process run.
 
 1. ROBER (k1 = 0.04, k2 = 3e7, k3 = 1e4), u0 = (1, 0, 0), t in [0, 1e11]; error: the largest
    relative error of y1, y3 at t = 1e11 against the IVP Test Set reference (Mazzia & Magherini).
@@ -7,10 +8,13 @@ BDF, LSODA) on two stiff problems, in one process run.
    periods); error: the largest absolute error of x at t = 0.5, 1.2, 2.0, 2.8, 3.0 against scipy
    Radau at rtol = atol = 1e-11 (computed once here).
 
-Same tolerances for every solver (rtol 1e-6, atol 1e-10 for ROBER; rtol = atol = 1e-6 for Van
-der Pol), float64, f in Python for both libraries (a torch function for diffeqlayers, a NumPy one
-for scipy), the exact Jacobian for scipy, autograd Jacobians for diffeqlayers. Reports steps,
-nfe, Jacobians, LU factorizations, error and the best wall time of --repeats runs.
+Every solver runs at the same tolerance levels (ROBER: rtol 1e-4, 1e-6, 1e-8 with atol = rtol *
+1e-4; Van der Pol: rtol = atol = 1e-4, 1e-6, 1e-8), float64, f in Python for both libraries (a
+torch function for diffeqlayers, a NumPy one for scipy), the exact Jacobian for scipy, autograd
+Jacobians for diffeqlayers. Reports steps, nfe, Jacobians, LU factorizations, error and the best
+wall time of --repeats runs; then, at equal error, the time of each diffeqlayers method relative
+to each scipy run: the fastest diffeqlayers run (over the tolerance levels) whose error is at
+most that scipy run's error, divided by the scipy run's time.
 
     python benchmarks/bench_stiff.py [--repeats 3] [--out benchmarks/results]
 """
@@ -75,8 +79,7 @@ PROBLEMS = {
         u0=[1.0, 0.0, 0.0],
         span=(0.0, 1e11),
         times=[1e11],
-        rtol=1e-6,
-        atol=1e-10,
+        tols=[(1e-4, 1e-8), (1e-6, 1e-10), (1e-8, 1e-12)],
     ),
     "Van der Pol mu=1e3": dict(
         f_t=vdp_t,
@@ -85,10 +88,13 @@ PROBLEMS = {
         u0=[2.0, 0.0],
         span=(0.0, 3.0),
         times=VDP_TIMES,
-        rtol=1e-6,
-        atol=1e-6,
+        tols=[(1e-4, 1e-4), (1e-6, 1e-6), (1e-8, 1e-8)],
     ),
 }
+DL_METHODS = ["kvaerno5", "kencarp4", "trbdf2", "rodas5", "rodas5p", "rosenbrock23"]
+SCIPY_METHODS = ["Radau", "BDF", "LSODA"]
+# The second-order methods take very many steps at tight tolerances: only the looser levels.
+LOOSE_ONLY = {"trbdf2": 1e-6, "rosenbrock23": 1e-6}
 
 
 def error(name, y):
@@ -98,14 +104,14 @@ def error(name, y):
     return float(np.max(np.abs(y[:, 0] - VDP_REF[:, 0])))
 
 
-def run_dl(name, prob, method):
+def run_dl(name, prob, method, rtol, atol):
     p = dl.ODEProblem(prob["f_t"], torch.tensor(prob["u0"], dtype=torch.float64), prob["span"])
     with torch.no_grad():
         sol = dl.solve(
             p,
             method,
-            rtol=prob["rtol"],
-            atol=prob["atol"],
+            rtol=rtol,
+            atol=atol,
             saveat=prob["times"],
             max_num_steps=1_000_000,
         )
@@ -120,14 +126,14 @@ def run_dl(name, prob, method):
     )
 
 
-def run_scipy(name, prob, method):
+def run_scipy(name, prob, method, rtol, atol):
     sol = solve_ivp(
         prob["f_np"],
         prob["span"],
         prob["u0"],
         method=method,
-        rtol=prob["rtol"],
-        atol=prob["atol"],
+        rtol=rtol,
+        atol=atol,
         jac=prob["jac"],
         dense_output=True,
     )
@@ -173,17 +179,26 @@ def main():
     VDP_REF = ref.y.T
     rows = []
     for name, prob in PROBLEMS.items():
-        for method in ["rodas5", "rodas5p", "rosenbrock23"]:
-            r = timed(lambda n=name, q=prob, m=method: run_dl(n, q, m), args.repeats)
-            rows.append((name, f"diffeqlayers {method}", r))
-        for method in ["Radau", "BDF", "LSODA"]:
-            r = timed(lambda n=name, q=prob, m=method: run_scipy(n, q, m), args.repeats)
-            rows.append((name, f"scipy {method}", r))
-        for row in rows[-6:]:
-            print(row, flush=True)
+        for rtol, atol in prob["tols"]:
+            for method in DL_METHODS:
+                if rtol < LOOSE_ONLY.get(method, 0.0):
+                    continue
+                r = timed(
+                    lambda n=name, q=prob, m=method, r=rtol, a=atol: run_dl(n, q, m, r, a),
+                    args.repeats,
+                )
+                rows.append((name, rtol, f"diffeqlayers {method}", r))
+                print(rows[-1], flush=True)
+            for method in SCIPY_METHODS:
+                r = timed(
+                    lambda n=name, q=prob, m=method, r=rtol, a=atol: run_scipy(n, q, m, r, a),
+                    args.repeats,
+                )
+                rows.append((name, rtol, f"scipy {method}", r))
+                print(rows[-1], flush=True)
     fmt = lambda x: "-" if x is None else str(x)  # noqa: E731
     lines = [
-        "# Stiff solvers: diffeqlayers Rosenbrock methods vs scipy.integrate.solve_ivp",
+        "# Stiff solvers: diffeqlayers stiff methods vs scipy.integrate.solve_ivp",
         "",
         f"`python benchmarks/bench_stiff.py --repeats {args.repeats}`; torch "
         f"{torch.__version__}, 1 thread, {platform.processor() or platform.machine()}. "
@@ -192,13 +207,37 @@ def main():
         "error of y1, y3 at 1e11 vs the IVP Test Set; Van der Pol max |x error| at "
         "t = 0.5, 1.2, 2.0, 2.8, 3.0 vs scipy Radau at 1e-11.",
         "",
-        "| problem | solver | steps | rejected | nfe | Jacobians | LUs | error | time [s] |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| problem | rtol | solver | steps | rejected | nfe | Jacobians | LUs | error | time [s] |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, solver, r in rows:
+    for name, rtol, solver, r in rows:
         lines.append(
-            f"| {name} | {solver} | {fmt(r['steps'])} | {fmt(r['rejected'])} | {r['nfe']} | "
-            f"{r['njac']} | {r['nlu']} | {r['err']:.2e} | {r['time']:.3f} |"
+            f"| {name} | {rtol:.0e} | {solver} | {fmt(r['steps'])} | {fmt(r['rejected'])} | "
+            f"{r['nfe']} | {r['njac']} | {r['nlu']} | {r['err']:.2e} | {r['time']:.3f} |"
+        )
+    # Work-precision: time at equal (or better) error relative to each scipy run.
+    lines += [
+        "",
+        "Time at equal error: for each scipy run, the fastest run of the diffeqlayers method "
+        "(any tolerance level) with an error no larger, as a ratio of times (< 1: diffeqlayers "
+        "faster; '-': no run of the method reached that error).",
+        "",
+        "| problem | scipy run (rtol, error) | " + " | ".join(DL_METHODS) + " |",
+        "|---|---|" + "---|" * len(DL_METHODS),
+    ]
+    for name, rtol, solver, r in rows:
+        if not solver.startswith("scipy"):
+            continue
+        cells = []
+        for method in DL_METHODS:
+            times = [
+                q["time"]
+                for n2, _, s2, q in rows
+                if n2 == name and s2 == f"diffeqlayers {method}" and q["err"] <= r["err"]
+            ]
+            cells.append(f"{min(times) / r['time']:.2f}" if times else "-")
+        lines.append(
+            f"| {name} | {solver[6:]} ({rtol:.0e}, {r['err']:.1e}) | " + " | ".join(cells) + " |"
         )
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "stiff.md"), "w") as fh:

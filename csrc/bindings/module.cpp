@@ -58,11 +58,13 @@ using bindings::python_norm;
 using bindings::without_gil;
 
 Solution solve_py(py::object f, const torch::Tensor& u0, const torch::Tensor& tspan,
-                  SolveOptions options, py::object norm, py::object jac) {
+                  SolveOptions options, py::object norm, py::object jac, py::object nonstiff) {
   Dynamics dyn = python_dynamics(std::move(f));
   if (!norm.is_none()) options.norm = python_norm(std::move(norm));
   // The Jacobian of the stiff methods: a callable like f, called as jac(t, u).
   if (!jac.is_none()) options.jac = python_jacobian(std::move(jac));
+  // A split problem's explicitly treated part (kencarp4 IMEX), called like f.
+  if (!nonstiff.is_none()) options.nonstiff = python_dynamics(std::move(nonstiff));
   return without_gil([&] { return solve(dyn, u0, tspan, options); });
 }
 
@@ -170,10 +172,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("tableau", &tableau, py::arg("name"), py::return_value_policy::reference,
         "The Butcher tableau registered under a method name.");
   m.def("methods", &methods, "Names of the registered methods.");
-  m.def("stiff_methods", &stiff_methods, "Names of the stiff (Rosenbrock) methods.");
+  m.def("stiff_methods", &stiff_methods, "Names of the stiff (Rosenbrock and ESDIRK) methods.");
   m.def("adams_methods", &adams_methods, "Names of the fixed-grid Adams methods.");
   m.def("solve", &solve_py, py::arg("f"), py::arg("u0"), py::arg("tspan"), py::arg("options"),
-        py::arg("norm") = py::none(), py::arg("jac") = py::none(),
+        py::arg("norm") = py::none(), py::arg("jac") = py::none(), py::arg("nonstiff") = py::none(),
         "Solve du/dt = f(t, u) from tspan[0] to tspan[1]; f is called as f(t: float, u: Tensor).");
 
   bind_forward_mode(m);

@@ -86,6 +86,10 @@ struct SolveOptions {
   // step of implicit_adams (torchdiffeq's max_iters).
   int64_t max_order = 12;
   int64_t max_iters = 4;
+  // A split problem u' = f(t, u) + nonstiff(t, u): kencarp4 treats f implicitly and nonstiff
+  // explicitly (IMEX, its additive tableau pair; the Jacobian, jac included, is that of f alone);
+  // every other method solves the sum. Empty: no split.
+  Dynamics nonstiff;
 };
 
 enum class ReturnCode { Success, MaxIters, DtLessThanMin, Unstable };

@@ -564,6 +564,20 @@ Solution integrate(const Dynamics& f, const torch::Tensor& u0, const Prepared& p
 
 Solution solve(const Dynamics& f, const torch::Tensor& u0, const torch::Tensor& tspan,
                const SolveOptions& options) {
+  if (options.nonstiff) {
+    // A split problem: kencarp4 takes the parts apart (IMEX); every other method solves the
+    // sum, and so do the time terms (they need the whole right-hand side).
+    TORCH_CHECK_TYPE(static_cast<bool>(f), "f (the dynamics) is empty");
+    const Dynamics& g = options.nonstiff;
+    Dynamics sum = [f, g](double t, const torch::Tensor& u) { return f(t, u) + g(t, u); };
+    SolveOptions o = options;
+    o.nonstiff = Dynamics();
+    if (options.method != "kencarp4") return solve(sum, u0, tspan, o);
+    const detail::Prepared prep = detail::prepare(f, u0, tspan, options);
+    return detail::solve_with_time_terms(
+        sum, u0, tspan, options, prep,
+        [&](const torch::Tensor& u) { return detail::integrate(f, u, prep, options, nullptr); });
+  }
   const detail::Prepared prep = detail::prepare(f, u0, tspan, options);
   return detail::solve_with_time_terms(f, u0, tspan, options, prep, [&](const torch::Tensor& u) {
     return detail::integrate(f, u, prep, options, nullptr);

@@ -44,7 +44,7 @@ torch::Tensor user_jacobian(const Jacobian& jac, double t, const torch::Tensor& 
 }  // namespace
 
 PointDerivatives derivatives(const Dynamics& f, const Jacobian& jac, double t,
-                             const torch::Tensor& u, bool track, Stats& stats) {
+                             const torch::Tensor& u, bool track, Stats& stats, bool with_ft) {
   PointDerivatives d;
   const int64_t n = u.numel();
   ++stats.njac;
@@ -84,6 +84,7 @@ PointDerivatives derivatives(const Dynamics& f, const Jacobian& jac, double t,
     d.f0 = track ? fu : fu.detach();
     if (!track) d.J = d.J.detach();
   }
+  if (!with_ft) return d;
   // df/dt by a central difference, exact for f quadratic in t up to rounding; d = eps^(1/3)
   // max(1, |t|) balances its truncation error O(d^2) against rounding O(eps / d). The steps are
   // exactly representable: (t + d) - t.

@@ -29,9 +29,10 @@ struct PointDerivatives {
 // recorded evaluation of f, suited to the small and medium systems stiff problems usually are.
 // df/dt is a central difference (f(t + d, u) - f(t - d, u)) / 2d with d = eps^(1/3) max(1, |t|)
 // (Dynamics take t as a double, so autograd cannot see it): two more evaluations of f per
-// Jacobian, exactly zero for autonomous f.
+// Jacobian, exactly zero for autonomous f. Without `with_ft` (the implicit Runge-Kutta methods
+// need no df/dt) ft stays undefined and those two evaluations are skipped.
 PointDerivatives derivatives(const Dynamics& f, const Jacobian& jac, double t,
-                             const torch::Tensor& u, bool track, Stats& stats);
+                             const torch::Tensor& u, bool track, Stats& stats, bool with_ft = true);
 
 // An LU factorization of an [n, n] matrix and solves with it. Differentiable (reverse mode
 // through linalg_lu_factor_ex / linalg_lu_solve costs one more factorization-sized product per

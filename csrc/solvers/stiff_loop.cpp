@@ -12,6 +12,7 @@
 #include "control/controller.h"
 #include "diffeqlayers/stiff.h"
 #include "integrate/tape.h"
+#include "solvers/esdirk.h"
 #include "solvers/jacobian.h"
 #include "solvers/stiff.h"
 
@@ -35,9 +36,13 @@ std::unique_ptr<Stepper> make_implicit_fixed(const std::string& name, const Dyna
                                              const SolveOptions& o, Stats& stats, bool track);
 }  // namespace stiff
 
-bool is_stiff_method(const std::string& name) { return stiff::is_rosenbrock(name); }
+bool is_stiff_method(const std::string& name) {
+  return stiff::is_rosenbrock(name) || stiff::is_esdirk(name);
+}
 
-std::vector<std::string> stiff_methods() { return {"rodas5", "rodas5p", "rosenbrock23"}; }
+std::vector<std::string> stiff_methods() {
+  return {"kencarp4", "kvaerno5", "rodas5", "rodas5p", "rosenbrock23", "trbdf2"};
+}
 
 namespace stiff {
 
@@ -45,6 +50,7 @@ const MethodInfo& method_info(const std::string& name) {
   if (is_adams(name)) return adams_info(name);
   if (is_implicit_fixed(name)) return implicit_fixed_info(name);
   TORCH_CHECK_VALUE(is_stiff_method(name), "unknown stiff method '", name, "'");
+  if (is_esdirk(name)) return esdirk_tableau(name).info;
   return rosenbrock_info(name);
 }
 
@@ -53,6 +59,7 @@ std::unique_ptr<Stepper> make_stepper(const std::string& name, const Dynamics& f
   if (is_adams(name)) return make_adams(name, f, o, stats);
   if (is_implicit_fixed(name)) return make_implicit_fixed(name, f, o, stats, track);
   TORCH_CHECK_VALUE(is_stiff_method(name), "unknown stiff method '", name, "'");
+  if (is_esdirk(name)) return make_esdirk(name, f, o, stats, track);
   return make_rosenbrock(name, f, o, stats, track);
 }
 

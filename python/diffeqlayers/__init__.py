@@ -17,7 +17,7 @@ from .adjoint import adjoint_sensealgs, diffeq_adjoint
 from .forward import diffeq_fd, diffeq_jvp
 from .layers import NeuralODE, neural_ode
 from .odeint import odeint, odeint_adjoint, odeint_event
-from .problem import ODEProblem, remake
+from .problem import ODEProblem, SplitODEProblem, remake
 from .sensitivity import diffeq_rd
 from .solution import Solution
 from .solve import adams_methods, implicit_fixed_methods, methods, solve, stiff_methods
@@ -30,6 +30,7 @@ __all__ = [
     "ReturnCode",
     "Solution",
     "SolverError",
+    "SplitODEProblem",
     "Tableau",
     "adams_methods",
     "adjoint_sensealgs",

@@ -51,6 +51,46 @@ class ODEProblem:
         return u0, tspan
 
 
+class SplitODEProblem(ODEProblem):
+    """The split problem ``du/dt = f_stiff(u, p, t) + f_nonstiff(u, p, t)``.
+
+    ``kencarp4`` solves it as an IMEX method: ``f_stiff`` implicitly (its Jacobian alone is
+    taken, and a ``jac`` given to :func:`solve` must be that of ``f_stiff``), ``f_nonstiff``
+    explicitly with the method's explicit companion tableau. Every other method solves the sum
+    ``f = f_stiff + f_nonstiff`` (``prob.f``), so the problem works wherever an
+    :class:`ODEProblem` does.
+
+    Args:
+        f_stiff, f_nonstiff: the two parts, each called as ``f(u, p, t)`` like
+            :class:`ODEProblem`'s ``f``.
+        u0, tspan, p: as for :class:`ODEProblem`.
+    """
+
+    f_stiff: Callable[..., torch.Tensor]
+    f_nonstiff: Callable[..., torch.Tensor]
+
+    def __init__(
+        self,
+        f_stiff: Callable[..., torch.Tensor],
+        f_nonstiff: Callable[..., torch.Tensor],
+        u0: Union[torch.Tensor, Callable[[Any, TimeLike], torch.Tensor]],
+        tspan: Union[tuple[TimeLike, TimeLike], Callable[[Any], Sequence[TimeLike]]],
+        p: Any = None,
+    ) -> None:
+        for name, part in (("f_stiff", f_stiff), ("f_nonstiff", f_nonstiff)):
+            if not callable(part):
+                raise TypeError(
+                    f"{name} must be callable as {name}(u, p, t), got {type(part).__name__}"
+                )
+        object.__setattr__(self, "f_stiff", f_stiff)
+        object.__setattr__(self, "f_nonstiff", f_nonstiff)
+
+        def f(u: torch.Tensor, p: Any, t: float) -> torch.Tensor:
+            return f_stiff(u, p, t) + f_nonstiff(u, p, t)
+
+        super().__init__(f, u0, tspan, p)
+
+
 def _check_span(tspan: Any) -> tuple[TimeLike, TimeLike]:
     if not isinstance(tspan, (Sequence, torch.Tensor)) or len(tspan) != 2:
         raise ValueError(f"tspan must be a pair (t0, t1), got {tspan!r}")
@@ -66,6 +106,16 @@ def remake(
         for name, value in (("f", f), ("u0", u0), ("tspan", tspan), ("p", p))
         if value is not _UNSET
     }
+    if isinstance(prob, SplitODEProblem):
+        if "f" in changes:
+            raise ValueError("remake of a SplitODEProblem cannot replace f: build a new problem")
+        return SplitODEProblem(
+            prob.f_stiff,
+            prob.f_nonstiff,
+            changes.get("u0", prob.u0),
+            changes.get("tspan", prob.tspan),
+            changes.get("p", prob.p),
+        )
     return dataclasses.replace(prob, **changes)
 
 

@@ -10,7 +10,7 @@ from typing import Any, Optional, Union
 import torch
 
 from . import _C
-from .problem import ODEProblem, parameter_tensors
+from .problem import ODEProblem, SplitODEProblem, parameter_tensors
 from .solution import Solution
 
 _CONTROLLERS = {
@@ -26,7 +26,9 @@ def methods() -> list[str]:
 
 
 def stiff_methods() -> list[str]:
-    """Names of the stiff methods (Rosenbrock: ``rosenbrock23``, ``rodas5``, ``rodas5p``)."""
+    """Names of the stiff methods: Rosenbrock ``rosenbrock23``, ``rodas5``, ``rodas5p``; ESDIRK
+    (Newton on each implicit stage) ``kvaerno5``, ``kencarp4`` (IMEX on a
+    :class:`SplitODEProblem`), ``trbdf2``."""
     return list(_C.stiff_methods())
 
 
@@ -148,11 +150,14 @@ def solve(
         solver: a method name (see :func:`methods`): fixed step ``euler``, ``midpoint``,
             ``heun2``, ``heun3``, ``ralston``, ``rk4``; adaptive ``adaptive_heun``,
             ``fehlberg2``, ``bosh3``, ``dopri5``, ``tsit5``, ``dopri8``; stiff (see
-            :func:`stiff_methods`) ``rosenbrock23``, ``rodas5``, ``rodas5p``; fixed-grid
-            Adams (see :func:`adams_methods`) ``explicit_adams``, ``implicit_adams``;
-            fixed-step implicit Runge-Kutta (see :func:`implicit_fixed_methods`)
-            ``implicit_euler``, ``implicit_midpoint``, ``trapezoid``, ``sdirk2``,
-            ``fixed_trbdf2``, ``radauIIA3``, ``radauIIA5``, ``gl4``, ``gl6``.
+            :func:`stiff_methods`) Rosenbrock ``rosenbrock23``, ``rodas5``, ``rodas5p`` and
+            ESDIRK ``kvaerno5``, ``kencarp4``, ``trbdf2`` (on a :class:`SplitODEProblem`,
+            ``kencarp4`` is IMEX: ``f_stiff`` implicit, ``f_nonstiff`` explicit; every other
+            method solves the sum); fixed-grid Adams (see :func:`adams_methods`)
+            ``explicit_adams``, ``implicit_adams``; fixed-step implicit Runge-Kutta (see
+            :func:`implicit_fixed_methods`) ``implicit_euler``, ``implicit_midpoint``,
+            ``trapezoid``, ``sdirk2``, ``fixed_trbdf2``, ``radauIIA3``, ``radauIIA5``, ``gl4``,
+            ``gl6``.
         saveat: where to save: a spacing (``0.1`` saves at t0, t0 + 0.1, ..., t1), or times
             (a sequence or 1-D tensor, strictly monotone along the span, possibly requiring
             grad). None saves every step.
@@ -173,7 +178,8 @@ def solve(
         u0: overrides ``prob.u0``.
         jac: stiff and fixed-step implicit methods only: the Jacobian df/du, called as
             ``jac(u, p, t)`` and returning an ``[n, n]`` tensor over the flattened state
-            (``n = u.numel()``). None: built by autograd (one reverse pass per row).
+            (``n = u.numel()``). None: built by autograd (one reverse pass per row). For
+            kencarp4 on a :class:`SplitODEProblem`, the Jacobian of ``f_stiff`` alone.
         max_order: Adams methods only: the highest order the step history may reach, 1 to 12
             (default 12, torchdiffeq's): the first two steps are 3/8-rule RK4, then
             Adams-Bashforth of order 3, 4, ... up to ``max_order - 1``; below 4, every step is
@@ -251,6 +257,11 @@ def solve(
                 f"jac is used by the stiff methods only (and the fixed-step implicit ones), not "
                 f"by {solver!r}"
             )
+        if isinstance(prob, SplitODEProblem) and solver != "kencarp4":
+            raise ValueError(
+                "jac of a SplitODEProblem is the Jacobian of f_stiff, used by kencarp4 (IMEX) "
+                f"only; {solver!r} solves f_stiff + f_nonstiff: drop jac or use kencarp4"
+            )
 
         def jac_rhs(t: float, u: torch.Tensor) -> torch.Tensor:
             return jac(u, p, t)
@@ -274,7 +285,18 @@ def solve(
     if _adjoint is not None:
         options, params = _adjoint
         return Solution(_C.solve_adjoint(rhs, state, span, params, opts, options, norm))
-    sol = Solution(_C.solve(rhs, state, span, opts, norm, jac_rhs))
+    nonstiff_rhs = None
+    if isinstance(prob, SplitODEProblem) and solver == "kencarp4":
+        # IMEX: the implicit part is f_stiff alone, the explicit part goes along separately.
+        f_stiff, f_nonstiff = prob.f_stiff, prob.f_nonstiff
+
+        def rhs(t: float, u: torch.Tensor) -> torch.Tensor:
+            return f_stiff(u, p, t)
+
+        def nonstiff_rhs(t: float, u: torch.Tensor) -> torch.Tensor:
+            return f_nonstiff(u, p, t)
+
+    sol = Solution(_C.solve(rhs, state, span, opts, norm, jac_rhs, nonstiff_rhs))
     if sol.stats.nnonconverged:
         warnings.warn(
             f"{solver}: the {'Newton' if implicit_fixed else 'corrector'} iteration did not "

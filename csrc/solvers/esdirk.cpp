@@ -1,0 +1,422 @@
+// ESDIRK methods (singly diagonally implicit Runge-Kutta with an explicit first stage):
+// kvaerno5 (Kvaerno 2004, order 5(4)), kencarp4 (Kennedy & Carpenter 2003, ARK4(3)6L[2]SA, also
+// as an IMEX method on split problems) and trbdf2 (Bank et al. 1985 / Hosea & Shampine 1996).
+//
+// Every implicit stage z - h gamma f(t_i, z) = psi_i is solved by a simplified Newton iteration
+// with the iteration matrix W = I - h' gamma J, where J is a Jacobian taken at the start of some
+// earlier step and h' the step size W was factored for. J and the LU of W are kept across
+// stages and steps: W is refactored when h gamma moved by more than kRefactor relative to h'
+// gamma (the iteration still converges with a mismatched W, only more slowly) or when Newton
+// converged slowly with a mismatched W; J is refreshed when Newton converged slowly with W
+// factored for the step's own h, or failed with a J from an earlier point. A failed Newton
+// iteration (divergence, predicted or actual iteration limit) with a fresh J, or a singular W,
+// is a step failure: the loop retries with a quarter step.
+//
+// Gradients (diffeq_rd): the Newton iterations run without grad on detached values. When
+// something upstream requires grad, each stage then takes ONE differentiable Newton correction
+//   z = z* - W*^-1 (z* - h gamma f(t_i, z*) - psi_i),   W* = I - h gamma J(z*)  (exact, detached)
+// from the converged z*. Its value is z* to within the (squared) Newton error, and its derivative
+// with respect to psi_i and the parameters of f is W*^-1 (d psi_i + h gamma df/dp) -- the
+// implicit-function-theorem derivative of the stage equation, not that of the iteration. Cost
+// under grad: one more Jacobian (n reverse passes through f), one LU and one evaluation of f per
+// implicit stage in the forward pass; backward is one pair of triangular solves and one
+// vector-Jacobian product of f per stage, with no second-order terms.
+#include "solvers/esdirk.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "core/lincomb.h"
+#include "integrate/tape.h"
+#include "solvers/jacobian.h"
+
+namespace diffeqlayers {
+namespace stiff {
+namespace {
+
+constexpr int kMaxNewton = 10;      // iterations per stage
+constexpr double kRefactor = 0.2;   // refactor W when |h gamma / (h' gamma) - 1| exceeds this
+constexpr double kSlowTheta = 0.1;  // a contraction rate above this refreshes J next step
+constexpr double kKappa = 0.05;     // Newton tolerance, in units of the error test
+constexpr double kDiverged = 0.99;  // a contraction rate above this is divergence
+
+std::vector<double> row_plus_gamma(const std::vector<double>& a, double gamma) {
+  std::vector<double> r = a;
+  r.push_back(gamma);
+  return r;
+}
+
+EsdirkTableau finish(EsdirkTableau t) {
+  if (t.b.empty()) t.b = row_plus_gamma(t.a.back(), t.gamma);  // stiffly accurate
+  return t;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Kvaerno5: A. Kvaerno, "Singly diagonally implicit Runge-Kutta methods with an explicit first
+// stage", BIT Numer. Math. 44 (2004) 489-502, the 7-stage order-5(4) method (gamma = 0.26); both
+// the solution (stage 7) and the embedded solution (stage 6) are stiffly accurate, so the error
+// estimate is z_7 - z_6. Numbers (data only) as printed in the tableau of diffrax
+// (diffrax/_solver/kvaerno5.py, Apache-2.0), which transcribes the paper.
+const EsdirkTableau& kvaerno5() {
+  static const EsdirkTableau t = [] {
+    EsdirkTableau t;
+    t.gamma = 0.26;
+    t.a = {
+        {},
+        {0.26},
+        {0.13, 0.84033320996790809},
+        {0.22371961478320505, 0.47675532319799699, -0.06470895363112615},
+        {0.16648564323248321, 0.10450018841591720, 0.03631482272098715, -0.13090704451073998},
+        {0.13855640231268224, 0.0, -0.04245337201752043, 0.02446657898003141, 0.61943039072480676},
+        {0.13659751177640291, 0.0, -0.05496908796538376, -0.04118626728321046, 0.62993304899016403,
+         0.06962479448202728}};
+    t.bhat = row_plus_gamma(t.a[5], t.gamma);
+    t.bhat.push_back(0.0);
+    t.c = {0.0, 0.52, 1.230333209967908, 0.8957659843500759, 0.43639360985864756, 1.0, 1.0};
+    t.info = MethodInfo{"kvaerno5", 5, 4, nullptr,
+                        "Kvaerno, BIT 44 (2004) 489-502, ESDIRK 5(4) with 7 stages"};
+    return finish(t);
+  }();
+  return t;
+}
+
+// ---------------------------------------------------------------------------------------------
+// KenCarp4: C. A. Kennedy and M. H. Carpenter, "Additive Runge-Kutta schemes for
+// convection-diffusion-reaction equations", Appl. Numer. Math. 44 (2003) 139-181, ARK4(3)6L[2]SA:
+// the ESDIRK (gamma = 1/4, L-stable, stiffly accurate), its explicit companion, the shared
+// weights b and bhat, and the dense output b*_j(theta) = sum_k b*_jk theta^k (k = 1..3, table 5
+// of the paper's appendix). Numbers (data only) as printed in diffrax/_solver/kencarp4.py
+// (Apache-2.0), which transcribes the paper's rationals.
+const EsdirkTableau& kencarp4() {
+  static EsdirkTableau t = [] {
+    EsdirkTableau t;
+    t.gamma = 0.25;
+    t.a = {{},
+           {0.25},
+           {8611.0 / 62500.0, -1743.0 / 31250.0},
+           {5012029.0 / 34652500.0, -654441.0 / 2922500.0, 174375.0 / 388108.0},
+           {15267082809.0 / 155376265600.0, -71443401.0 / 120774400.0, 730878875.0 / 902184768.0,
+            2285395.0 / 8070912.0},
+           {82889.0 / 524892.0, 0.0, 15625.0 / 83664.0, 69875.0 / 102672.0, -2260.0 / 8211.0}};
+    t.ae = {
+        {},
+        {0.5},
+        {13861.0 / 62500.0, 6889.0 / 62500.0},
+        {-116923316275.0 / 2393684061468.0, -2731218467317.0 / 15368042101831.0,
+         9408046702089.0 / 11113171139209.0},
+        {-451086348788.0 / 2902428689909.0, -2682348792572.0 / 7519795681897.0,
+         12662868775082.0 / 11960479115383.0, 3355817975965.0 / 11060851509271.0},
+        {647845179188.0 / 3216320057751.0, 73281519250.0 / 8382639484533.0,
+         552539513391.0 / 3454668386233.0, 3354512671639.0 / 8306763924573.0, 4040.0 / 17871.0}};
+    t.bhat = {4586570599.0 / 29645900160.0, 0.0,
+              178811875.0 / 945068544.0,    814220225.0 / 1159782912.0,
+              -3700637.0 / 11593932.0,      61727.0 / 225920.0};
+    t.c = {0.0, 0.5, 83.0 / 250.0, 31.0 / 50.0, 17.0 / 20.0, 1.0};
+    t.interpolant.name = "kencarp4";
+    t.interpolant.order = 4;
+    t.interpolant.dense_order = 3;
+    // b*_jk for theta^1, theta^2, theta^3 (diffrax lists each row from theta^3 down).
+    t.interpolant.dense = {
+        {6943876665148.0 / 7220017795957.0, -54480133.0 / 30881146.0,
+         6818779379841.0 / 7100303317025.0},
+        {0.0, 0.0, 0.0},
+        {7640104374378.0 / 9702883013639.0, -11436875.0 / 14766696.0,
+         2173542590792.0 / 12501825683035.0},
+        {-20649996744609.0 / 7521556579894.0, 174696575.0 / 18121608.0,
+         -31592104683404.0 / 5083833661969.0},
+        {8854892464581.0 / 2390941311638.0, -12120380.0 / 966161.0,
+         61146701046299.0 / 7138195549469.0},
+        {-11397109935349.0 / 6675773540249.0, 3843.0 / 706.0, -17219254887155.0 / 4939391667607.0}};
+    t.info = MethodInfo{"kencarp4", 4, 3, nullptr,
+                        "Kennedy & Carpenter, Appl. Numer. Math. 44 (2003) 139-181, "
+                        "ARK4(3)6L[2]SA (ESDIRK and explicit companion, own dense output)"};
+    return finish(t);
+  }();
+  static const bool linked = [] {
+    t.info.interpolant = &t.interpolant;
+    return true;
+  }();
+  (void)linked;
+  return t;
+}
+
+// ---------------------------------------------------------------------------------------------
+// TR-BDF2: R. E. Bank et al., IEEE Trans. CAD 4 (1985); as an ESDIRK with gamma = 2 - sqrt 2 and
+// diagonal d = gamma / 2 (M. E. Hosea and L. F. Shampine, "Analysis and implementation of
+// TR-BDF2", Appl. Numer. Math. 20 (1996) 21-37): a trapezoidal stage to t + gamma h, then BDF2,
+//   c = (0, gamma, 1), a_2 = (d, d), a_3 = (w, w, d), w = sqrt 2 / 4, b = a_3 (L-stable, order 2),
+// with their third-order embedded weights bhat = ((1 - w)/3, (3w + 1)/3, d/3).
+const EsdirkTableau& trbdf2() {
+  static const EsdirkTableau t = [] {
+    EsdirkTableau t;
+    const double gamma = 2.0 - std::sqrt(2.0), d = gamma / 2.0, w = std::sqrt(2.0) / 4.0;
+    t.gamma = d;
+    t.a = {{}, {d}, {w, w}};
+    t.bhat = {(1.0 - w) / 3.0, (3.0 * w + 1.0) / 3.0, d / 3.0};
+    t.filter_error = true;
+    t.c = {0.0, gamma, 1.0};
+    t.info = MethodInfo{"trbdf2", 2, 3, nullptr,
+                        "Bank et al. 1985; Hosea & Shampine, Appl. Numer. Math. 20 (1996) "
+                        "21-37 (gamma = 2 - sqrt 2, third-order embedded estimate)"};
+    return finish(t);
+  }();
+  return t;
+}
+
+class EsdirkStepper : public Stepper {
+ public:
+  EsdirkStepper(const EsdirkTableau& m, const Dynamics& f, const SolveOptions& o, Stats& stats,
+                bool track)
+      : m_(m), f_(f), o_(o), stats_(stats), track_(track) {
+    split_ = static_cast<bool>(o.nonstiff) && !m.ae.empty();
+    // Newton stops when its estimated error is below kappa in the units of the error test
+    // (atol + rtol |u|); at tiny rtol no tighter than ten roundoffs of u.
+    // Fixed steps have no smaller step to fall back on: iterate longer, fail only on divergence.
+    fixed_ = !(o.adaptive && m.info.adaptive());
+    max_newton_ = fixed_ ? 50 : kMaxNewton;
+    kappa_ = o.rtol > 0 ? std::max(kKappa, 10.0 * std::numeric_limits<double>::epsilon() / o.rtol)
+                        : kKappa;
+  }
+  const MethodInfo& info() const override { return m_.info; }
+
+  StepResult step(double t, const torch::Tensor& u, double h, bool new_point) override {
+    if (new_point || !f0_.defined()) {
+      jac_at_point_ = false;
+      f0_ = torch::Tensor();
+      if (!J_.defined() || refresh_J_) take_jacobian(t, u);  // gives f0 too (without track)
+      if (!f0_.defined()) f0_ = eval(t, u, /*grad=*/track_);
+      g0_ = split_ ? eval_g(t, u) : torch::Tensor();
+    }
+    StepResult r;
+    for (int attempt = 0;; ++attempt) {
+      std::string why;
+      if (try_step(t, u, h, r, why)) return r;
+      if (jac_at_point_ || attempt > 0) {
+        r = StepResult();
+        r.failure = why;
+        return r;
+      }
+      // The Jacobian was taken at an earlier point: retry once with a fresh one.
+      take_jacobian(t, u);
+    }
+  }
+
+ private:
+  torch::Tensor eval(double t, const torch::Tensor& z, bool grad) {
+    if (grad) return eval_f(f_, t, z, stats_);
+    at::NoGradGuard g;
+    return eval_f(f_, t, z.detach(), stats_);
+  }
+  torch::Tensor eval_g(double t, const torch::Tensor& z) {
+    return detail::checked_eval(o_.nonstiff, t, z, stats_.nfe);
+  }
+
+  // J at (t, u), detached; refactoring follows.
+  void take_jacobian(double t, const torch::Tensor& u) {
+    PointDerivatives d = derivatives(f_, o_.jac, t, u.detach(), /*track=*/false, stats_,
+                                     /*with_ft=*/false);
+    J_ = d.J;
+    if (!track_) f0_ = d.f0.detach();
+    jac_at_point_ = true;
+    refresh_J_ = false;
+    lu_hg_ = 0.0;  // refactor
+  }
+
+  bool ensure_lu(double hg, const torch::Tensor& u) {
+    if (!force_refactor_ && lu_hg_ != 0.0 && std::abs(hg / lu_hg_ - 1.0) <= kRefactor) return true;
+    force_refactor_ = false;
+    const int64_t n = u.numel();
+    torch::Tensor W = at::eye(n, J_.options()) - hg * J_;
+    if (!lu_.factor(W, stats_)) {
+      lu_hg_ = 0.0;
+      return false;
+    }
+    lu_hg_ = hg;
+    return true;
+  }
+
+  double norm(const torch::Tensor& x) const {
+    return (x * inv_scale_).pow(2).mean().sqrt().item<double>();
+  }
+
+  // Simplified Newton for z - hg f(ti, z) = psi from the predictor z (detached, overwritten).
+  bool newton(double ti, double hg, const torch::Tensor& psi, torch::Tensor& z, std::string& why) {
+    at::NoGradGuard g;
+    eta_ = std::pow(std::max(eta_, std::numeric_limits<double>::epsilon()), 0.8);
+    double prev = 0.0;
+    for (int it = 0; it < max_newton_; ++it) {
+      torch::Tensor fz = eval_f(f_, ti, z, stats_);
+      torch::Tensor G = z - hg * fz - psi;
+      torch::Tensor dz = lu_.solve(G).neg_();
+      z = z + dz;
+      const double nd = norm(dz);
+      if (!std::isfinite(nd)) {
+        why = "the Newton iteration produced a non-finite state";
+        return false;
+      }
+      if (it > 0) {
+        const double theta = prev > 0 ? nd / prev : 0.0;
+        theta_max_ = std::max(theta_max_, theta);
+        if (theta >= kDiverged) {
+          why = "the Newton iteration diverged (contraction " + fmt(theta) + ")";
+          return false;
+        }
+        eta_ = theta / (1.0 - theta);
+        // Predicted not to converge within the remaining iterations.
+        if (!fixed_ && it < max_newton_ - 1 &&
+            std::pow(theta, max_newton_ - 1 - it) / (1.0 - theta) * nd > kappa_) {
+          why = "the Newton iteration converges too slowly (contraction " + fmt(theta) + ")";
+          return false;
+        }
+      }
+      if (nd == 0.0 || eta_ * nd <= kappa_) return true;
+      prev = nd;
+    }
+    why = "the Newton iteration did not converge in " + std::to_string(max_newton_) + " iterations";
+    return false;
+  }
+
+  bool try_step(double t, const torch::Tensor& u, double h, StepResult& r, std::string& why) {
+    const double hg = h * m_.gamma;
+    if (!ensure_lu(hg, u)) {
+      why = "the iteration matrix I - h gamma J is singular";
+      return false;
+    }
+    {
+      at::NoGradGuard g;
+      torch::Tensor ua = u.detach().abs();
+      inv_scale_ = (ua * o_.rtol + o_.atol).reciprocal();
+    }
+    theta_max_ = 0.0;
+    const size_t s = m_.stages();
+    std::vector<torch::Tensor> k(s), gk(s);
+    k[0] = f0_;
+    if (split_) gk[0] = g0_;
+    torch::Tensor z;
+    for (size_t i = 1; i < s; ++i) {
+      const double ti = t + m_.c[i] * h;
+      std::vector<torch::Tensor> terms;
+      std::vector<double> w;
+      for (size_t j = 0; j < i; ++j) {
+        if (m_.a[i][j] != 0.0) {
+          terms.push_back(k[j]);
+          w.push_back(h * m_.a[i][j]);
+        }
+        if (split_ && m_.ae[i][j] != 0.0) {
+          terms.push_back(gk[j]);
+          w.push_back(h * m_.ae[i][j]);
+        }
+      }
+      torch::Tensor psi = lincomb(u, terms, w);
+      torch::Tensor psid = psi.detach();
+      // Predictor: the previous stage value (u for the first implicit stage). Explicit
+      // extrapolations (psi + h gamma k_{i-1}) start far off on ROBER and Van der Pol and make
+      // Newton fail or crawl at large steps; the previous stage is robust there.
+      z = i == 1 ? u.detach() : z.detach();
+      if (!newton(ti, hg, psid, z, why)) {
+        eta_ = 1.0;
+        return false;
+      }
+      if (track_) {
+        // One differentiable Newton correction with the exact Jacobian at the converged z*.
+        PointDerivatives d = derivatives(f_, o_.jac, ti, z, /*track=*/false, stats_,
+                                         /*with_ft=*/false);
+        LU exact;
+        const int64_t n = u.numel();
+        if (!exact.factor(at::eye(n, d.J.options()) - hg * d.J, stats_)) {
+          why = "the iteration matrix I - h gamma J(z) at a converged stage is singular";
+          return false;
+        }
+        torch::Tensor G = z - hg * eval(ti, z, /*grad=*/true) - psi;
+        z = z - exact.solve(G);
+      }
+      k[i] = (z - psi) / hg;
+      if (split_) gk[i] = eval_g(ti, z);
+    }
+    // Slow convergence: first refactor W for the current step size (a mismatched h explains a
+    // contraction of about |h / h' - 1|); slow again with W factored for exactly this h: new J.
+    if (theta_max_ > kSlowTheta) {
+      if (hg == lu_hg_)
+        refresh_J_ = true;
+      else
+        force_refactor_ = true;
+    }
+
+    std::vector<torch::Tensor> kk(s);
+    for (size_t j = 0; j < s; ++j) kk[j] = split_ ? k[j] + gk[j] : k[j];
+    {
+      std::vector<torch::Tensor> terms;
+      std::vector<double> w;
+      for (size_t j = 0; j < s; ++j)
+        if (m_.b[j] != 0.0) {
+          terms.push_back(kk[j]);
+          w.push_back(h * m_.b[j]);
+        }
+      // Stiffly accurate without an explicit part: u_new is the last stage itself.
+      r.unew = split_ ? lincomb(u, terms, w) : z;
+    }
+    {
+      at::NoGradGuard g;
+      std::vector<torch::Tensor> terms;
+      std::vector<double> w;
+      for (size_t j = 0; j < s; ++j)
+        if (m_.b[j] != m_.bhat[j]) {
+          terms.push_back(kk[j].detach());
+          w.push_back(h * (m_.b[j] - m_.bhat[j]));
+        }
+      r.err = lincomb(torch::Tensor(), terms, w);
+      // trbdf2: the estimate filtered through W^-1 = (I - h gamma J)^-1 (Shampine's device for
+      // stiff problems; unfiltered, stiff components inflate it and ROBER crawls at h ~ 1e-2).
+      if (m_.filter_error) r.err = lu_.solve(r.err);
+    }
+    r.f0 = kk[0];
+    if (!m_.interpolant.dense.empty()) r.dense_terms = kk;
+    return true;
+  }
+
+  const EsdirkTableau& m_;
+  const Dynamics& f_;
+  const SolveOptions& o_;
+  Stats& stats_;
+  bool track_;
+  bool split_ = false;
+  double kappa_ = 0.03;
+
+  torch::Tensor J_;     // detached Jacobian, from the start of some step
+  LU lu_;               // of I - lu_hg_ J_
+  double lu_hg_ = 0.0;  // 0: no valid factorization
+  bool jac_at_point_ = false;
+  bool refresh_J_ = false;
+  torch::Tensor f0_, g0_;  // f and g at the current point
+  torch::Tensor inv_scale_;
+  double eta_ = 1.0;
+  double theta_max_ = 0.0;
+  bool force_refactor_ = false;
+  bool fixed_ = false;
+  int max_newton_ = kMaxNewton;
+};
+
+}  // namespace
+
+bool is_esdirk(const std::string& name) {
+  return name == "kvaerno5" || name == "kencarp4" || name == "trbdf2";
+}
+
+const EsdirkTableau& esdirk_tableau(const std::string& name) {
+  if (name == "kvaerno5") return kvaerno5();
+  if (name == "kencarp4") return kencarp4();
+  TORCH_CHECK_VALUE(name == "trbdf2", "unknown ESDIRK method '", name, "'");
+  return trbdf2();
+}
+
+std::unique_ptr<Stepper> make_esdirk(const std::string& name, const Dynamics& f,
+                                     const SolveOptions& o, Stats& stats, bool track) {
+  return std::make_unique<EsdirkStepper>(esdirk_tableau(name), f, o, stats, track);
+}
+
+}  // namespace stiff
+}  // namespace diffeqlayers
