@@ -16,6 +16,7 @@ from ._C import AdjointStats, ControllerOptions, ReturnCode, SolverError, Tablea
 from .adjoint import adjoint_sensealgs, diffeq_adjoint
 from .forward import diffeq_fd, diffeq_jvp
 from .layers import NeuralODE, neural_ode
+from .mlp import MLP, mlp_activations
 from .odeint import odeint, odeint_adjoint, odeint_event
 from .problem import ODEProblem, remake
 from .sensitivity import diffeq_rd
@@ -24,6 +25,7 @@ from .solve import methods, solve, stiff_methods
 
 __all__ = [
     "AdjointStats",
+    "MLP",
     "ControllerOptions",
     "NeuralODE",
     "ODEProblem",
@@ -37,6 +39,7 @@ __all__ = [
     "diffeq_jvp",
     "diffeq_rd",
     "methods",
+    "mlp_activations",
     "neural_ode",
     "odeint",
     "odeint_adjoint",

@@ -9,6 +9,7 @@ from typing import Any, Optional, Union
 import torch
 
 from . import _C
+from .mlp import MLPRhs
 from .problem import ODEProblem, parameter_tensors
 from .solution import Solution
 
@@ -186,6 +187,9 @@ def solve(
     def rhs(t: float, u: torch.Tensor) -> torch.Tensor:
         return f(u, p, t)
 
+    # Dynamics evaluated in C++ (the built-in MLP): the solve then never enters Python per step.
+    native = f.native_dynamics() if isinstance(f, MLPRhs) else None
+
     jac_rhs = None
     if jac is not None:
         if not callable(jac):
@@ -198,5 +202,5 @@ def solve(
 
     if _adjoint is not None:
         options, params = _adjoint
-        return Solution(_C.solve_adjoint(rhs, state, span, params, opts, options, norm))
-    return Solution(_C.solve(rhs, state, span, opts, norm, jac_rhs))
+        return Solution(_C.solve_adjoint(native or rhs, state, span, params, opts, options, norm))
+    return Solution(_C.solve(native or rhs, state, span, opts, norm, jac_rhs))
