@@ -12,6 +12,7 @@
 #include <utility>
 #include <vector>
 
+#include "bindings/native_dynamics.h"
 #include "bindings/python_callbacks.h"
 #include "diffeqlayers/adjoint.h"
 
@@ -19,7 +20,6 @@ namespace py = pybind11;
 using namespace diffeqlayers;
 
 namespace diffeqlayers::bindings {
-Dynamics python_dynamics(py::object f);  // module.cpp
 ErrorNorm python_norm(py::object norm);  // module.cpp
 }  // namespace diffeqlayers::bindings
 
@@ -76,8 +76,10 @@ void bind_adjoint(py::module& m) {
       [](py::object f, const torch::Tensor& u0, const torch::Tensor& tspan,
          const std::vector<torch::Tensor>& params, SolveOptions options, AdjointOptions adjoint,
          py::object norm) {
-        Dynamics dyn = bindings::python_dynamics(std::move(f));
-        adjoint.backward_dynamics = backward_dynamics(dyn);
+        bool native = false;
+        Dynamics dyn = bindings::dynamics_from(std::move(f), &native);
+        // Native dynamics raise C++ exceptions only, which the engine transports as they are.
+        if (!native) adjoint.backward_dynamics = backward_dynamics(dyn);
         if (!norm.is_none()) options.norm = bindings::python_norm(std::move(norm));
         return without_gil([&] { return solve_adjoint(dyn, u0, tspan, params, options, adjoint); });
       },

@@ -6,6 +6,7 @@
 
 #include <sstream>
 
+#include "bindings/native_dynamics.h"
 #include "bindings/python_callbacks.h"
 #include "diffeqlayers/diffeqlayers.h"
 
@@ -59,7 +60,8 @@ using bindings::without_gil;
 
 Solution solve_py(py::object f, const torch::Tensor& u0, const torch::Tensor& tspan,
                   SolveOptions options, py::object norm, py::object jac, py::object nonstiff) {
-  Dynamics dyn = python_dynamics(std::move(f));
+  // A NativeDynamics (the built-in MLP) runs without the GIL for the whole solve.
+  Dynamics dyn = bindings::dynamics_from(std::move(f));
   if (!norm.is_none()) options.norm = python_norm(std::move(norm));
   // The Jacobian of the stiff methods: a callable like f, called as jac(t, u).
   if (!jac.is_none()) options.jac = python_jacobian(std::move(jac));
@@ -72,6 +74,7 @@ Solution solve_py(py::object f, const torch::Tensor& u0, const torch::Tensor& ts
 
 void bind_forward_mode(py::module& m);  // bind_forward_mode.cpp
 void bind_adjoint(py::module& m);       // bind_adjoint.cpp
+void bind_mlp(py::module& m);           // bind_mlp.cpp
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "diffeqlayers C++ core: explicit Runge-Kutta solvers on torch tensors";
@@ -180,4 +183,5 @@ PYBIND11_MODULE(_C, m) {
 
   bind_forward_mode(m);
   bind_adjoint(m);
+  bind_mlp(m);
 }

@@ -100,7 +100,20 @@ struct LinComb : public torch::autograd::Function<LinComb> {
     const std::vector<double> w = ctx->saved_data["w"].toDoubleVector();
     variable_list grads;
     grads.reserve(w.size() + 1);
-    for (double wj : w) grads.push_back(!g.defined() ? torch::Tensor() : (wj == 1.0 ? g : g * wj));
+    if (!g.defined()) {
+      grads.resize(w.size() + 1);
+      return grads;
+    }
+    // Every g * w_j from one broadcast multiplication by the weights in g's dtype: the same
+    // products as separate g * w_j (which round w_j to g's dtype too), without converting a
+    // scalar to a tensor per term, which costs more than the product on small states.
+    const int64_t n = static_cast<int64_t>(w.size());
+    std::vector<int64_t> shape(static_cast<size_t>(g.dim()) + 1, 1);
+    shape[0] = n;
+    torch::Tensor wt = at::tensor(w, g.options()).view(shape);
+    std::vector<torch::Tensor> scaled = at::mul(g.unsqueeze(0), wt).unbind(0);
+    for (int64_t j = 0; j < n; ++j)
+      grads.push_back(w[static_cast<size_t>(j)] == 1.0 ? g : scaled[static_cast<size_t>(j)]);
     grads.push_back(torch::Tensor());  // the weights
     return grads;
   }

@@ -1,6 +1,8 @@
 // diffeqlayers::NeuralODE: an ODE whose right-hand side is a torch::nn::Module, as a module.
 #include "diffeqlayers/neural_ode.h"
 
+#include "diffeqlayers/mlp.h"
+
 namespace diffeqlayers {
 
 namespace {
@@ -33,7 +35,10 @@ torch::Tensor NeuralODEImpl::forward(const torch::Tensor& x) {
   so.saveat = trajectory ? options_.saveat()
                          : torch::tensor({options_.t1()}, torch::dtype(torch::kFloat64));
   for (const auto& p : parameters()) so.params.push_back(p);
-  Dynamics f = [this](double, const torch::Tensor& u) { return func_.forward(u); };
+  // The built-in MLP is evaluated directly (no AnyModule dispatch; time input included).
+  Dynamics f = func_.ptr()->as<MLPImpl>() != nullptr
+                   ? func_.ptr()->as<MLPImpl>()->dynamics()
+                   : Dynamics([this](double, const torch::Tensor& u) { return func_.forward(u); });
   const std::string kind = adjoint_kind(options_.sensealg());
   const torch::Tensor span =
       torch::tensor({options_.t0(), options_.t1()}, torch::dtype(torch::kFloat64));

@@ -16,6 +16,7 @@ from ._C import AdjointStats, ControllerOptions, ReturnCode, SolverError, Tablea
 from .adjoint import adjoint_sensealgs, diffeq_adjoint
 from .forward import diffeq_fd, diffeq_jvp
 from .layers import NeuralODE, neural_ode
+from .mlp import MLP, mlp_activations
 from .odeint import odeint, odeint_adjoint, odeint_event
 from .problem import ODEProblem, SplitODEProblem, remake
 from .sensitivity import diffeq_rd
@@ -24,6 +25,7 @@ from .solve import adams_methods, implicit_fixed_methods, methods, solve, stiff_
 
 __all__ = [
     "AdjointStats",
+    "MLP",
     "ControllerOptions",
     "NeuralODE",
     "ODEProblem",
@@ -40,6 +42,7 @@ __all__ = [
     "diffeq_rd",
     "implicit_fixed_methods",
     "methods",
+    "mlp_activations",
     "neural_ode",
     "odeint",
     "odeint_adjoint",

@@ -11,6 +11,7 @@ from torch import nn
 
 from .adjoint import diffeq_adjoint
 from .forward import diffeq_fd
+from .mlp import MLP
 from .problem import ODEProblem
 from .sensitivity import diffeq_rd
 
@@ -63,7 +64,9 @@ def neural_ode(
         **solve_kwargs: ``rtol``, ``atol``, ``dt``, ... as for :func:`diffeqlayers.solve`.
     """
     grad_fn = _sensealg(sensealg)
-    if _takes_time(module):
+    if isinstance(module, MLP):
+        f: Callable[[torch.Tensor, Any, float], torch.Tensor] = module.rhs  # runs in C++
+    elif _takes_time(module):
 
         def f(u: torch.Tensor, p: Any, t: float) -> torch.Tensor:
             return module(t, u)

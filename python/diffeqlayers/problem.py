@@ -19,7 +19,9 @@ class ODEProblem:
     Args:
         f: the dynamics, called as ``f(u, p, t)`` with ``u`` a tensor shaped like ``u0``, ``p``
             the problem's parameters and ``t`` a Python float. Any callable, an ``nn.Module``
-            included; it must return a tensor of ``u``'s shape, dtype and device.
+            included; it must return a tensor of ``u``'s shape, dtype and device. A
+            :class:`diffeqlayers.MLP` is taken as ``f(u, p, t) = mlp(u)`` and evaluated in C++
+            (pass it as ``p`` too, so that forward mode and the adjoints differentiate it).
         u0: the initial state, a float32 or float64 tensor of any shape (batch dimensions
             included), or a function ``u0(p, t0)`` returning one, so that p can set it.
         tspan: ``(t0, t1)``; ``t1 < t0`` integrates backwards in time. Entries may be tensors
@@ -33,6 +35,11 @@ class ODEProblem:
     p: Any = None
 
     def __post_init__(self) -> None:
+        from .mlp import MLP  # noqa: PLC0415  (mlp imports the extension; problem stays light)
+
+        if isinstance(self.f, MLP):
+            # The built-in MLP as f(u, p, t) = mlp(u): solves run it in C++.
+            object.__setattr__(self, "f", self.f.rhs)
         if not callable(self.f):
             raise TypeError(f"f must be callable as f(u, p, t), got {type(self.f).__name__}")
         if not isinstance(self.u0, torch.Tensor) and not callable(self.u0):

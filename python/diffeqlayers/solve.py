@@ -10,6 +10,7 @@ from typing import Any, Optional, Union
 import torch
 
 from . import _C
+from .mlp import MLPRhs
 from .problem import ODEProblem, SplitODEProblem, parameter_tensors
 from .solution import Solution
 
@@ -248,6 +249,9 @@ def solve(
     def rhs(t: float, u: torch.Tensor) -> torch.Tensor:
         return f(u, p, t)
 
+    # Dynamics evaluated in C++ (the built-in MLP): the solve then never enters Python per step.
+    native = f.native_dynamics() if isinstance(f, MLPRhs) else None
+
     jac_rhs = None
     if jac is not None:
         if not callable(jac):
@@ -284,7 +288,7 @@ def solve(
 
     if _adjoint is not None:
         options, params = _adjoint
-        return Solution(_C.solve_adjoint(rhs, state, span, params, opts, options, norm))
+        return Solution(_C.solve_adjoint(native or rhs, state, span, params, opts, options, norm))
     nonstiff_rhs = None
     if isinstance(prob, SplitODEProblem) and solver == "kencarp4":
         # IMEX: the implicit part is f_stiff alone, the explicit part goes along separately.
@@ -296,7 +300,7 @@ def solve(
         def nonstiff_rhs(t: float, u: torch.Tensor) -> torch.Tensor:
             return f_nonstiff(u, p, t)
 
-    sol = Solution(_C.solve(rhs, state, span, opts, norm, jac_rhs, nonstiff_rhs))
+    sol = Solution(_C.solve(native or rhs, state, span, opts, norm, jac_rhs, nonstiff_rhs))
     if sol.stats.nnonconverged:
         warnings.warn(
             f"{solver}: the {'Newton' if implicit_fixed else 'corrector'} iteration did not "

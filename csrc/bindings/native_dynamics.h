@@ -1,0 +1,32 @@
+// Dynamics that live in C++ (the built-in MLP), handed to Python as an opaque object that the
+// solve entry points accept in place of a Python f: such a solve never enters Python per step.
+#pragma once
+
+#include <torch/extension.h>
+
+#include <string>
+#include <utility>
+
+#include "diffeqlayers/solve.h"
+
+namespace diffeqlayers::bindings {
+
+namespace py = pybind11;
+
+struct NativeDynamics {
+  Dynamics f;
+  std::string what;  // for repr and error messages
+};
+
+Dynamics python_dynamics(py::object f);  // module.cpp
+
+// f as Dynamics: a NativeDynamics as itself, anything else as a Python callable f(t, u) that
+// takes the GIL per call. `native` is set to whether f was native.
+inline Dynamics dynamics_from(py::object f, bool* native = nullptr) {
+  const bool is_native = py::isinstance<NativeDynamics>(f);
+  if (native) *native = is_native;
+  if (is_native) return f.cast<const NativeDynamics&>().f;
+  return python_dynamics(std::move(f));
+}
+
+}  // namespace diffeqlayers::bindings
