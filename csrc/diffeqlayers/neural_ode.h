@@ -24,8 +24,11 @@ struct NeuralODEOptions {
   // Undefined: forward returns x(t1). Otherwise the trajectory [n_times, *x.shape].
   TORCH_ARG(torch::Tensor, saveat) = {};
   // Gradient mode. "rd": reverse mode through the unrolled solver (the solve runs under grad
-  // mode and autograd records it). "adjoint" (= "interpolating"), "backsolve", "discrete": the
-  // adjoints of adjoint.h, with the options in `adjoint` (its sensealg field is ignored).
+  // mode and autograd records it). "fd": forward mode (diffeq_fd: the Jacobian with respect to
+  // x and the parameters from solves on dual tensors; for few parameters; a custom wrapped
+  // module must be Cloneable, the built-in MLP need not). "adjoint" (= "interpolating"),
+  // "backsolve", "discrete": the adjoints of adjoint.h, with the options in `adjoint` (its sensealg
+  // field is ignored).
   TORCH_ARG(std::string, sensealg) = "rd";
   TORCH_ARG(AdjointOptions, adjoint) = {};
 };
@@ -51,6 +54,8 @@ class NeuralODEImpl : public torch::nn::Module {
 
  private:
   void check_options() const;
+  torch::Tensor forward_fd(const torch::Tensor& x, SolveOptions so, const torch::Tensor& span,
+                           bool trajectory);
 
   torch::nn::AnyModule func_;
   NeuralODEOptions options_;

@@ -4,6 +4,7 @@
 
 #include <cmath>
 
+#include "diffeqlayers/mlp.h"
 #include "diffeqlayers/neural_ode.h"
 
 namespace dl = diffeqlayers;
@@ -16,6 +17,18 @@ struct DecayImpl : torch::nn::Module {
   torch::Tensor a;
 };
 TORCH_MODULE(Decay);
+
+// Linear(2, 8) -> tanh -> Linear(8, 2), Cloneable (forward mode clones the wrapped module).
+struct SmallNetImpl : torch::nn::Cloneable<SmallNetImpl> {
+  SmallNetImpl() { reset(); }
+  void reset() override {
+    l1 = register_module("l1", torch::nn::Linear(2, 8));
+    l2 = register_module("l2", torch::nn::Linear(8, 2));
+  }
+  torch::Tensor forward(const torch::Tensor& x) { return l2(torch::tanh(l1(x))); }
+  torch::nn::Linear l1{nullptr}, l2{nullptr};
+};
+TORCH_MODULE(SmallNet);
 }  // namespace
 
 TEST(NeuralODE, FinalStateGradientAndParameters) {
@@ -55,4 +68,47 @@ TEST(NeuralODE, AdjointSensealgsGiveTheAnalyticGradient) {
     ASSERT_NE(layer->last_adjoint_stats(), nullptr) << sensealg;
     EXPECT_TRUE(layer->last_adjoint_stats()->done) << sensealg;
   }
+}
+
+// Forward mode (sensealg "fd") against reverse mode on the same network: the same discrete
+// solution, so the gradients agree to rounding. A Cloneable module (cloned per pass) and
+// the built-in MLP (dual weights passed directly).
+TEST(NeuralODE, ForwardModeMatchesReverseMode) {
+  torch::manual_seed(3);
+  SmallNet net;
+  net->to(torch::kFloat64);
+  dl::MLP mlp(dl::MLPOptions({2, 8, 2}).activation("tanh"));
+  mlp->to(torch::kFloat64);
+  auto saveat = torch::tensor({0.0, 0.4, 1.0}, torch::kFloat64);
+  auto x0 = torch::tensor({0.5, -0.3}, torch::kFloat64);
+  for (bool use_mlp : {false, true}) {
+    std::vector<std::vector<torch::Tensor>> grads;
+    std::vector<torch::Tensor> outs;
+    for (const char* sensealg : {"rd", "fd"}) {
+      auto opts =
+          dl::NeuralODEOptions(0.0, 1.0).rtol(1e-9).atol(1e-10).saveat(saveat).sensealg(sensealg);
+      dl::NeuralODE layer = use_mlp ? dl::NeuralODE(mlp, opts) : dl::NeuralODE(net, opts);
+      layer->zero_grad();
+      auto x = x0.clone().requires_grad_();
+      auto y = layer->forward(x);
+      (y * y).sum().backward();
+      std::vector<torch::Tensor> g{x.grad().clone()};
+      for (const auto& p : layer->parameters()) g.push_back(p.grad().clone());
+      grads.push_back(g);
+      outs.push_back(y.detach());
+      EXPECT_GT(layer->last_stats().nfe, 0);
+    }
+    EXPECT_TRUE(torch::equal(outs[0], outs[1])) << use_mlp;
+    ASSERT_EQ(grads[0].size(), grads[1].size());
+    for (size_t i = 0; i < grads[0].size(); ++i)
+      EXPECT_TRUE(torch::allclose(grads[1][i], grads[0][i], 1e-10, 1e-12))
+          << "use_mlp " << use_mlp << " tensor " << i;
+  }
+}
+
+// A module that is not Cloneable cannot take forward mode: a clear error, not a wrong gradient.
+TEST(NeuralODE, ForwardModeNeedsACloneableModule) {
+  dl::NeuralODE layer(Decay(), dl::NeuralODEOptions(0.0, 1.0).sensealg("fd"));
+  auto x = torch::tensor({1.0}, torch::kFloat64);
+  EXPECT_THROW(layer->forward(x), c10::NotImplementedError);
 }
