@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "convergence_harness.h"
 #include "diffeqlayers/solve.h"
 #include "diffeqlayers/stiff.h"
 #include "solvers/esdirk.h"
@@ -18,25 +19,7 @@
 namespace diffeqlayers {
 namespace {
 
-struct Problem {
-  Dynamics f;
-  double (*exact)(double t);
-  double t0;
-  double t1;
-};
-
-// Non-autonomous, so that the df/dt terms (d_i) of the Rosenbrock methods are exercised.
-// u' = u - t^2 + 1, u(0) = 1/2: u = (t + 1)^2 - e^t / 2.
-Problem polynomial_forcing() {
-  return {[](double t, const torch::Tensor& u) { return u - (t * t - 1.0); },
-          [](double t) { return (t + 1.0) * (t + 1.0) - 0.5 * std::exp(t); }, 0.0, 2.0};
-}
-
-// u' = cos(t) u, u(0) = 1: u = exp(sin t).
-Problem exp_sin() {
-  return {[](double t, const torch::Tensor& u) { return u * std::cos(t); },
-          [](double t) { return std::exp(std::sin(t)); }, 0.0, 2.0};
-}
+using namespace convergence;  // NOLINT: the shared harness
 
 // Nonlinear in u (the Newton iterations of the ESDIRK methods do real work): the logistic
 // equation u' = u (1 - u), u(0) = 1/2: u = 1 / (1 + e^-t).
@@ -47,30 +30,6 @@ Problem logistic() {
 
 bool is_rosenbrock(const std::string& name) {
   return name == "rosenbrock23" || name == "rodas5" || name == "rodas5p";
-}
-
-torch::Tensor initial_value(const Problem& p) {
-  return torch::full({1}, p.exact(p.t0), torch::dtype(torch::kFloat64));
-}
-
-double fitted_slope(const std::vector<double>& h, const std::vector<double>& err) {
-  const double n = static_cast<double>(h.size());
-  double sx = 0, sy = 0, sxx = 0, sxy = 0;
-  for (size_t i = 0; i < h.size(); ++i) {
-    const double x = std::log(h[i]), y = std::log(err[i]);
-    sx += x;
-    sy += y;
-    sxx += x * x;
-    sxy += x * y;
-  }
-  return (n * sxy - sx * sy) / (n * sxx - sx * sx);
-}
-
-std::string describe(const std::vector<double>& h, const std::vector<double>& err) {
-  std::ostringstream out;
-  out.precision(3);
-  for (size_t i = 0; i < h.size(); ++i) out << " h=" << h[i] << ":err=" << err[i];
-  return out.str();
 }
 
 SolveOptions fixed_step(const std::string& method, double h) {
@@ -119,8 +78,6 @@ const std::map<std::string, Setup>& dense_setups() {
   };
   return setups;
 }
-
-constexpr double kSlopeTol = 0.3;
 
 class StiffConvergenceTest : public ::testing::TestWithParam<std::string> {};
 
