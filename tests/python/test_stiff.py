@@ -32,6 +32,18 @@ def rober(u, p, t):
     return torch.stack([-K1 * y1 + K3 * y2 * y3, K1 * y1 - K3 * y2 * y3 - K2 * y2**2, K2 * y2**2])
 
 
+def rober_jacobian(u, p, t):
+    """ROBER's Jacobian df/du, written out (for the jac= tests)."""
+    y1, y2, y3 = u
+    return torch.stack(
+        [
+            torch.stack([-K1 + 0 * y1, K3 * y3, K3 * y2]),
+            torch.stack([K1 + 0 * y1, -K3 * y3 - 2 * K2 * y2, -K3 * y2]),
+            torch.stack([0 * y1, 2 * K2 * y2, 0 * y1]),
+        ]
+    )
+
+
 def rober_problem(dtype=torch.float64):
     return dl.ODEProblem(rober, torch.tensor([1.0, 0.0, 0.0], dtype=dtype), (0.0, 1e11))
 
@@ -146,19 +158,9 @@ def test_float32_rober():
 
 
 def test_user_jacobian_matches_autograd():
-    def jac(u, p, t):
-        y1, y2, y3 = u
-        return torch.stack(
-            [
-                torch.stack([-K1 + 0 * y1, K3 * y3, K3 * y2]),
-                torch.stack([K1 + 0 * y1, -K3 * y3 - 2 * K2 * y2, -K3 * y2]),
-                torch.stack([0 * y1, 2 * K2 * y2, 0 * y1]),
-            ]
-        )
-
     kw = dict(rtol=1e-6, atol=1e-10, saveat=[1e3])
     a = dl.solve(rober_problem(), "rodas5", **kw)
-    b = dl.solve(rober_problem(), "rodas5", jac=jac, **kw)
+    b = dl.solve(rober_problem(), "rodas5", jac=rober_jacobian, **kw)
     assert a.stats.naccept == b.stats.naccept
     assert torch.allclose(a.u, b.u, rtol=1e-10, atol=1e-18)
     assert b.stats.njac == b.stats.naccept
@@ -287,19 +289,9 @@ def test_van_der_pol_esdirk_matches_radau(method):
 
 @pytest.mark.parametrize("method", ESDIRK)
 def test_esdirk_user_jacobian_matches_autograd(method):
-    def jac(u, p, t):
-        y1, y2, y3 = u
-        return torch.stack(
-            [
-                torch.stack([-K1 + 0 * y1, K3 * y3, K3 * y2]),
-                torch.stack([K1 + 0 * y1, -K3 * y3 - 2 * K2 * y2, -K3 * y2]),
-                torch.stack([0 * y1, 2 * K2 * y2, 0 * y1]),
-            ]
-        )
-
     kw = dict(rtol=1e-6, atol=1e-10, saveat=[1e3])
     a = dl.solve(rober_problem(), method, **kw)
-    b = dl.solve(rober_problem(), method, jac=jac, **kw)
+    b = dl.solve(rober_problem(), method, jac=rober_jacobian, **kw)
     assert torch.allclose(a.u, b.u, rtol=1e-6, atol=1e-12)
     assert a.stats.njac == b.stats.njac
 
