@@ -20,11 +20,13 @@ struct Weights {
 
 // sum_j w[j] * terms[j] as one loop over the elements, for contiguous CPU float/double terms of
 // one dtype and size; undefined otherwise. Every combination of the explicit solvers runs through
-// combine_no_grad (the recorded LinComb node's forward included), so each mode does the same
-// arithmetic and the modes agree bitwise on the primal values. Per element the sum is taken in
-// term order, one product and one addition at a time, as the ATen fallback below does it; one
-// loop instead of one ATen op per term is what makes small states cheap (the dispatcher and the
-// allocation of every intermediate cost more than the arithmetic there).
+// combine_no_grad (the recorded LinComb node's forward included; forward mode combines its
+// primals here too), so the modes agree bitwise on the primal values. (Only the fallback of
+// lincomb() for duals of unusual tangent layouts takes ATen ops instead.) Per element the sum
+// is taken in term order, one product and one addition at a time. That can differ in the last
+// bit from the ATen fallback below, whose add(a, b, alpha) fuses the multiply-add where the CPU
+// has FMA. One loop instead of one ATen op per term is what makes small states cheap: the
+// dispatcher and the allocation of every intermediate cost more than the arithmetic there.
 template <typename scalar_t>
 void combine_loop(scalar_t* out, const std::vector<const scalar_t*>& src,
                   const std::vector<scalar_t>& w, int64_t begin, int64_t end) {
@@ -53,8 +55,8 @@ torch::Tensor combine_fused(at::TensorList terms, const std::vector<double>& w) 
   if (dtype != at::kDouble && dtype != at::kFloat) return {};
   const int64_t n = first.numel();
   for (const auto& t : terms)
-    if (t.scalar_type() != dtype || t.numel() != n || !t.device().is_cpu() || !t.is_contiguous() ||
-        t.is_neg() || t.is_conj() || t.sizes() != first.sizes())
+    if (t.scalar_type() != dtype || t.sizes() != first.sizes() || !t.device().is_cpu() ||
+        !t.is_contiguous() || t.is_neg() || t.is_conj())
       return {};
   torch::Tensor out = at::empty_like(first, at::MemoryFormat::Contiguous);
   AT_DISPATCH_FLOATING_TYPES(dtype, "diffeqlayers_lincomb", [&] {
@@ -68,6 +70,14 @@ torch::Tensor combine_fused(at::TensorList terms, const std::vector<double>& w) 
       combine_loop<scalar_t>(dst, src, sw, begin, end);
     });
   });
+  return out;
+}
+
+// sum_j w[j] * terms[j] by out-of-place ATen ops: terms may broadcast against each other (an
+// unbatched tangent against batched ones), and dual terms carry their tangents through it.
+torch::Tensor combine_out_of_place(at::TensorList terms, const std::vector<double>& w) {
+  torch::Tensor out = at::mul(terms[0], w[0]);
+  for (size_t j = 1; j < terms.size(); ++j) out = at::add(out, terms[j], w[j]);
   return out;
 }
 
@@ -139,14 +149,8 @@ torch::Tensor lincomb_dual(const std::vector<torch::Tensor>& terms, const std::v
   if (tangents.empty()) return out;
   bool same = true;
   for (const auto& t : tangents) same = same && t.sizes() == tangents[0].sizes();
-  torch::Tensor tan;
-  if (same) {
-    tan = combine_no_grad(tangents, tw);
-  } else {
-    // Out of place: an unbatched tangent broadcasts against batched ones.
-    tan = at::mul(tangents[0], tw[0]);
-    for (size_t j = 1; j < tangents.size(); ++j) tan = at::add(tan, tangents[j], tw[j]);
-  }
+  // combine_no_grad accumulates in place, which needs terms of one shape.
+  torch::Tensor tan = same ? combine_no_grad(tangents, tw) : combine_out_of_place(tangents, tw);
   return make_dual(out, tan, parts.level);
 }
 
@@ -207,11 +211,7 @@ torch::Tensor lincomb(const torch::Tensor& u, const std::vector<torch::Tensor>& 
     torch::Tensor out = lincomb_dual(terms, weights);
     if (out.defined()) return out;
   }
-  if (dual) {
-    torch::Tensor out = at::mul(terms[0], weights[0]);
-    for (size_t j = 1; j < terms.size(); ++j) out = at::add(out, terms[j], weights[j]);
-    return out;
-  }
+  if (dual) return combine_out_of_place(terms, weights);
   if (!record) return combine_no_grad(terms, weights);
   return LinComb::apply(at::TensorList(terms), Weights{std::move(weights)});
 }
