@@ -156,14 +156,35 @@ torch::Tensor lincomb_dual(const std::vector<torch::Tensor>& terms, const std::v
 
 }  // namespace
 
+namespace {
+
+// A dense strided tensor with no wrapper (vmap, functorch, Python subclass, functionalisation)
+// in its dispatch keys: its data is its primal, readable through variable_data().
+bool plain_strided(const torch::Tensor& t) {
+  static const c10::DispatchKeySet wrappers(
+      {c10::DispatchKey::Batched, c10::DispatchKey::FuncTorchBatched,
+       c10::DispatchKey::FuncTorchGradWrapper, c10::DispatchKey::Python,
+       c10::DispatchKey::Functionalize});
+  return t.layout() == at::kStrided && !t.key_set().has_any(wrappers);
+}
+
+}  // namespace
+
 bool split_duals(const std::vector<torch::Tensor>& terms, SplitDuals& out) {
   out.primals.clear();
   out.tangents.clear();
   out.level = -1;
   out.batch = 0;
   for (const auto& term : terms) {
-    auto [p, t] = at::_unpack_dual(term, /*level=*/0);
-    out.primals.push_back(p);
+    // The primal as variable_data() (a tensor on the same storage without autograd meta) where
+    // the term is a plain strided tensor, instead of _unpack_dual's differentiable view: that
+    // view costs dispatches through the autograd and view kernels and a view record to build and
+    // to free, several times the combination itself on small states. The primal is only read
+    // here. The tangent is the same one _unpack_dual returns.
+    torch::Tensor p =
+        plain_strided(term) ? torch::Tensor(term.variable_data()) : term._fw_primal(/*level=*/0);
+    torch::Tensor t = term._fw_grad(/*level=*/0);
+    out.primals.push_back(std::move(p));
     const at::BatchedTensorImpl* impl = t.defined() ? at::maybeGetBatchedImpl(t) : nullptr;
     if (impl == nullptr) {
       out.tangents.push_back(t);
