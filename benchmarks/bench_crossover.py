@@ -9,10 +9,12 @@ One run of this script.
 Both: tsit5, rtol 1e-6, atol 1e-9, float64, f in Python, loss = sum of squares of the saved
 states, time of loss + backward (the gradient with respect to the parameters only). Each time is
 the median of round-robin repeats after a warm-up (fewer repeats for slow cases, see
---budget). Forward mode costs one dual solve per chunk of 32 parameters (the chunk's directions
-travel as one batched tangent, see csrc/sensitivity/forward_mode.cpp), reverse mode one recorded
-solve plus a backward pass; forward mode's per-op tangent work grows with the parameter count,
-so reverse mode wins for many parameters. The adjoint records nothing in the forward solve and
+--budget), once with the modes alternating call by call and once in blocks of consecutive
+calls of one mode (the warm steady state of a training loop). Forward mode costs one dual
+solve per chunk of 32 parameters (the chunk's directions travel as one batched tangent, see
+csrc/sensitivity/forward_mode.cpp), reverse mode one recorded solve plus a backward pass;
+forward mode's per-op tangent work grows with the parameter count, so reverse mode wins for
+many parameters. The adjoint records nothing in the forward solve and
 solves the adjoint ODE backwards: its cost hardly depends on the parameter count, but each
 backward stage is a vector-Jacobian product through f.
 
@@ -40,21 +42,32 @@ TOL = {"rtol": 1e-6, "atol": 1e-9}
 SIZES = [2, 3, 4, 6, 8, 12, 16, 24, 32]
 
 
-def median_times(fns: list[Callable[[], object]], budget: float, max_repeats: int = 15) -> list:
-    """Median wall time of each function, timed round-robin after a warm-up; repeats until
-    ``budget`` seconds are spent (at least once, at most ``max_repeats``)."""
+def median_times(
+    fns: list[Callable[[], object]], budget: float, max_repeats: int = 15, block: int = 1
+) -> list:
+    """Median wall time per call of each function, timed round-robin after a warm-up; repeats
+    until ``budget`` seconds are spent (at least once, at most ``max_repeats``). Each timed
+    sample is ``block`` consecutive calls of one function (block 1: the functions alternate call
+    by call, so each call starts with caches warmed by the others; larger blocks: the steady
+    state of a training loop that calls one gradient mode over and over)."""
     start = time.perf_counter()
     for fn in fns:
         fn()  # warm-up
     warm = time.perf_counter() - start
-    repeats = max(1, min(max_repeats, int(budget / max(warm, 1e-9))))
+    repeats = max(1, min(max_repeats, int(budget / max(warm * block, 1e-9))))
     times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
         for fn, bucket in zip(fns, times):
             t0 = time.perf_counter()
-            fn()
-            bucket.append(time.perf_counter() - t0)
+            for _ in range(block):
+                fn()
+            bucket.append((time.perf_counter() - t0) / block)
     return [statistics.median(b) for b in times]
+
+
+def block_size(seconds_per_call: float, target: float = 0.02) -> int:
+    """Consecutive calls per timed sample so that a sample lasts about ``target`` seconds."""
+    return max(1, min(50, round(target / max(seconds_per_call, 1e-9))))
 
 
 def gradient_fn(mode: Callable, prob: dl.ODEProblem, p: torch.Tensor, saveat: float):
@@ -154,6 +167,12 @@ def main() -> None:
         rel = ((g_fd - g_rd).abs().max() / g_rd.abs().max()).item()
         rel_ad = ((g_ad - g_rd).abs().max() / g_rd.abs().max()).item()
         t_fd, t_rd, t_ad = median_times([fd_fn, rd_fn, ad_fn], args.budget)
+        block = block_size(min(t_fd, t_rd, t_ad))
+        w_fd, w_rd, w_ad = (
+            median_times([fd_fn, rd_fn, ad_fn], args.budget, block=block)
+            if block > 1
+            else (t_fd, t_rd, t_ad)
+        )
         steps = dl.solve(prob, "tsit5", saveat=saveat, **TOL).stats
         row = {
             "name": name,
@@ -163,13 +182,18 @@ def main() -> None:
             "ad": t_ad,
             "rel": rel,
             "rel_ad": rel_ad,
+            "block": block,
+            "wfd": w_fd,
+            "wrd": w_rd,
+            "wad": w_ad,
             "steps": steps.naccept + steps.nreject,
             "nfe": steps.nfe,
         }
         rows.append(row)
         print(
             f"{name:18s} {p.numel():5d} params  fd {t_fd * 1e3:9.2f} ms  rd {t_rd * 1e3:9.2f} ms"
-            f"  adjoint {t_ad * 1e3:9.2f} ms  fd/rd {t_fd / t_rd:6.2f}  |g_fd - g_rd|/|g| "
+            f"  adjoint {t_ad * 1e3:9.2f} ms  fd/rd {t_fd / t_rd:6.2f}  warm (blocks of {block}):"
+            f" fd/rd {w_fd / w_rd:6.2f}  |g_fd - g_rd|/|g| "
             f"{rel:.1e}",
             file=sys.stderr,
         )
@@ -189,19 +213,31 @@ def main() -> None:
         f"torch {torch.__version__}, diffeqlayers {dl.__version__}, Python "
         f"{platform.python_version()}, {platform.machine()}, {args.threads} thread(s). "
         "tsit5, rtol 1e-6, atol 1e-9, float64, f in Python; time of loss + backward, median "
-        "of round-robin repeats after a warm-up. The adjoint (diffeq_adjoint, interpolating) "
+        "of round-robin repeats after a warm-up, timed two ways: the three modes alternating "
+        "call by call (columns [ms] and 'fd / rd'), and, where a call takes under 20 ms, "
+        "round-robin blocks of consecutive calls of one mode lasting about 20 ms each "
+        "('warm': the steady state of a training loop that calls one mode over and over; "
+        "'block' calls per sample). The adjoint (diffeq_adjoint, interpolating) "
         "approximates the gradient to the tolerance (last column); fd and rd are exact for the "
         "discretisation.",
         "",
         "| problem | parameters | steps | nfe (plain solve) | diffeq_fd [ms] | diffeq_rd [ms] "
-        "| adjoint [ms] | fd / rd | fastest | max rel. diff. fd vs rd | adjoint vs rd |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|",
+        "| adjoint [ms] | fd / rd | fastest | block | warm fd [ms] | warm rd [ms] "
+        "| warm adjoint [ms] | warm fd / rd | warm fastest "
+        "| max rel. diff. fd vs rd | adjoint vs rd |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---|---:|---:|",
     ]
+
+    def fastest(r: dict, prefix: str = "") -> str:
+        key = min(("fd", "rd", "ad"), key=lambda k: r[prefix + k])
+        return key.replace("ad", "adjoint")
+
     for r in rows:
         lines.append(
             f"| {r['name']} | {r['nparams']} | {r['steps']} | {r['nfe']} | {r['fd'] * 1e3:.2f} "
             f"| {r['rd'] * 1e3:.2f} | {r['ad'] * 1e3:.2f} | {r['fd'] / r['rd']:.2f} | "
-            f"{min(('fd', 'rd', 'ad'), key=lambda k: r[k]).replace('ad', 'adjoint')} | "
+            f"{fastest(r)} | {r['block']} | {r['wfd'] * 1e3:.2f} | {r['wrd'] * 1e3:.2f} "
+            f"| {r['wad'] * 1e3:.2f} | {r['wfd'] / r['wrd']:.2f} | {fastest(r, 'w')} | "
             f"{r['rel']:.1e} | {r['rel_ad']:.1e} |"
         )
     lines += ["", "![crossover](crossover.png)", ""]
