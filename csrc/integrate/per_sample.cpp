@@ -194,10 +194,12 @@ Solution PerSampleIntegrator::run(torch::Tensor u, double t0, double t1,
   stops.erase(std::unique(stops.begin(), stops.end()), stops.end());
   stops.push_back(t1);
 
-  // Output: pieces [B, ...] (interpolants, step ends, the initial state) and, per save time and
-  // sample, the piece holding that sample's row; gathered into [n, B, ...] at the end.
+  // Output: blocks [m, B, ...] of candidate rows (interpolants, step ends, the initial state),
+  // and per save time and sample the row (counted over all blocks) that holds its value;
+  // gathered into [n, B, ...] at the end.
   const int64_t nsave = static_cast<int64_t>(saveat.size());
   std::vector<torch::Tensor> pieces;
+  int64_t rows_held = 0;
   std::vector<int64_t> piece_of(static_cast<size_t>(nsave * B), -1);
   std::vector<int64_t> save_idx(B, 0);
   {
@@ -206,7 +208,10 @@ Solution PerSampleIntegrator::run(torch::Tensor u, double t0, double t1,
       for (int64_t b = 0; b < B; ++b) piece_of[j * B + b] = 0;
       ++j;
     }
-    if (j > 0) pieces.push_back(u);
+    if (j > 0) {
+      pieces.push_back(u.unsqueeze(0));
+      rows_held = 1;
+    }
     std::fill(save_idx.begin(), save_idx.end(), j);
   }
 
@@ -345,8 +350,9 @@ Solution PerSampleIntegrator::run(torch::Tensor u, double t0, double t1,
     const bool all_moved = n_accepted == B;
     torch::Tensor mask;
     if (!all_moved) {
-      std::vector<double> m(accepted.begin(), accepted.end());
-      mask = to_state(m, col_shape_).to(at::kBool);
+      static_assert(sizeof(bool) == sizeof(char), "accepted holds 0/1 bytes read as bool");
+      mask = torch::from_blob(accepted.data(), col_shape_, torch::dtype(torch::kBool))
+                 .to(options_.device(), /*non_blocking=*/false, /*copy=*/true);
     }
     const torch::Tensor u_old = u;
     const torch::Tensor k_first = k[0];
@@ -389,34 +395,51 @@ Solution PerSampleIntegrator::run(torch::Tensor u, double t0, double t1,
     }
 
     if (most_inside > 0) {
+      // All of this iteration's interpolations at once: rank r of every sample's save points
+      // inside its step is row r of one block [m, B, ...], the per-sample weights [m, nw, B]
+      // applied to the stacked terms [nw, B, ...]. Broadcast and summed while the product is
+      // small (cheaper than many tiny matrix products); a batched product [B, m, nw] x
+      // [B, nw, N] for large states.
       DenseStep step;
       step.u0 = u_old;
       step.u1 = unew;
       step.k = own_dense ? k : std::vector<torch::Tensor>{k_first, knew};
       const std::vector<torch::Tensor> terms = detail::interpolation_terms(tab_, step);
-      const torch::Tensor stacked = at::stack(terms);  // [nw, B, ...]
-      const size_t nw = detail::num_weights(tab_);
-      std::vector<int64_t> wshape{static_cast<int64_t>(nw)};
-      wshape.insert(wshape.end(), col_shape_.begin(), col_shape_.end());
-      std::vector<double> w(nw * B), wb(nw);
-      for (size_t r = 0; r < most_inside; ++r) {
-        std::fill(w.begin(), w.end(), 0.0);
-        const int64_t piece = static_cast<int64_t>(pieces.size());
-        for (int64_t b = 0; b < B; ++b) {
-          if (r >= inside[b].size()) continue;
+      const int64_t nw = static_cast<int64_t>(detail::num_weights(tab_));
+      const int64_t m = static_cast<int64_t>(most_inside);
+      const int64_t n_per = u_old.numel() / B;
+      const bool broadcast = m * nw * B * n_per <= (int64_t{1} << 20);
+      std::vector<double> w(static_cast<size_t>(B * m * nw), 0.0), wb(static_cast<size_t>(nw));
+      for (int64_t b = 0; b < B; ++b) {
+        for (int64_t r = 0; r < static_cast<int64_t>(inside[b].size()); ++r) {
           const auto [j, theta] = inside[b][r];
           detail::interpolation_weights(tab_, theta, hh[b], wb.data());
-          for (size_t i = 0; i < nw; ++i) w[i * B + b] = wb[i];
-          piece_of[j * B + b] = piece;
+          for (int64_t i = 0; i < nw; ++i)
+            w[broadcast ? (r * nw + i) * B + b : (b * m + r) * nw + i] = wb[i];
+          piece_of[j * B + b] = rows_held + r;
         }
-        torch::Tensor y = (to_state(w, wshape) * stacked).sum(0);
-        // The own interpolant adds to u0; the Hermite basis already carries u0 and u1.
-        pieces.push_back(own_dense ? u_old + y : y);
       }
+      const torch::Tensor stacked = at::stack(terms);  // [nw, B, ...]
+      std::vector<int64_t> shape{m};
+      shape.insert(shape.end(), u_old.sizes().begin(), u_old.sizes().end());
+      torch::Tensor y;
+      if (broadcast) {
+        std::vector<int64_t> wshape{m, nw};
+        wshape.insert(wshape.end(), col_shape_.begin(), col_shape_.end());
+        y = (to_state(w, wshape) * stacked.unsqueeze(0)).sum(1);
+      } else {
+        y = at::bmm(to_state(w, {B, m, nw}), stacked.reshape({nw, B, -1}).transpose(0, 1))
+                .transpose(0, 1)
+                .reshape(shape);
+      }
+      // The own interpolant adds to u0; the Hermite basis already carries u0 and u1.
+      pieces.push_back(own_dense ? y + u_old.unsqueeze(0) : y);
+      rows_held += m;
     }
     if (!at_end.empty()) {
-      for (int64_t idx : at_end) piece_of[idx] = static_cast<int64_t>(pieces.size());
-      pieces.push_back(unew);
+      for (int64_t idx : at_end) piece_of[idx] = rows_held;
+      pieces.push_back(unew.unsqueeze(0));
+      rows_held += 1;
     }
 
     for (int64_t b = 0; b < B; ++b) {
@@ -435,13 +458,17 @@ Solution PerSampleIntegrator::run(torch::Tensor u, double t0, double t1,
   std::vector<double> out_t(saveat.begin(), saveat.begin() + rows);
   std::vector<torch::Tensor> out_u;
   if (rows > 0) {
-    const torch::Tensor all = at::stack(pieces);  // [pieces, B, ...]
+    // Row r of sample b is row piece_of[r, b] * B + b of the blocks flattened to [rows_held * B,
+    // N]: one index_select (whose backward is one index_add).
+    std::vector<int64_t> flat(static_cast<size_t>(rows * B));
+    for (int64_t i = 0; i < rows * B; ++i) flat[i] = piece_of[i] * B + i % B;
+    const torch::Tensor all = at::cat(pieces);  // [rows_held, B, ...]
     const torch::Tensor which =
-        torch::from_blob(piece_of.data(), {rows, B}, torch::dtype(torch::kInt64))
+        torch::from_blob(flat.data(), {rows * B}, torch::dtype(torch::kInt64))
             .to(all.device(), /*non_blocking=*/false, /*copy=*/true);
-    const torch::Tensor sample =
-        torch::arange(B, torch::dtype(torch::kInt64).device(all.device())).unsqueeze(0);
-    out_u.push_back(all.index({which, sample}));
+    std::vector<int64_t> shape{rows};
+    shape.insert(shape.end(), all.sizes().begin() + 1, all.sizes().end());
+    out_u.push_back(all.reshape({rows_held * B, -1}).index_select(0, which).reshape(shape));
   }
   stats_.naccept = std::accumulate(naccept_.begin(), naccept_.end(), int64_t{0});
   stats_.nreject = std::accumulate(nreject_.begin(), nreject_.end(), int64_t{0});

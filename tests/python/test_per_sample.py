@@ -316,3 +316,19 @@ def test_f_returning_wrong_shape():
             saveat=[0.0, 1.0],
             per_sample=True,
         )
+
+
+def test_large_state_save_points():
+    # A state large enough, with enough save points per step (about 14), that the save-point
+    # interpolation takes its batched matrix-product path instead of the broadcast one.
+    k = T([0.5, 3.0])
+    u0 = torch.rand(2, 8_000, dtype=F64, generator=torch.Generator().manual_seed(1)) + 0.5
+    times = linspace(0.0, 1.0, 201)
+    prob = dl.ODEProblem(lambda u, p, t: -p[:, None] * u, u0, (0.0, 1.0), k)
+    kw = {"saveat": times, "rtol": 1e-8, "atol": 1e-10}
+    sol = dl.solve(prob, "tsit5", per_sample=True, **kw)
+    exact = u0[None] * torch.exp(-k[None, :, None] * times[:, None, None])
+    torch.testing.assert_close(sol.u, exact, rtol=1e-7, atol=1e-9)
+    ref, acc, _ = standalone(lambda u, p, t: -p[:, None] * u, u0, k, (0.0, 1.0), "tsit5", **kw)
+    assert sol.sample_stats.naccept.tolist() == acc
+    torch.testing.assert_close(sol.u, ref, rtol=1e-10, atol=1e-12)
