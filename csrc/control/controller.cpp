@@ -54,12 +54,20 @@ double initial_step(const Dynamics& f, double t0, const torch::Tensor& u0, const
                     "the error norm of the initial state or of f(t0, u0) is not a finite, "
                     "non-negative number (got ",
                     d0, " and ", d1, "): check the norm");
-  double h0 = (d0 < 1e-5 || d1 < 1e-5) ? 1e-6 : 0.01 * d0 / d1;
-  h0 = std::min(h0, span);
+  const double h0 = initial_step_trial(d0, d1, span);
   const torch::Tensor u1 = at::add(u, k0, direction * h0);
   const torch::Tensor k1 = f(t0 + direction * h0, u1);
   ++nfe;
   const double d2 = norm((k1.detach() - k0) / scale) / h0;
+  return initial_step_final(h0, d1, d2, order, span);
+}
+
+double initial_step_trial(double d0, double d1, double span) {
+  const double h0 = (d0 < 1e-5 || d1 < 1e-5) ? 1e-6 : 0.01 * d0 / d1;
+  return std::min(h0, span);
+}
+
+double initial_step_final(double h0, double d1, double d2, int order, double span) {
   const double dmax = std::max(d1, d2);
   const double h1 =
       dmax <= 1e-15 ? std::max(1e-6, h0 * 1e-3) : std::pow(0.01 / dmax, 1.0 / (order + 1));

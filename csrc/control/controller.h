@@ -29,4 +29,11 @@ double initial_step(const Dynamics& f, double t0, const torch::Tensor& u0, const
                     int order, int direction, double span, double rtol, double atol,
                     const std::function<double(const torch::Tensor&)>& norm, int64_t& nfe);
 
+// The two formulas of initial_step, for callers that take the norms themselves (the per-sample
+// loop, which evaluates f once for the whole batch and then applies them sample by sample).
+// The trial step from d0 = ||u0|| and d1 = ||f0|| (scaled norms), at most `span`:
+double initial_step_trial(double d0, double d1, double span);
+// The step from the trial step h0, d1 and d2 = ||f(t0 + h0, u0 + h0 f0) - f0|| / h0:
+double initial_step_final(double h0, double d1, double d2, int order, double span);
+
 }  // namespace diffeqlayers

@@ -4,6 +4,7 @@
 
 #include "core/lincomb.h"
 #include "diffeqlayers/solve.h"
+#include "integrate/interpolation.h"
 
 namespace diffeqlayers {
 
@@ -21,7 +22,7 @@ std::string to_string(ReturnCode code) {
   return "Unknown";
 }
 
-namespace {
+namespace detail {
 
 // Number of interpolation weights: one per stage (own interpolant) or four (Hermite).
 size_t num_weights(const Tableau& tab) { return tab.has_dense() ? tab.dense.size() : 4; }
@@ -54,7 +55,11 @@ std::vector<torch::Tensor> interpolation_terms(const Tableau& tab, const DenseSt
                          : std::vector<torch::Tensor>{step.u0, step.u1, step.k[0], step.k[1]};
 }
 
-}  // namespace
+}  // namespace detail
+
+using detail::interpolation_terms;
+using detail::interpolation_weights;
+using detail::num_weights;
 
 torch::Tensor interpolate(const Tableau& tab, const DenseStep& step, double theta) {
   if (theta == 0.0) return step.u0;

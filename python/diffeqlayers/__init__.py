@@ -20,7 +20,7 @@ from .mlp import MLP, mlp_activations
 from .odeint import odeint, odeint_adjoint, odeint_event
 from .problem import ODEProblem, SplitODEProblem, remake
 from .sensitivity import diffeq_rd
-from .solution import Solution
+from .solution import SampleStats, Solution
 from .solve import adams_methods, implicit_fixed_methods, methods, solve, stiff_methods
 
 __all__ = [
@@ -30,6 +30,7 @@ __all__ = [
     "NeuralODE",
     "ODEProblem",
     "ReturnCode",
+    "SampleStats",
     "Solution",
     "SolverError",
     "SplitODEProblem",

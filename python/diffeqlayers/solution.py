@@ -2,12 +2,30 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any, Optional, Union
 
 import torch
 
 from . import _C
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleStats:
+    """What each sample of a ``per_sample=True`` solve did.
+
+    Attributes:
+        naccept: accepted steps of each sample, an int64 tensor of shape ``[B]``.
+        nreject: rejected steps of each sample, ``[B]``.
+        iterations: iterations of the batched loop; each evaluates every stage of the method
+            on the whole batch, so it is the number of steps of the slowest sample (accepted
+            plus rejected), and ``nfe`` is about ``iterations`` times the stages per step.
+    """
+
+    naccept: torch.Tensor
+    nreject: torch.Tensor
+    iterations: int
 
 
 class Solution:
@@ -23,6 +41,8 @@ class Solution:
         adjoint_stats: for a solve differentiated by an adjoint (:func:`diffeq_adjoint`), what
             its backward did (``nfe``, ``nvjp``, ``naccept``, ``nreject``, ``replayed_steps``,
             ``checkpoints``), filled in once backward has run (``done``); otherwise None.
+        sample_stats: for a ``per_sample=True`` solve, each sample's steps
+            (:class:`SampleStats`); otherwise None.
 
     ``sol(t)`` evaluates the solution anywhere in the span when it was solved with
     ``dense=True`` (differentiably, under grad mode).
@@ -32,7 +52,7 @@ class Solution:
     (DifferentialEquations.jl's ``sol[1, :]``, with the axes in PyTorch's order).
     """
 
-    def __init__(self, raw: _C.Solution) -> None:
+    def __init__(self, raw: _C.Solution, sample_stats: Optional[SampleStats] = None) -> None:
         self._raw = raw
         self.t: torch.Tensor = raw.t
         self.u: torch.Tensor = raw.u
@@ -40,6 +60,7 @@ class Solution:
         self.retcode = raw.retcode
         self.message: str = raw.message
         self.adjoint_stats: Optional[_C.AdjointStats] = raw.adjoint_stats
+        self.sample_stats = sample_stats
 
     @property
     def success(self) -> bool:

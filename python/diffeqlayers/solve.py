@@ -12,7 +12,7 @@ import torch
 from . import _C
 from .mlp import MLPRhs
 from .problem import ODEProblem, SplitODEProblem, parameter_tensors
-from .solution import Solution
+from .solution import SampleStats, Solution
 
 _CONTROLLERS = {
     "I": _C.ControllerOptions.I,
@@ -139,6 +139,7 @@ def solve(
     jac: Optional[Callable[[torch.Tensor, Any, float], torch.Tensor]] = None,
     max_order: Optional[int] = None,
     max_iters: Optional[int] = None,
+    per_sample: bool = False,
     _adjoint: Optional[tuple[_C.AdjointOptions, list[torch.Tensor]]] = None,
 ) -> Solution:
     """Solve an :class:`ODEProblem`.
@@ -193,6 +194,24 @@ def solve(
             (default 10; the Jacobian is taken once per step, at its start). They stop when the
             RMS norm of the Newton update scaled by ``atol + rtol |u|`` is below 0.01; steps
             that do not are counted and warned about in the same way.
+        per_sample: per-sample step control for a batch (default False: one step size for the
+            whole state, cheapest when the samples are alike). The leading dimension of the
+            state is a batch of independent problems; each sample keeps its own time, step
+            size, error norm (RMS over its own elements; a ``norm`` must map the scaled error
+            ``[B, ...]`` to ``[B]``) and controller, and is accepted or rejected on its own
+            (masked updates), so one hard sample does not slow the others: each takes the
+            steps a solve of it alone would take. ``f(u, p, t)`` then receives ``t`` as a
+            tensor of shape ``[B]`` (each sample's own time, in the state's dtype), not a
+            float, and row ``b`` of its result must depend on row ``b`` of ``u`` only. Needs
+            an explicit adaptive method (``adaptive_heun``, ``fehlberg2``, ``bosh3``,
+            ``dopri5``, ``tsit5``, ``dopri8``) and ``saveat``; not with ``dense`` or
+            ``adaptive=False``. Gradients: reverse mode through the unrolled loop (this
+            function under grad mode, :func:`diffeq_rd`) and forward mode
+            (:func:`diffeq_fd`, :func:`diffeq_jvp`); :func:`diffeq_adjoint` refuses it.
+            ``max_num_steps`` bounds each sample's steps. ``sol.stats`` holds the calls of f
+            (``nfe``, each on the whole batch) and the steps summed over the samples;
+            ``sol.sample_stats`` each sample's ``naccept`` and ``nreject`` and the number of
+            loop ``iterations``.
         _adjoint: private (:func:`diffeq_adjoint` passes its options and parameters here).
 
     Returns:
@@ -285,6 +304,26 @@ def solve(
         opts.max_iters = _positive_int("max_iters", max_iters, 1)
     elif implicit_fixed:
         opts.max_iters = 10
+
+    if per_sample:
+        if _adjoint is not None:
+            raise ValueError(
+                "per_sample=True is not supported by diffeq_adjoint; use diffeq_rd (reverse "
+                "mode through the unrolled per-sample loop) or diffeq_fd"
+            )
+        if saveat is None:
+            raise ValueError(
+                "per_sample=True needs saveat: the samples step at different times, so there "
+                "are no common step times to save at"
+            )
+        if isinstance(prob, SplitODEProblem) and solver == "kencarp4":
+            raise ValueError("per_sample=True supports the explicit adaptive methods, not kencarp4")
+
+        def batch_rhs(t: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+            return f(u, p, t)
+
+        raw, naccept, nreject, iterations = _C.solve_per_sample(batch_rhs, state, span, opts, norm)
+        return Solution(raw, sample_stats=SampleStats(naccept, nreject, iterations))
 
     if _adjoint is not None:
         options, params = _adjoint
