@@ -275,7 +275,7 @@ def main() -> None:
     if args.worker:
         worker(args.repeats)
         return
-        pkgs = dict(p.split("=", 1) for p in args.variant)
+    pkgs = dict(p.split("=", 1) for p in args.variant)
     lines = [
         "# Fused operators: solver overhead and per-call cost",
         "",
