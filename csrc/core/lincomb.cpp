@@ -4,19 +4,14 @@
 #include <ATen/Dispatch.h>
 #include <ATen/LegacyBatchedTensorImpl.h>
 #include <ATen/Parallel.h>
-#include <torch/csrc/autograd/custom_function.h>
+
+#include <cstdlib>
+#include <string>
+
+#include "kernels/ops.h"
 
 namespace diffeqlayers {
 namespace {
-
-using torch::autograd::AutogradContext;
-using torch::autograd::variable_list;
-
-// Weights travel as one non-tensor argument (a bare std::vector<double> would be iterated by
-// the argument extractor and counted as one input per element).
-struct Weights {
-  std::vector<double> w;
-};
 
 // sum_j w[j] * terms[j] as one loop over the elements, for contiguous CPU float/double terms of
 // one dtype and size; undefined otherwise. Every combination of the explicit solvers runs through
@@ -48,18 +43,25 @@ void combine_loop(scalar_t* out, const std::vector<const scalar_t*>& src,
   }
 }
 
-torch::Tensor combine_fused(at::TensorList terms, const std::vector<double>& w) {
+// Whether combine_fused_into takes these terms and this output.
+bool fusable(at::TensorList terms, const torch::Tensor& out) {
   const torch::Tensor& first = terms[0];
-  if (!first.device().is_cpu() || !first.is_contiguous()) return {};
+  if (!first.device().is_cpu() || !first.is_contiguous()) return false;
   const auto dtype = first.scalar_type();
-  if (dtype != at::kDouble && dtype != at::kFloat) return {};
-  const int64_t n = first.numel();
+  if (dtype != at::kDouble && dtype != at::kFloat) return false;
   for (const auto& t : terms)
     if (t.scalar_type() != dtype || t.sizes() != first.sizes() || !t.device().is_cpu() ||
         !t.is_contiguous() || t.is_neg() || t.is_conj())
-      return {};
-  torch::Tensor out = at::empty_like(first, at::MemoryFormat::Contiguous);
-  AT_DISPATCH_FLOATING_TYPES(dtype, "diffeqlayers_lincomb", [&] {
+      return false;
+  return !out.defined() ||
+         (out.scalar_type() == dtype && out.sizes() == first.sizes() && out.device().is_cpu() &&
+          out.is_contiguous() && !out.is_neg() && !out.is_conj());
+}
+
+// The fused loop into `out` (fusable(terms, out), out not overlapping any term).
+void combine_fused_into(const torch::Tensor& out, at::TensorList terms, at::ArrayRef<double> w) {
+  const int64_t n = out.numel();
+  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "diffeqlayers_lincomb", [&] {
     std::vector<const scalar_t*> src;
     src.reserve(terms.size());
     for (const auto& t : terms) src.push_back(t.const_data_ptr<scalar_t>());
@@ -70,19 +72,25 @@ torch::Tensor combine_fused(at::TensorList terms, const std::vector<double>& w) 
       combine_loop<scalar_t>(dst, src, sw, begin, end);
     });
   });
+}
+
+torch::Tensor combine_fused(at::TensorList terms, at::ArrayRef<double> w) {
+  if (!fusable(terms, torch::Tensor())) return {};
+  torch::Tensor out = at::empty_like(terms[0], at::MemoryFormat::Contiguous);
+  combine_fused_into(out, terms, w);
   return out;
 }
 
 // sum_j w[j] * terms[j] by out-of-place ATen ops: terms may broadcast against each other (an
 // unbatched tangent against batched ones), and dual terms carry their tangents through it.
-torch::Tensor combine_out_of_place(at::TensorList terms, const std::vector<double>& w) {
+torch::Tensor combine_out_of_place(at::TensorList terms, at::ArrayRef<double> w) {
   torch::Tensor out = at::mul(terms[0], w[0]);
   for (size_t j = 1; j < terms.size(); ++j) out = at::add(out, terms[j], w[j]);
   return out;
 }
 
 // sum_j w[j] * terms[j] into one fresh tensor.
-torch::Tensor combine_no_grad(at::TensorList terms, const std::vector<double>& w) {
+torch::Tensor combine_no_grad(at::TensorList terms, at::ArrayRef<double> w) {
   if (torch::Tensor fused = combine_fused(terms, w); fused.defined()) return fused;
   torch::Tensor out;
   size_t j = 1;
@@ -95,39 +103,6 @@ torch::Tensor combine_no_grad(at::TensorList terms, const std::vector<double>& w
   for (; j < terms.size(); ++j) out.add_(terms[j], w[j]);
   return out;
 }
-
-struct LinComb : public torch::autograd::Function<LinComb> {
-  // The terms come as a TensorList: the argument type the extractor expands into one input per
-  // tensor (a std::vector would count as a single non-tensor argument). Every term is defined:
-  // the autograd machinery needs a device for each input.
-  static torch::Tensor forward(AutogradContext* ctx, at::TensorList terms, const Weights& weights) {
-    ctx->saved_data["w"] = weights.w;
-    return combine_no_grad(terms, weights.w);
-  }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grad_out) {
-    const torch::Tensor& g = grad_out[0];
-    const std::vector<double> w = ctx->saved_data["w"].toDoubleVector();
-    variable_list grads;
-    grads.reserve(w.size() + 1);
-    if (!g.defined()) {
-      grads.resize(w.size() + 1);
-      return grads;
-    }
-    // Every g * w_j from one broadcast multiplication by the weights in g's dtype: the same
-    // products as separate g * w_j (which round w_j to g's dtype too), without converting a
-    // scalar to a tensor per term, which costs more than the product on small states.
-    const int64_t n = static_cast<int64_t>(w.size());
-    std::vector<int64_t> shape(static_cast<size_t>(g.dim()) + 1, 1);
-    shape[0] = n;
-    torch::Tensor wt = at::tensor(w, g.options()).view(shape);
-    std::vector<torch::Tensor> scaled = at::mul(g.unsqueeze(0), wt).unbind(0);
-    for (int64_t j = 0; j < n; ++j)
-      grads.push_back(w[static_cast<size_t>(j)] == 1.0 ? g : scaled[static_cast<size_t>(j)]);
-    grads.push_back(torch::Tensor());  // the weights
-    return grads;
-  }
-};
 
 // The dual case (forward mode: diffeq_fd, diffeq_jvp). Plain ATen ops on dual tensors would also
 // carry the tangents, but every op would pay the dual dispatch, and, for batched tangents, the
@@ -208,7 +183,7 @@ torch::Tensor make_dual(const torch::Tensor& primal, const torch::Tensor& tangen
 }
 
 torch::Tensor lincomb(const torch::Tensor& u, const std::vector<torch::Tensor>& k,
-                      const std::vector<double>& w) {
+                      const std::vector<double>& w, const torch::Tensor& buffer) {
   TORCH_INTERNAL_ASSERT(!k.empty() && k.size() == w.size());
   std::vector<torch::Tensor> terms;
   std::vector<double> weights;
@@ -233,8 +208,39 @@ torch::Tensor lincomb(const torch::Tensor& u, const std::vector<torch::Tensor>& 
     if (out.defined()) return out;
   }
   if (dual) return combine_out_of_place(terms, weights);
-  if (!record) return combine_no_grad(terms, weights);
-  return LinComb::apply(at::TensorList(terms), Weights{std::move(weights)});
+  // For benchmarks only (as solve.cpp's bench_unfused): the unrecorded combination called
+  // directly, as before the registered operator.
+  static const bool unfused = [] {
+    const char* e = std::getenv("DIFFEQLAYERS_BENCH_UNFUSED");
+    return e != nullptr && std::string(e) == "1";
+  }();
+  if (!record && unfused) return combine_no_grad(terms, weights);
+  // The registered operator: its Autograd kernel records one node (LinComb in
+  // csrc/kernels/ops.cpp) when a term requires grad, else it runs the fused loop, into the
+  // buffer when the caller lends one.
+  if (!record && buffer.defined()) {
+    kernels::lincomb_into(std::nullopt, terms, weights, 1.0, buffer);
+    return buffer;
+  }
+  return kernels::lincomb(std::nullopt, terms, weights, 1.0);
+}
+
+torch::Tensor combine_terms(at::TensorList terms, at::ArrayRef<double> w) {
+  return combine_no_grad(terms, w);
+}
+
+void combine_terms_into(const torch::Tensor& out, at::TensorList terms, at::ArrayRef<double> w) {
+  if (fusable(terms, out)) return combine_fused_into(out, terms, w);
+  // The ATen ops of combine_no_grad's fallback, written into out (terms broadcast to it).
+  size_t j = 1;
+  if (terms.size() > 1 && w[0] == 1.0) {
+    torch::Tensor o = out;  // add_out takes a mutable reference; the tensor is the same
+    at::add_out(o, terms[0], terms[1], w[1]);
+    j = 2;
+  } else {
+    out.copy_(terms[0]).mul_(w[0]);
+  }
+  for (; j < terms.size(); ++j) out.add_(terms[j], w[j]);
 }
 
 }  // namespace diffeqlayers

@@ -11,9 +11,20 @@ namespace diffeqlayers {
 // least one term). When autograd records, the result is one node whose backward hands grad to
 // u and w[j] * grad to each k[j]: a Runge-Kutta stage costs one node instead of one per term,
 // which is most of the unrolled graph when f is small. Otherwise it is computed in place into
-// one fresh tensor.
+// one fresh tensor, or into `buffer` when one is given (a tensor of the result's shape, dtype
+// and device that overlaps no term and that nothing else reads afterwards: the no-grad paths
+// recycle their stage buffers this way). The buffer is ignored when the result records a graph
+// or carries tangents: those paths never write in place. Both run the registered operator
+// diffeqlayers::lincomb (csrc/kernels/ops.cpp).
 torch::Tensor lincomb(const torch::Tensor& u, const std::vector<torch::Tensor>& k,
-                      const std::vector<double>& w);
+                      const std::vector<double>& w, const torch::Tensor& buffer = {});
+
+// sum_j w[j] * terms[j], unrecorded (the kernels of diffeqlayers::lincomb): one fused loop for
+// contiguous CPU float/double terms of one shape, ATen ops otherwise. Every mode's primal
+// combination goes through here, so the modes agree bitwise.
+torch::Tensor combine_terms(at::TensorList terms, at::ArrayRef<double> w);
+// The same into `out` (the terms' broadcast shape, overlapping no term).
+void combine_terms_into(const torch::Tensor& out, at::TensorList terms, at::ArrayRef<double> w);
 
 // Forward mode (dual tensors at level 0, as diffeq_fd and diffeq_jvp make them), for code that
 // combines many duals: the primals and tangents are taken apart once, combined with plain ops, and

@@ -5,6 +5,7 @@
 // sequence is a function of the primal values only, as in torchdiffeq and diffrax.
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <sstream>
 
 #include "control/controller.h"
@@ -12,7 +13,9 @@
 #include "diffeqlayers/adams.h"
 #include "diffeqlayers/solve.h"
 #include "diffeqlayers/stiff.h"
+#include "integrate/buffer_pool.h"
 #include "integrate/tape.h"
+#include "kernels/ops.h"
 #include "solvers/stiff.h"
 
 namespace diffeqlayers {
@@ -21,10 +24,22 @@ bool is_implicit_fixed(const std::string& name);  // csrc/solvers/implicit_fixed
 }  // namespace stiff
 namespace {
 
+// For benchmarks only (benchmarks/bench_fused_ops.py): DIFFEQLAYERS_BENCH_UNFUSED=1 runs the loop
+// as it ran before the fused operators (no buffer reuse, the error norm as ATen ops), so that
+// one build measures both. Read once.
+bool bench_unfused() {
+  static const bool v = [] {
+    const char* e = std::getenv("DIFFEQLAYERS_BENCH_UNFUSED");
+    return e != nullptr && std::string(e) == "1";
+  }();
+  return v;
+}
+
 // u + h * sum_j w[j] k[j] over the first n stages, skipping zero weights (u may be undefined:
-// then just the sum).
+// then just the sum). With a pool, a path that records nothing writes into one of its buffers.
 torch::Tensor combine(const torch::Tensor& u, double h, const std::vector<double>& w,
-                      const std::vector<torch::Tensor>& k, size_t n) {
+                      const std::vector<torch::Tensor>& k, size_t n,
+                      detail::BufferPool* pool = nullptr) {
   std::vector<torch::Tensor> terms;
   std::vector<double> weights;
   terms.reserve(n);
@@ -35,7 +50,7 @@ torch::Tensor combine(const torch::Tensor& u, double h, const std::vector<double
     weights.push_back(h * w[j]);
   }
   if (terms.empty()) return u.defined() ? u : at::zeros_like(k[0]);
-  return lincomb(u, terms, weights);
+  return lincomb(u, terms, weights, pool ? pool->get(u) : torch::Tensor());
 }
 
 std::string fmt(double x) {
@@ -78,12 +93,30 @@ class Integrator {
     std::vector<torch::Tensor> kd;
     kd.reserve(k.size());
     for (const auto& kj : k) kd.push_back(kj.detach());
-    torch::Tensor err = combine(torch::Tensor(), h, tab_.b_err, kd, kd.size());
     torch::Tensor ud = u.detach(), und = unew.detach();
-    torch::Tensor scale = at::maximum(ud.abs(), und.abs()).mul_(o_.rtol).add_(o_.atol);
-    torch::Tensor scaled = err.div_(scale);
-    torch::Tensor n = norm_tensor(scaled);
+    torch::Tensor n;
+    if (o_.norm || bench_unfused()) {
+      torch::Tensor err = combine(torch::Tensor(), h, tab_.b_err, kd, kd.size());
+      torch::Tensor scale = at::maximum(ud.abs(), und.abs()).mul_(o_.rtol).add_(o_.atol);
+      n = norm_tensor(err.div_(scale));
+      if (bench_unfused() && o_.check_finite) {
+        torch::Tensor both = at::stack({n.to(at::kDouble), und.sum().to(at::kDouble)}).cpu();
+        const double* v = both.data_ptr<double>();
+        return {v[0], std::isfinite(v[1])};
+      }
+    } else {
+      // The RMS norm as one operator (one pass over the stages on the CPU, no temporaries).
+      std::vector<torch::Tensor> ke;
+      std::vector<double> we;
+      for (size_t j = 0; j < kd.size(); ++j) {
+        if (tab_.b_err[j] == 0.0) continue;
+        ke.push_back(kd[j]);
+        we.push_back(tab_.b_err[j]);
+      }
+      n = kernels::error_norm(ke, we, h, ud, und, o_.atol, o_.rtol);
+    }
     if (!o_.check_finite) return {n.item<double>(), true};
+    if (und.device().is_cpu()) return {n.item<double>(), std::isfinite(und.sum().item<double>())};
     torch::Tensor both = at::stack({n.to(at::kDouble), und.sum().to(at::kDouble)}).cpu();
     const double* v = both.data_ptr<double>();
     return {v[0], std::isfinite(v[1])};
@@ -203,7 +236,8 @@ class Integrator {
       }
 
       k[0] = k1;
-      torch::Tensor unew = detail::rk_step(f_, tab_, t, hh, u, k, stats.nfe);
+      torch::Tensor unew =
+          detail::rk_step(f_, tab_, t, hh, u, k, stats.nfe, bench_unfused() ? nullptr : &pool_);
 
       bool accepted = true;
       if (adaptive) {
@@ -318,6 +352,9 @@ class Integrator {
   const Tableau& tab_;
   const SolveOptions& o_;
   detail::Tape* tape_;
+  // Stage and state buffers, reused across steps by the combinations that record nothing
+  // (inference, the adjoints' forward solves).
+  detail::BufferPool pool_;
   double h_next_ = 0.0;  // the controller's proposal after the last accepted step
   std::vector<int64_t> state_shape_;
   torch::TensorOptions state_options_;
@@ -406,17 +443,18 @@ torch::Tensor checked_eval(const Dynamics& f, double t, const torch::Tensor& u, 
 }
 
 torch::Tensor rk_step(const Dynamics& f, const Tableau& tab, double t, double hh,
-                      const torch::Tensor& u, std::vector<torch::Tensor>& k, int64_t& nfe) {
+                      const torch::Tensor& u, std::vector<torch::Tensor>& k, int64_t& nfe,
+                      BufferPool* pool) {
   const int s = tab.stages();
   if (!k[0].defined()) k[0] = checked_eval(f, t, u, nfe);
   torch::Tensor ui;
   for (int i = 1; i < s; ++i) {
-    ui = combine(u, hh, tab.a[i], k, static_cast<size_t>(i));
+    ui = combine(u, hh, tab.a[i], k, static_cast<size_t>(i), pool);
     k[i] = checked_eval(f, t + tab.c[i] * hh, ui, nfe);
   }
   // With FSAL the last stage was evaluated at u_new itself.
   if (tab.fsal()) return ui;
-  return combine(u, hh, tab.b, k, static_cast<size_t>(s));
+  return combine(u, hh, tab.b, k, static_cast<size_t>(s), pool);
 }
 
 DenseStep replay_step(const Dynamics& f, const Tableau& tab, double t, double hh,

@@ -20,6 +20,8 @@
 
 namespace diffeqlayers::detail {
 
+class BufferPool;  // integrate/buffer_pool.h
+
 // Where one saved output row came from.
 struct SaveRef {
   int64_t step;  // index of the accepted step; -1: the initial state itself
@@ -50,9 +52,11 @@ torch::Tensor checked_eval(const Dynamics& f, double t, const torch::Tensor& u, 
 
 // One step of the explicit Runge-Kutta method `tab` from (t, u) of signed size hh: fills
 // k[0..s-1] (k[0] = f(t, u)) and returns the new state, built as the integrator builds it.
-// Under grad mode the step is recorded by autograd.
+// Under grad mode the step is recorded by autograd; combinations that record nothing write into
+// buffers from `pool` when one is given.
 torch::Tensor rk_step(const Dynamics& f, const Tableau& tab, double t, double hh,
-                      const torch::Tensor& u, std::vector<torch::Tensor>& k, int64_t& nfe);
+                      const torch::Tensor& u, std::vector<torch::Tensor>& k, int64_t& nfe,
+                      BufferPool* pool = nullptr);
 
 // A replayed step as the forward solve saw it: its dense data (u0, u1, and the stages of the
 // own interpolant or {f(t, u0), f(t + hh, u1)} for cubic Hermite). With dense = false only u0
