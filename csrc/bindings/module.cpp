@@ -126,7 +126,9 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("throw_on_failure", &SolveOptions::throw_on_failure)
       .def_readwrite("params", &SolveOptions::params)
       .def_readwrite("max_order", &SolveOptions::max_order)
-      .def_readwrite("max_iters", &SolveOptions::max_iters);
+      .def_readwrite("max_iters", &SolveOptions::max_iters)
+      .def_readwrite("jac_mode", &SolveOptions::jac_mode)
+      .def_readwrite("independent_batch", &SolveOptions::independent_batch);
 
   py::class_<Stats>(m, "Stats")
       .def_readonly("nfe", &Stats::nfe)
@@ -135,6 +137,7 @@ PYBIND11_MODULE(_C, m) {
       .def_readonly("njac", &Stats::njac)
       .def_readonly("nlu", &Stats::nlu)
       .def_readonly("nnonconverged", &Stats::nnonconverged)
+      .def_readonly("jac_blocks", &Stats::jac_blocks)
       .def("__repr__", [](const Stats& s) {
         return "Stats(nfe=" + std::to_string(s.nfe) + ", naccept=" + std::to_string(s.naccept) +
                ", nreject=" + std::to_string(s.nreject) +

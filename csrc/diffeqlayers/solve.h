@@ -81,6 +81,17 @@ struct SolveOptions {
   std::vector<torch::Tensor> params;
   // Stiff methods (stiff_methods()): a user-supplied Jacobian df/du; empty: built by autograd.
   Jacobian jac;
+  // Stiff methods, the autograd Jacobian: "forward" (one forward-mode pass per column, on dual
+  // tensors), "reverse" (one vector-Jacobian product per row) or "auto" (by block size, see
+  // csrc/solvers/jacobian.cpp; reverse mode, measured faster at every size tried). Reverse mode
+  // through the solve always records reverse-mode Jacobians.
+  std::string jac_mode = "auto";
+  // Stiff methods: the leading dimension of the state holds independent systems (f of one sample
+  // never reads another sample's state). Jacobians are then per-sample blocks [B, n, n] (n the
+  // size of one sample) with batched LU factorizations, instead of one dense (B n) x (B n)
+  // matrix; a user jac returns the blocks [B, n, n]. Declaring it for coupled samples leaves
+  // out the coupling from the Jacobian (wrong for Rosenbrock methods, slow Newton for ESDIRK).
+  bool independent_batch = false;
   // Adams methods (adams_methods()): the highest order the step history may reach (1 to 12,
   // torchdiffeq's max_order; below 4 every step is RK4), and the most corrector iterations per
   // step of implicit_adams (torchdiffeq's max_iters).
@@ -101,6 +112,9 @@ struct Stats {
   int64_t nreject = 0;  // rejected steps
   int64_t njac = 0;     // Jacobians of f (stiff methods)
   int64_t nlu = 0;      // LU factorizations (stiff methods)
+  // Stiff methods: the diagonal blocks of each Jacobian and LU (1: one dense matrix; B with
+  // SolveOptions::independent_batch).
+  int64_t jac_blocks = 0;
   // Steps whose corrector iteration did not converge within max_iters (implicit_adams); the
   // solve goes on with the last iterate, as torchdiffeq does (it warns).
   int64_t nnonconverged = 0;

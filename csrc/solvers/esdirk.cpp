@@ -184,17 +184,26 @@ class EsdirkStepper : public Stepper {
   const MethodInfo& info() const override { return m_.info; }
 
   StepResult step(double t, const torch::Tensor& u, double h, bool new_point) override {
+    if (!layout_.n) {
+      layout_ = jac_layout(o_, u);
+      host_ = use_host(u, layout_, track_);
+    }
     if (new_point || !f0_.defined()) {
       jac_at_point_ = false;
       f0_ = torch::Tensor();
       if (!J_.defined() || refresh_J_) take_jacobian(t, u);  // gives f0 too (without track)
       if (!f0_.defined()) f0_ = eval(t, u, /*grad=*/track_);
       g0_ = split_ ? eval_g(t, u) : torch::Tensor();
+      if (host_) {
+        uh_ = to_host(u);
+        f0h_ = to_host(f0_);
+        if (split_) g0h_ = to_host(g0_);
+      }
     }
     StepResult r;
     for (int attempt = 0;; ++attempt) {
       std::string why;
-      if (try_step(t, u, h, r, why)) return r;
+      if (host_ ? try_step_host(t, u, h, r, why) : try_step(t, u, h, r, why)) return r;
       if (jac_at_point_ || attempt > 0) {
         r = StepResult();
         r.failure = why;
@@ -217,30 +226,58 @@ class EsdirkStepper : public Stepper {
 
   // J at (t, u), detached; refactoring follows.
   void take_jacobian(double t, const torch::Tensor& u) {
-    PointDerivatives d = derivatives(f_, o_.jac, t, u.detach(), /*track=*/false, stats_,
+    PointDerivatives d = derivatives(f_, o_, t, u.detach(), /*track=*/false, stats_,
                                      /*with_ft=*/false);
     J_ = d.J;
+    if (host_) Jh_ = to_host(J_);
     if (!track_) f0_ = d.f0.detach();
     jac_at_point_ = true;
     refresh_J_ = false;
     lu_hg_ = 0.0;  // refactor
   }
 
-  bool ensure_lu(double hg, const torch::Tensor& u) {
+  bool ensure_lu(double hg) {
     if (!force_refactor_ && lu_hg_ != 0.0 && std::abs(hg / lu_hg_ - 1.0) <= kRefactor) return true;
     force_refactor_ = false;
-    const int64_t n = u.numel();
-    torch::Tensor W = at::eye(n, J_.options()) - hg * J_;
-    if (!lu_.factor(W, stats_)) {
-      lu_hg_ = 0.0;
-      return false;
-    }
-    lu_hg_ = hg;
-    return true;
+    const bool ok = host_ ? hlu_.factor(Jh_, layout_.blocks, layout_.n, 1.0, -hg, stats_)
+                          : lu_.factor(J_, 1.0, -hg, stats_);
+    lu_hg_ = ok ? hg : 0.0;
+    return ok;
   }
 
   double norm(const torch::Tensor& x) const {
     return (x * inv_scale_).pow(2).mean().sqrt().item<double>();
+  }
+
+  // The contraction bookkeeping of one Newton iteration with update norm nd (Hairer & Wanner
+  // II, IV.8): 1 converged, 0 continue, -1 failed (why set).
+  int newton_check(int it, double nd, double& prev, std::string& why) {
+    if (!std::isfinite(nd)) {
+      why = "the Newton iteration produced a non-finite state";
+      return -1;
+    }
+    if (it > 0) {
+      const double theta = prev > 0 ? nd / prev : 0.0;
+      theta_max_ = std::max(theta_max_, theta);
+      if (theta >= kDiverged) {
+        why = "the Newton iteration diverged (contraction " + fmt(theta) + ")";
+        return -1;
+      }
+      eta_ = theta / (1.0 - theta);
+      // Predicted not to converge within the remaining iterations.
+      if (!fixed_ && it < max_newton_ - 1 &&
+          std::pow(theta, max_newton_ - 1 - it) / (1.0 - theta) * nd > kappa_) {
+        why = "the Newton iteration converges too slowly (contraction " + fmt(theta) + ")";
+        return -1;
+      }
+    }
+    // The first update of a stage is judged by itself: the rate carried over from earlier
+    // stages says little about this stage's predictor, and an unconverged stiff component
+    // passes straight into the error estimate (ROBER then crawls at steps far below the
+    // accuracy's need).
+    if (nd == 0.0 || (it == 0 ? nd : eta_ * nd) <= kappa_) return 1;
+    prev = nd;
+    return 0;
   }
 
   // Simplified Newton for z - hg f(ti, z) = psi from the predictor z (detached, overwritten).
@@ -253,36 +290,54 @@ class EsdirkStepper : public Stepper {
       torch::Tensor G = z - hg * fz - psi;
       torch::Tensor dz = lu_.solve(G).neg_();
       z = z + dz;
-      const double nd = norm(dz);
-      if (!std::isfinite(nd)) {
-        why = "the Newton iteration produced a non-finite state";
-        return false;
-      }
-      if (it > 0) {
-        const double theta = prev > 0 ? nd / prev : 0.0;
-        theta_max_ = std::max(theta_max_, theta);
-        if (theta >= kDiverged) {
-          why = "the Newton iteration diverged (contraction " + fmt(theta) + ")";
-          return false;
-        }
-        eta_ = theta / (1.0 - theta);
-        // Predicted not to converge within the remaining iterations.
-        if (!fixed_ && it < max_newton_ - 1 &&
-            std::pow(theta, max_newton_ - 1 - it) / (1.0 - theta) * nd > kappa_) {
-          why = "the Newton iteration converges too slowly (contraction " + fmt(theta) + ")";
-          return false;
-        }
-      }
-      if (nd == 0.0 || eta_ * nd <= kappa_) return true;
-      prev = nd;
+      const int state = newton_check(it, norm(dz), prev, why);
+      if (state != 0) return state > 0;
     }
     why = "the Newton iteration did not converge in " + std::to_string(max_newton_) + " iterations";
     return false;
   }
 
+  // The same iteration on host doubles (use_host): like_ gives f's argument its shape and dtype.
+  bool newton_host(double ti, double hg, const std::vector<double>& psi, std::vector<double>& z,
+                   const torch::Tensor& like, std::string& why) {
+    at::NoGradGuard g;
+    eta_ = std::pow(std::max(eta_, std::numeric_limits<double>::epsilon()), 0.8);
+    const size_t N = z.size();
+    std::vector<double> dz(N);
+    double prev = 0.0;
+    for (int it = 0; it < max_newton_; ++it) {
+      const std::vector<double> fz = to_host(eval_f(f_, ti, from_host(z.data(), like), stats_));
+      for (size_t i = 0; i < N; ++i) dz[i] = psi[i] + hg * fz[i] - z[i];  // -(z - hg f - psi)
+      hlu_.solve(dz.data());
+      double ss = 0.0;
+      for (size_t i = 0; i < N; ++i) {
+        z[i] += dz[i];
+        const double s = dz[i] * inv_scale_h_[i];
+        ss += s * s;
+      }
+      const double nd = N ? std::sqrt(ss / static_cast<double>(N)) : 0.0;
+      const int state = newton_check(it, nd, prev, why);
+      if (state != 0) return state > 0;
+    }
+    why = "the Newton iteration did not converge in " + std::to_string(max_newton_) + " iterations";
+    return false;
+  }
+
+  // After the stages: slow convergence first refactors W for the current step size (a
+  // mismatched h explains a contraction of about |h / h' - 1|); slow again with W factored for
+  // exactly this h: new J.
+  void after_stages(double hg) {
+    if (theta_max_ > kSlowTheta) {
+      if (hg == lu_hg_)
+        refresh_J_ = true;
+      else
+        force_refactor_ = true;
+    }
+  }
+
   bool try_step(double t, const torch::Tensor& u, double h, StepResult& r, std::string& why) {
     const double hg = h * m_.gamma;
-    if (!ensure_lu(hg, u)) {
+    if (!ensure_lu(hg)) {
       why = "the iteration matrix I - h gamma J is singular";
       return false;
     }
@@ -323,11 +378,10 @@ class EsdirkStepper : public Stepper {
       }
       if (track_) {
         // One differentiable Newton correction with the exact Jacobian at the converged z*.
-        PointDerivatives d = derivatives(f_, o_.jac, ti, z, /*track=*/false, stats_,
+        PointDerivatives d = derivatives(f_, o_, ti, z, /*track=*/false, stats_,
                                          /*with_ft=*/false);
         LU exact;
-        const int64_t n = u.numel();
-        if (!exact.factor(at::eye(n, d.J.options()) - hg * d.J, stats_)) {
+        if (!exact.factor(d.J, 1.0, -hg, stats_)) {
           why = "the iteration matrix I - h gamma J(z) at a converged stage is singular";
           return false;
         }
@@ -337,14 +391,7 @@ class EsdirkStepper : public Stepper {
       k[i] = (z - psi) / hg;
       if (split_) gk[i] = eval_g(ti, z);
     }
-    // Slow convergence: first refactor W for the current step size (a mismatched h explains a
-    // contraction of about |h / h' - 1|); slow again with W factored for exactly this h: new J.
-    if (theta_max_ > kSlowTheta) {
-      if (hg == lu_hg_)
-        refresh_J_ = true;
-      else
-        force_refactor_ = true;
-    }
+    after_stages(hg);
 
     std::vector<torch::Tensor> kk(s);
     for (size_t j = 0; j < s; ++j) kk[j] = split_ ? k[j] + gk[j] : k[j];
@@ -378,6 +425,70 @@ class EsdirkStepper : public Stepper {
     return true;
   }
 
+  // try_step on host doubles (use_host: no grad, CPU, small blocks), the same arithmetic.
+  bool try_step_host(double t, const torch::Tensor& u, double h, StepResult& r, std::string& why) {
+    at::NoGradGuard g;
+    const double hg = h * m_.gamma;
+    if (!ensure_lu(hg)) {
+      why = "the iteration matrix I - h gamma J is singular";
+      return false;
+    }
+    const size_t N = uh_.size();
+    inv_scale_h_.resize(N);
+    for (size_t i = 0; i < N; ++i) inv_scale_h_[i] = 1.0 / (std::abs(uh_[i]) * o_.rtol + o_.atol);
+    theta_max_ = 0.0;
+    const size_t s = m_.stages();
+    std::vector<std::vector<double>> k(s), gk(s);
+    k[0] = f0h_;
+    if (split_) gk[0] = g0h_;
+    std::vector<double> z = uh_, psi(N);
+    for (size_t i = 1; i < s; ++i) {
+      const double ti = t + m_.c[i] * h;
+      psi = uh_;
+      for (size_t j = 0; j < i; ++j) {
+        const double w = h * m_.a[i][j];
+        if (w != 0.0)
+          for (size_t q = 0; q < N; ++q) psi[q] += w * k[j][q];
+        if (split_ && m_.ae[i][j] != 0.0) {
+          const double we = h * m_.ae[i][j];
+          for (size_t q = 0; q < N; ++q) psi[q] += we * gk[j][q];
+        }
+      }
+      // Predictor: the previous stage value (u for the first implicit stage), as in try_step.
+      if (!newton_host(ti, hg, psi, z, u, why)) {
+        eta_ = 1.0;
+        return false;
+      }
+      k[i].resize(N);
+      for (size_t q = 0; q < N; ++q) k[i][q] = (z[q] - psi[q]) / hg;
+      if (split_) gk[i] = to_host(eval_g(ti, from_host(z.data(), u)));
+    }
+    after_stages(hg);
+
+    if (split_)
+      for (size_t j = 0; j < s; ++j)
+        for (size_t q = 0; q < N; ++q) k[j][q] += gk[j][q];
+    std::vector<double> unew = z, err(N, 0.0);
+    if (split_) {
+      unew = uh_;
+      for (size_t j = 0; j < s; ++j)
+        if (m_.b[j] != 0.0)
+          for (size_t q = 0; q < N; ++q) unew[q] += h * m_.b[j] * k[j][q];
+    }
+    for (size_t j = 0; j < s; ++j)
+      if (m_.b[j] != m_.bhat[j])
+        for (size_t q = 0; q < N; ++q) err[q] += h * (m_.b[j] - m_.bhat[j]) * k[j][q];
+    if (m_.filter_error) hlu_.solve(err.data());
+    r.unew = from_host(unew.data(), u);
+    r.err = from_host(err.data(), u);
+    r.f0 = from_host(k[0].data(), u);
+    if (!m_.interpolant.dense.empty()) {
+      r.dense_terms.reserve(s);
+      for (size_t j = 0; j < s; ++j) r.dense_terms.push_back(from_host(k[j].data(), u));
+    }
+    return true;
+  }
+
   const EsdirkTableau& m_;
   const Dynamics& f_;
   const SolveOptions& o_;
@@ -385,6 +496,8 @@ class EsdirkStepper : public Stepper {
   bool track_;
   bool split_ = false;
   double kappa_ = 0.03;
+  JacLayout layout_;   // n == 0 until the first step
+  bool host_ = false;  // stage algebra on host doubles (use_host)
 
   torch::Tensor J_;     // detached Jacobian, from the start of some step
   LU lu_;               // of I - lu_hg_ J_
@@ -393,6 +506,9 @@ class EsdirkStepper : public Stepper {
   bool refresh_J_ = false;
   torch::Tensor f0_, g0_;  // f and g at the current point
   torch::Tensor inv_scale_;
+  // The host path's copies: J_, its LU, u, f0, g0 and the Newton norm's weights.
+  std::vector<double> Jh_, uh_, f0h_, g0h_, inv_scale_h_;
+  HostLU hlu_;
   double eta_ = 1.0;
   double theta_max_ = 0.0;
   bool force_refactor_ = false;

@@ -123,7 +123,9 @@ class ImplicitRK : public Stepper {
     StepResult r;
     const int64_t s = static_cast<int64_t>(tab_.c.size());
     const int64_t n = u.numel();
-    const PointDerivatives d = derivatives(f_, o_.jac, t, u, track_, stats_);
+    // One dense Jacobian (the Kronecker product below needs the whole matrix).
+    const PointDerivatives d =
+        derivatives(f_, o_, t, u, track_, stats_, /*with_ft=*/true, /*allow_blocks=*/false);
     r.f0 = d.f0.reshape(u.sizes());
     const torch::Tensor f0 = d.f0.reshape({-1});
     const torch::Tensor uflat = u.reshape({-1});
@@ -133,9 +135,8 @@ class ImplicitRK : public Stepper {
     const torch::Tensor A =
         torch::tensor(a_flat, torch::dtype(torch::kFloat64)).reshape({s, s}).to(u.options());
     // I - h (A x J): [s n, s n].
-    const torch::Tensor M = at::eye(s * n, u.options().requires_grad(false)) - h * at::kron(A, d.J);
     LU lu;
-    if (!lu.factor(M, stats_)) {
+    if (!lu.factor(at::kron(A, d.J[0]).unsqueeze(0), 1.0, -h, stats_)) {
       r.failure = "the Newton iteration matrix I - h (A x J) is singular";
       return r;
     }

@@ -1,10 +1,12 @@
-// The Jacobian of f (autograd or user-supplied), df/dt and LU factorizations for the stiff
-// steppers.
+// The Jacobian of f (autograd in forward or reverse mode, or user-supplied), df/dt and LU
+// factorizations for the stiff steppers, as tensors or on host doubles.
 #include "solvers/jacobian.h"
 
 #include <torch/csrc/autograd/autograd.h>
+#include <torch/csrc/autograd/forward_grad.h>
 
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <sstream>
 
@@ -24,65 +26,167 @@ torch::Tensor eval_f(const Dynamics& f, double t, const torch::Tensor& u, Stats&
   return detail::checked_eval(f, t, u, stats.nfe);
 }
 
+JacLayout jac_layout(const SolveOptions& o, const torch::Tensor& u, bool allow_blocks) {
+  JacLayout l;
+  l.n = u.numel();
+  if (allow_blocks && o.independent_batch) {
+    TORCH_CHECK_VALUE(u.dim() >= 1 && u.size(0) >= 1,
+                      "independent_batch needs a state with a leading batch dimension, got shape ",
+                      u.sizes());
+    l.blocks = u.size(0);
+    l.n = u.numel() / l.blocks;
+  }
+  return l;
+}
+
 namespace {
 
-torch::Tensor user_jacobian(const Jacobian& jac, double t, const torch::Tensor& u) {
-  const int64_t n = u.numel();
+// "auto" takes forward mode for blocks of at most this size. Forward mode would pay off where a
+// reverse pass costs more than an evaluation of f on dual tensors, but measured with f in
+// Python (rodas5, one Jacobian per step, CPU): forward mode took 11x reverse mode's time on
+// ROBER (n = 3), 10x on u' = D u + tanh(W u) with n = 8 and 16x with n = 32 (entering and
+// leaving the forward-AD level and dual-tensor dispatch per column). So "auto" is reverse mode.
+constexpr int64_t kForwardMaxN = 0;
+
+torch::Tensor user_jacobian(const Jacobian& jac, double t, const torch::Tensor& u,
+                            const JacLayout& l) {
   torch::Tensor J = jac(t, u);
   TORCH_CHECK_TYPE(J.defined(), "jac returned no tensor (at t=", fmt(t), ")");
-  TORCH_CHECK_VALUE(J.numel() == n * n && (J.dim() == 2 || J.dim() == 2 * u.dim()),
-                    "jac must return the Jacobian as an [n, n] matrix with n = u.numel() = ", n,
-                    " (or shaped [*u.shape, *u.shape]), got shape ", J.sizes(), " (at t=", fmt(t),
-                    ")");
+  if (l.blocks > 1) {
+    TORCH_CHECK_VALUE(J.dim() == 3 && J.size(0) == l.blocks && J.size(1) == l.n && J.size(2) == l.n,
+                      "with independent_batch, jac must return the per-sample Jacobians as [B, n, "
+                      "n] = [",
+                      l.blocks, ", ", l.n, ", ", l.n, "], got shape ", J.sizes(), " (at t=", fmt(t),
+                      ")");
+  } else {
+    const int64_t n = l.n;
+    TORCH_CHECK_VALUE(J.numel() == n * n && (J.dim() == 2 || J.dim() == 2 * u.dim()),
+                      "jac must return the Jacobian as an [n, n] matrix with n = u.numel() = ", n,
+                      " (or shaped [*u.shape, *u.shape]), got shape ", J.sizes(), " (at t=", fmt(t),
+                      ")");
+  }
   TORCH_CHECK_TYPE(J.scalar_type() == u.scalar_type(), "jac returned dtype ", J.scalar_type(),
                    " but the state has dtype ", u.scalar_type());
   TORCH_CHECK_VALUE(J.device() == u.device(), "jac returned a tensor on ", J.device(),
                     " but the state is on ", u.device());
-  return J.reshape({n, n});
+  return J.reshape({l.blocks, l.n, l.n});
+}
+
+// The forward-AD level for the duration of one Jacobian; `ok` false when another level is
+// active (inside torch.autograd.forward_ad.dual_level, diffeq_fd, torch.func.jvp).
+struct DualLevel {
+  DualLevel() {
+    using torch::autograd::ForwardADLevel;
+    if (ForwardADLevel::try_get_by_idx(0) != nullptr) return;
+    try {
+      idx = ForwardADLevel::get_next_idx();
+      ok = true;
+    } catch (const c10::Error&) {
+      ok = false;  // lost a race with a level entered elsewhere
+    }
+  }
+  ~DualLevel() {
+    if (ok) torch::autograd::ForwardADLevel::release_idx(idx);
+  }
+  DualLevel(const DualLevel&) = delete;
+  DualLevel& operator=(const DualLevel&) = delete;
+  uint64_t idx = 0;
+  bool ok = false;
+};
+
+// Forward mode: column j of every block from one evaluation of f on u + e_j eps (e_j: 1 at
+// entry j of each block). False (nothing computed) when no forward-AD level is available.
+bool forward_jacobian(const Dynamics& f, double t, const torch::Tensor& u, const JacLayout& l,
+                      Stats& stats, PointDerivatives& d) {
+  DualLevel level;
+  if (!level.ok) return false;
+  const auto lvl = static_cast<int64_t>(level.idx);
+  const torch::Tensor primal = u.detach().contiguous();
+  std::vector<torch::Tensor> cols;
+  cols.reserve(static_cast<size_t>(l.n));
+  for (int64_t j = 0; j < l.n; ++j) {
+    torch::Tensor tangent = at::zeros({l.blocks, l.n}, primal.options());
+    tangent.select(1, j).fill_(1.0);
+    torch::Tensor out =
+        eval_f(f, t, at::_make_dual(primal, tangent.view(primal.sizes()), lvl), stats);
+    auto unpacked = at::_unpack_dual(out, lvl);
+    if (j == 0) d.f0 = std::get<0>(unpacked).detach().clone();
+    const torch::Tensor& tan = std::get<1>(unpacked);
+    cols.push_back(tan.defined() ? tan.reshape({l.blocks, l.n}).clone()
+                                 : at::zeros({l.blocks, l.n}, primal.options()));
+  }
+  d.J = at::stack(cols, 2);
+  return true;
+}
+
+// Reverse mode: row i of every block from one vector-Jacobian product with e_i.
+void reverse_jacobian(const Dynamics& f, double t, const torch::Tensor& u, const JacLayout& l,
+                      bool track, Stats& stats, PointDerivatives& d) {
+  // Record one evaluation of f on a variable that requires grad. When tracking and u is already
+  // part of the graph, differentiate with respect to u itself so that J keeps its dependence on
+  // what u depends on.
+  torch::Tensor uv = (track && u.requires_grad()) ? u : u.detach().requires_grad_(true);
+  torch::Tensor fu;
+  {
+    at::AutoGradMode enable(true);
+    fu = eval_f(f, t, uv, stats);
+  }
+  if (!fu.requires_grad()) {
+    d.J = at::zeros({l.blocks, l.n, l.n}, u.options().requires_grad(false));  // f ignores u
+  } else {
+    at::AutoGradMode enable(true);
+    torch::Tensor flat = fu.reshape({l.blocks, l.n});
+    std::vector<torch::Tensor> rows;
+    rows.reserve(static_cast<size_t>(l.n));
+    for (int64_t i = 0; i < l.n; ++i) {
+      torch::Tensor seed = at::zeros({l.blocks, l.n}, u.options().requires_grad(false));
+      seed.select(1, i).fill_(1.0);
+      auto g = torch::autograd::grad({flat}, {uv}, {seed}, /*retain_graph=*/true,
+                                     /*create_graph=*/track, /*allow_unused=*/true);
+      rows.push_back(g[0].defined() ? g[0].reshape({l.blocks, l.n})
+                                    : at::zeros({l.blocks, l.n}, seed.options()));
+    }
+    d.J = at::stack(rows, 1);
+  }
+  d.f0 = track ? fu : fu.detach();
+  if (!track) d.J = d.J.detach();
 }
 
 }  // namespace
 
-PointDerivatives derivatives(const Dynamics& f, const Jacobian& jac, double t,
-                             const torch::Tensor& u, bool track, Stats& stats, bool with_ft) {
+PointDerivatives derivatives(const Dynamics& f, const SolveOptions& o, double t,
+                             const torch::Tensor& u, bool track, Stats& stats, bool with_ft,
+                             bool allow_blocks) {
   PointDerivatives d;
-  const int64_t n = u.numel();
+  const JacLayout l = jac_layout(o, u, allow_blocks);
   ++stats.njac;
-  if (jac) {
+  stats.jac_blocks = l.blocks;
+  if (o.jac) {
     d.f0 = eval_f(f, t, u, stats);
     if (track) {
-      d.J = user_jacobian(jac, t, u);
+      d.J = user_jacobian(o.jac, t, u, l);
     } else {
       at::NoGradGuard g;
-      d.J = user_jacobian(jac, t, u.detach());
+      d.J = user_jacobian(o.jac, t, u.detach(), l);
     }
   } else {
-    // Record one evaluation of f on a variable that requires grad. When tracking and u is
-    // already part of the graph, differentiate with respect to u itself so that J keeps its
-    // dependence on what u depends on.
-    torch::Tensor uv = (track && u.requires_grad()) ? u : u.detach().requires_grad_(true);
-    torch::Tensor fu;
-    {
-      at::AutoGradMode enable(true);
-      fu = eval_f(f, t, uv, stats);
+    TORCH_CHECK_VALUE(o.jac_mode == "auto" || o.jac_mode == "forward" || o.jac_mode == "reverse",
+                      "jac_mode must be 'auto', 'forward' or 'reverse', got '", o.jac_mode, "'");
+    // Reverse mode costs one recorded evaluation of f and n reverse passes, forward mode n
+    // evaluations of f on dual tensors. Through the solve (track) J must itself be
+    // differentiable in reverse mode: reverse mode then.
+    const bool forward =
+        !track && (o.jac_mode == "forward" || (o.jac_mode == "auto" && l.n <= kForwardMaxN));
+    bool done = false;
+    if (forward) {
+      at::NoGradGuard g;
+      done = forward_jacobian(f, t, u, l, stats, d);
+      TORCH_CHECK(done || o.jac_mode == "auto",
+                  "jac_mode='forward' needs PyTorch's forward-AD level, which is in use (inside "
+                  "torch.autograd.forward_ad.dual_level, torch.func.jvp or diffeq_fd); use "
+                  "jac_mode='reverse'");
     }
-    if (!fu.requires_grad()) {
-      d.J = at::zeros({n, n}, u.options().requires_grad(false));  // f does not depend on u
-    } else {
-      at::AutoGradMode enable(true);
-      torch::Tensor flat = fu.reshape({-1});
-      torch::Tensor eye = at::eye(n, u.options().requires_grad(false));
-      std::vector<torch::Tensor> rows;
-      rows.reserve(static_cast<size_t>(n));
-      for (int64_t i = 0; i < n; ++i) {
-        auto g = torch::autograd::grad({flat}, {uv}, {eye[i]}, /*retain_graph=*/true,
-                                       /*create_graph=*/track, /*allow_unused=*/true);
-        rows.push_back(g[0].defined() ? g[0].reshape({-1}) : at::zeros_like(eye[i]));
-      }
-      d.J = at::stack(rows);
-    }
-    d.f0 = track ? fu : fu.detach();
-    if (!track) d.J = d.J.detach();
+    if (!done) reverse_jacobian(f, t, u, l, track, stats, d);
   }
   if (!with_ft) return d;
   // df/dt by a central difference, exact for f quadratic in t up to rounding; d = eps^(1/3)
@@ -104,11 +208,14 @@ PointDerivatives derivatives(const Dynamics& f, const Jacobian& jac, double t,
   return d;
 }
 
-bool LU::factor(const torch::Tensor& matrix, Stats& stats) {
+bool LU::factor(const torch::Tensor& J, double alpha, double beta, Stats& stats) {
   ++stats.nlu;
+  const int64_t n = J.size(-1);
+  torch::Tensor matrix = at::eye(n, J.options().requires_grad(false)).mul_(alpha) + beta * J;
   auto [l, p, info] = at::linalg_lu_factor_ex(matrix);
   // One host synchronisation: singular (info > 0) or non-finite factors.
-  torch::Tensor bad = at::logical_or(info.ne(0), at::logical_not(at::isfinite(l.detach()).all()));
+  torch::Tensor bad =
+      at::logical_or(info.ne(0).any(), at::logical_not(at::isfinite(l.detach()).all()));
   if (bad.item<bool>()) return false;
   lu = l;
   pivots = p;
@@ -116,7 +223,101 @@ bool LU::factor(const torch::Tensor& matrix, Stats& stats) {
 }
 
 torch::Tensor LU::solve(const torch::Tensor& rhs) const {
-  return at::linalg_lu_solve(lu, pivots, rhs.reshape({-1, 1})).reshape(rhs.sizes());
+  const int64_t n = lu.size(-1);
+  const torch::Tensor b = lu.dim() == 3 ? rhs.reshape({lu.size(0), n, 1}) : rhs.reshape({n, 1});
+  return at::linalg_lu_solve(lu, pivots, b).reshape(rhs.sizes());
+}
+
+bool use_host(const torch::Tensor& u, const JacLayout& layout, bool track) {
+  return !track && u.device().is_cpu() &&
+         (u.scalar_type() == at::kDouble || u.scalar_type() == at::kFloat) &&
+         layout.n <= kHostMaxBlock && !u._fw_grad(/*level=*/0).defined();
+}
+
+std::vector<double> to_host(const torch::Tensor& x) {
+  const torch::Tensor c = x.detach().cpu().contiguous();
+  std::vector<double> v(static_cast<size_t>(c.numel()));
+  if (c.scalar_type() == at::kDouble) {
+    if (!v.empty()) std::memcpy(v.data(), c.data_ptr<double>(), v.size() * sizeof(double));
+  } else if (c.scalar_type() == at::kFloat) {
+    const float* p = c.data_ptr<float>();
+    for (size_t i = 0; i < v.size(); ++i) v[i] = p[i];
+  } else {
+    const torch::Tensor d = c.to(at::kDouble);
+    if (!v.empty()) std::memcpy(v.data(), d.data_ptr<double>(), v.size() * sizeof(double));
+  }
+  return v;
+}
+
+torch::Tensor from_host(const double* x, const torch::Tensor& like) {
+  torch::Tensor out = at::empty(like.sizes(), like.options().requires_grad(false));
+  const int64_t n = out.numel();
+  if (out.scalar_type() == at::kDouble) {
+    if (n > 0) std::memcpy(out.data_ptr<double>(), x, static_cast<size_t>(n) * sizeof(double));
+  } else {
+    TORCH_INTERNAL_ASSERT(out.scalar_type() == at::kFloat);
+    float* p = out.data_ptr<float>();
+    for (int64_t i = 0; i < n; ++i) p[i] = static_cast<float>(x[i]);
+  }
+  return out;
+}
+
+bool HostLU::factor(const std::vector<double>& J, int64_t nblocks, int64_t size, double alpha,
+                    double beta, Stats& stats) {
+  ++stats.nlu;
+  blocks = nblocks;
+  n = size;
+  a.resize(J.size());
+  piv.resize(static_cast<size_t>(blocks * n));
+  for (size_t i = 0; i < J.size(); ++i) a[i] = beta * J[i];
+  for (int64_t b = 0; b < blocks; ++b) {
+    double* A = a.data() + b * n * n;
+    int64_t* P = piv.data() + b * n;
+    for (int64_t i = 0; i < n; ++i) A[i * n + i] += alpha;
+    for (int64_t k = 0; k < n; ++k) {
+      int64_t p = k;
+      double best = std::abs(A[k * n + k]);
+      for (int64_t i = k + 1; i < n; ++i)
+        if (std::abs(A[i * n + k]) > best) {
+          best = std::abs(A[i * n + k]);
+          p = i;
+        }
+      if (!(best > 0.0) || !std::isfinite(best)) return false;  // singular or NaN
+      P[k] = p;
+      if (p != k)
+        for (int64_t j = 0; j < n; ++j) std::swap(A[k * n + j], A[p * n + j]);
+      const double inv = 1.0 / A[k * n + k];
+      for (int64_t i = k + 1; i < n; ++i) {
+        const double m = A[i * n + k] * inv;
+        A[i * n + k] = m;
+        if (m != 0.0)
+          for (int64_t j = k + 1; j < n; ++j) A[i * n + j] -= m * A[k * n + j];
+      }
+    }
+    for (int64_t i = 0; i < n * n; ++i)
+      if (!std::isfinite(A[i])) return false;
+  }
+  return true;
+}
+
+void HostLU::solve(double* x) const {
+  for (int64_t b = 0; b < blocks; ++b) {
+    const double* A = a.data() + b * n * n;
+    const int64_t* P = piv.data() + b * n;
+    double* y = x + b * n;
+    for (int64_t k = 0; k < n; ++k)
+      if (P[k] != k) std::swap(y[k], y[P[k]]);
+    for (int64_t i = 1; i < n; ++i) {
+      double s = y[i];
+      for (int64_t j = 0; j < i; ++j) s -= A[i * n + j] * y[j];
+      y[i] = s;
+    }
+    for (int64_t i = n - 1; i >= 0; --i) {
+      double s = y[i];
+      for (int64_t j = i + 1; j < n; ++j) s -= A[i * n + j] * y[j];
+      y[i] = s / A[i * n + i];
+    }
+  }
 }
 
 }  // namespace stiff

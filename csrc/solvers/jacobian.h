@@ -1,10 +1,12 @@
-// Internal to csrc/solvers: f with checks, the Jacobian df/du (autograd or user-supplied), the
-// time derivative df/dt, and LU factorizations of the iteration matrix.
+// Internal to csrc/solvers: f with checks, the Jacobian df/du (autograd, forward or reverse mode,
+// or user-supplied), the time derivative df/dt, and LU factorizations of the iteration matrix,
+// as tensors or, for small systems on the CPU without grad, as plain loops on host doubles.
 #pragma once
 
 #include <torch/types.h>
 
 #include <string>
+#include <vector>
 
 #include "diffeqlayers/solve.h"
 
@@ -16,33 +18,73 @@ std::string fmt(double x);
 // f(t, u), counted, its shape, dtype and device checked against u.
 torch::Tensor eval_f(const Dynamics& f, double t, const torch::Tensor& u, Stats& stats);
 
+// How the Jacobian of a state u is laid out: `blocks` diagonal blocks of size n x n (blocks = 1:
+// the dense Jacobian over the flattened state; blocks = u.size(0) with
+// SolveOptions::independent_batch). `allow_blocks` false forces the dense layout.
+struct JacLayout {
+  int64_t blocks = 1;
+  int64_t n = 0;  // size of one block
+  int64_t size() const { return blocks * n; }
+};
+JacLayout jac_layout(const SolveOptions& o, const torch::Tensor& u, bool allow_blocks = true);
+
 // f and its derivatives at one point, over the flattened state.
 struct PointDerivatives {
   torch::Tensor f0;  // f(t, u), shaped like u
-  torch::Tensor J;   // [n, n], J[i][j] = d f_i / d u_j
-  torch::Tensor ft;  // [n], d f / d t
+  torch::Tensor J;   // [blocks, n, n], J[b][i][j] = d f_{b n + i} / d u_{b n + j}
+  torch::Tensor ft;  // [blocks n], d f / d t
 };
 
 // With `track`, J and ft stay differentiable with respect to u and the parameters (so that
 // reverse mode through a step that uses them is exact for the discretisation); otherwise they
-// are constants. Autograd builds J one row per reverse pass: n vector-Jacobian products on one
-// recorded evaluation of f, suited to the small and medium systems stiff problems usually are.
+// are constants. Autograd builds J (SolveOptions::jac_mode) in reverse mode, one row per
+// vector-Jacobian product on one recorded evaluation of f, or in forward mode, one column per
+// evaluation of f on dual tensors; with blocks, one product gives that row (column) of every
+// block. "auto" is reverse mode (measured faster, jacobian.cpp); `track` always uses reverse
+// mode. Forward mode needs the process-global forward-AD level: taken elsewhere, "auto" falls
+// back to reverse mode and "forward" raises.
 // df/dt is a central difference (f(t + d, u) - f(t - d, u)) / 2d with d = eps^(1/3) max(1, |t|)
 // (Dynamics take t as a double, so autograd cannot see it): two more evaluations of f per
 // Jacobian, exactly zero for autonomous f. Without `with_ft` (the implicit Runge-Kutta methods
 // need no df/dt) ft stays undefined and those two evaluations are skipped.
-PointDerivatives derivatives(const Dynamics& f, const Jacobian& jac, double t,
-                             const torch::Tensor& u, bool track, Stats& stats, bool with_ft = true);
+PointDerivatives derivatives(const Dynamics& f, const SolveOptions& o, double t,
+                             const torch::Tensor& u, bool track, Stats& stats, bool with_ft = true,
+                             bool allow_blocks = true);
 
-// An LU factorization of an [n, n] matrix and solves with it. Differentiable (reverse mode
-// through linalg_lu_factor_ex / linalg_lu_solve costs one more factorization-sized product per
-// factorization and a pair of triangular solves per solve).
+// An LU factorization of the iteration matrix alpha I + beta J (J: [blocks, n, n], batched over
+// the blocks) and solves with it. Differentiable (reverse mode through linalg_lu_factor_ex /
+// linalg_lu_solve costs one more factorization-sized product per factorization and a pair of
+// triangular solves per solve).
 struct LU {
   torch::Tensor lu, pivots;
   // Factorizes; false when the matrix is singular (or not finite).
-  bool factor(const torch::Tensor& matrix, Stats& stats);
+  bool factor(const torch::Tensor& J, double alpha, double beta, Stats& stats);
   // Solves matrix x = rhs for rhs shaped like the state; returns x shaped like rhs.
   torch::Tensor solve(const torch::Tensor& rhs) const;
+};
+
+// Small systems on the CPU without grad: the steppers do their stage algebra and linear algebra
+// on host doubles in plain loops, calling into ATen only to evaluate f. For states of a few
+// elements each ATen call (microseconds of dispatch, allocation and checks) costs far more than
+// its arithmetic. True for float32/float64 CPU states, blocks of at most kHostMaxBlock rows,
+// nothing to record for autograd (!track) and no forward-mode tangents.
+constexpr int64_t kHostMaxBlock = 48;
+bool use_host(const torch::Tensor& u, const JacLayout& layout, bool track);
+// The flattened values of x as doubles.
+std::vector<double> to_host(const torch::Tensor& x);
+// A new tensor with like's shape, dtype and device holding x (like.numel() values).
+torch::Tensor from_host(const double* x, const torch::Tensor& like);
+
+// alpha I + beta J factorized by Gaussian elimination with partial pivoting, block by block.
+struct HostLU {
+  int64_t blocks = 0, n = 0;
+  std::vector<double> a;  // L and U of each block, row-major
+  std::vector<int64_t> piv;
+  // J: blocks * n * n values (row-major blocks). False when a pivot is zero or not finite.
+  bool factor(const std::vector<double>& J, int64_t blocks, int64_t n, double alpha, double beta,
+              Stats& stats);
+  // Overwrites x (blocks * n values) with the solution.
+  void solve(double* x) const;
 };
 
 }  // namespace stiff

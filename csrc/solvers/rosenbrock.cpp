@@ -79,13 +79,11 @@ class Rosenbrock23 : public Stepper {
   const MethodInfo& info() const override { return rosenbrock23_info(); }
 
   StepResult step(double t, const torch::Tensor& u, double h, bool new_point) override {
-    if (new_point || !d_.J.defined()) d_ = derivatives(f_, o_.jac, t, u, track_, stats_);
+    if (new_point || !d_.J.defined()) d_ = derivatives(f_, o_, t, u, track_, stats_);
     StepResult r;
     r.f0 = d_.f0;
-    const int64_t n = u.numel();
-    const torch::Tensor W = at::eye(n, u.options().requires_grad(false)) - (h * kD) * d_.J;
     LU lu;
-    if (!lu.factor(W, stats_)) {
+    if (!lu.factor(d_.J, 1.0, -h * kD, stats_)) {
       r.failure = "the iteration matrix I - h d J is singular";
       return r;
     }
@@ -263,13 +261,24 @@ class RodasStepper : public Stepper {
   const MethodInfo& info() const override { return m_.info; }
 
   StepResult step(double t, const torch::Tensor& u, double h, bool new_point) override {
-    if (new_point || !d_.J.defined()) d_ = derivatives(f_, o_.jac, t, u, track_, stats_);
+    if (!layout_.n) {
+      layout_ = jac_layout(o_, u);
+      host_ = use_host(u, layout_, track_);
+    }
+    if (new_point || !d_.J.defined()) {
+      d_ = derivatives(f_, o_, t, u, track_, stats_);
+      if (host_) {
+        uh_ = to_host(u);
+        f0h_ = to_host(d_.f0);
+        fth_ = to_host(d_.ft);
+        Jh_ = to_host(d_.J);
+      }
+    }
+    if (host_) return step_host(t, u, h);
     StepResult r;
     r.f0 = d_.f0;
-    const int64_t n = u.numel();
-    const torch::Tensor W = at::eye(n, u.options().requires_grad(false)) / (h * m_.gamma) - d_.J;
     LU lu;
-    if (!lu.factor(W, stats_)) {
+    if (!lu.factor(d_.J, 1.0 / (h * m_.gamma), -1.0, stats_)) {
       r.failure = "the iteration matrix I/(h gamma) - J is singular";
       return r;
     }
@@ -295,12 +304,61 @@ class RodasStepper : public Stepper {
   }
 
  private:
+  // step() on host doubles (use_host: no grad, CPU, small blocks), the same arithmetic.
+  StepResult step_host(double t, const torch::Tensor& u, double h) {
+    at::NoGradGuard g;
+    StepResult r;
+    r.f0 = d_.f0;
+    HostLU lu;
+    if (!lu.factor(Jh_, layout_.blocks, layout_.n, 1.0 / (h * m_.gamma), -1.0, stats_)) {
+      r.failure = "the iteration matrix I/(h gamma) - J is singular";
+      return r;
+    }
+    const size_t s = m_.c.size(), N = uh_.size();
+    std::vector<std::vector<double>> U(s);
+    std::vector<double> z(N);
+    for (size_t i = 0; i < s; ++i) {
+      std::vector<double> rhs;
+      if (i == 0) {
+        rhs = f0h_;
+      } else {
+        z = uh_;
+        for (size_t j = 0; j < i; ++j)
+          if (m_.a[i][j] != 0.0)
+            for (size_t q = 0; q < N; ++q) z[q] += m_.a[i][j] * U[j][q];
+        rhs = to_host(eval_f(f_, t + m_.c[i] * h, from_host(z.data(), u), stats_));
+      }
+      if (m_.d[i] != 0.0)
+        for (size_t q = 0; q < N; ++q) rhs[q] += m_.d[i] * h * fth_[q];
+      for (size_t j = 0; j < i; ++j)
+        if (m_.C[i][j] != 0.0)
+          for (size_t q = 0; q < N; ++q) rhs[q] += m_.C[i][j] / h * U[j][q];
+      lu.solve(rhs.data());
+      U[i] = std::move(rhs);
+    }
+    z = uh_;
+    for (size_t j = 0; j < s; ++j)
+      if (m_.m[j] != 0.0)
+        for (size_t q = 0; q < N; ++q) z[q] += m_.m[j] * U[j][q];
+    r.unew = from_host(z.data(), u);
+    r.err = from_host(U[s - 1].data(), u);
+    r.dense_terms.reserve(s);
+    for (auto& Ui : U) {
+      for (double& x : Ui) x /= h;
+      r.dense_terms.push_back(from_host(Ui.data(), u));
+    }
+    return r;
+  }
+
   const Rodas& m_;
   const Dynamics& f_;
   const SolveOptions& o_;
   Stats& stats_;
   bool track_;
   PointDerivatives d_;
+  JacLayout layout_;   // n == 0 until the first step
+  bool host_ = false;  // stage algebra on host doubles (use_host)
+  std::vector<double> uh_, f0h_, fth_, Jh_;
 };
 
 }  // namespace

@@ -64,10 +64,9 @@ def adjoint_options(
         )
     if adjoint_method is not None and not isinstance(adjoint_method, str):
         raise TypeError(f"adjoint_method must be a method name, got {adjoint_method!r}")
-    if adjoint_method is not None and adjoint_method not in _C.methods():
-        raise ValueError(
-            f"unknown adjoint_method {adjoint_method!r}; available: {sorted(_C.methods())}"
-        )
+    known = set(_C.methods()) | set(_C.stiff_methods())
+    if adjoint_method is not None and adjoint_method not in known:
+        raise ValueError(f"unknown adjoint_method {adjoint_method!r}; available: {sorted(known)}")
     if isinstance(checkpoints, bool) or not isinstance(checkpoints, int) or checkpoints < 0:
         raise ValueError(f"checkpoints must be a non-negative integer, got {checkpoints!r}")
     o = _C.AdjointOptions()
@@ -126,7 +125,12 @@ def diffeq_adjoint(
         u0: overrides the initial condition.
         sensealg: ``"interpolating"``, ``"backsolve"`` or ``"discrete"``.
         adjoint_rtol, adjoint_atol: tolerances of the backward solve (default: the forward's).
-        adjoint_method: method of the backward solve (default: the forward's).
+        adjoint_method: method of the backward solve (default: the forward's). A stiff
+            ESDIRK method (``kvaerno5``, ``kencarp4``, ``trbdf2``; the Rosenbrock methods are
+            refused for now) solves the adjoint of a stiff problem with
+            ``sensealg="interpolating"``; the Jacobian of the adjoint system comes from
+            autograd (one reverse pass of f per state component). The forward solve itself
+            still needs an explicit method.
         seminorm: error control of the backward solve ignores the parameter-gradient channels
             (Kidger, Chen & Lyons 2021): fewer backward steps, same accuracy in practice.
         checkpoints: the most states the forward solve keeps (interpolating, discrete); 0 keeps
