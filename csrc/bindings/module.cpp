@@ -75,6 +75,7 @@ Solution solve_py(py::object f, const torch::Tensor& u0, const torch::Tensor& ts
 void bind_forward_mode(py::module& m);  // bind_forward_mode.cpp
 void bind_adjoint(py::module& m);       // bind_adjoint.cpp
 void bind_mlp(py::module& m);           // bind_mlp.cpp
+void bind_script(py::module& m);        // bind_script.cpp
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "diffeqlayers C++ core: explicit Runge-Kutta solvers on torch tensors";
@@ -184,4 +185,5 @@ PYBIND11_MODULE(_C, m) {
   bind_forward_mode(m);
   bind_adjoint(m);
   bind_mlp(m);
+  bind_script(m);
 }
