@@ -5,6 +5,7 @@
 #include <torch/csrc/jit/runtime/jit_exception.h>
 
 #include <sstream>
+#include <stdexcept>
 #include <utility>
 #include <vector>
 
@@ -102,6 +103,11 @@ Dynamics script_dynamics(torch::jit::Module module) {
       throw torch::jit::JITException(
           std::string(e.what()) + "\n(in the TorchScript dynamics at t=" + fmt(t) + ")",
           e.getPythonClassName(), e.getOriginalMsg());
+    } catch (const std::runtime_error& e) {
+      // An op that failed inside the script: the interpreter reports it as a runtime_error
+      // carrying the TorchScript traceback.
+      throw std::runtime_error(std::string(e.what()) +
+                               "\n(in the TorchScript dynamics at t=" + fmt(t) + ")");
     }
     TORCH_CHECK_TYPE(out.isTensor(), "the dynamics' TorchScript forward returned ", out.tagKind(),
                      " instead of a Tensor (at t=", fmt(t), ")");

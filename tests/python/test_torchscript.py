@@ -446,6 +446,18 @@ def test_error_inside_the_script_names_the_time() -> None:
     assert "in the TorchScript dynamics at t=0.5" in str(info.value)
 
 
+class FailsInside(nn.Module):
+    def forward(self, t: float, x: torch.Tensor) -> torch.Tensor:
+        if t > 0.5:
+            return x + torch.zeros(3, dtype=x.dtype)  # x is [3, 2]: a size mismatch
+        return -x
+
+
+def test_op_failing_inside_the_script_names_the_time() -> None:
+    with pytest.raises(RuntimeError, match=r"(?s)must match the size.*dynamics at t=0\.5"):
+        dl.neural_ode(torch.jit.script(FailsInside()), x0(), (0.0, 1.0))
+
+
 def test_takes_time_must_match_the_signature() -> None:
     class Liar(Field):
         def __init__(self) -> None:
