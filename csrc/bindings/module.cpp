@@ -76,6 +76,7 @@ void bind_forward_mode(py::module& m);  // bind_forward_mode.cpp
 void bind_adjoint(py::module& m);       // bind_adjoint.cpp
 void bind_mlp(py::module& m);           // bind_mlp.cpp
 void bind_per_sample(py::module& m);    // bind_per_sample.cpp
+void bind_script(py::module& m);        // bind_script.cpp
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "diffeqlayers C++ core: explicit Runge-Kutta solvers on torch tensors";
@@ -189,4 +190,5 @@ PYBIND11_MODULE(_C, m) {
   bind_adjoint(m);
   bind_mlp(m);
   bind_per_sample(m);
+  bind_script(m);
 }

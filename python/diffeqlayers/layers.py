@@ -13,6 +13,7 @@ from .adjoint import diffeq_adjoint
 from .forward import diffeq_fd
 from .mlp import MLP
 from .problem import ODEProblem
+from .script import ScriptRhs, is_script_module
 from .sensitivity import diffeq_rd
 
 # Gradient modes by name: "adjoint" is the interpolating adjoint.
@@ -36,6 +37,19 @@ def _takes_time(module: Callable[..., torch.Tensor]) -> bool:
     return bool(getattr(module, "takes_time", False))
 
 
+def _script_rhs(module: torch.jit.ScriptModule) -> ScriptRhs:
+    """A TorchScript module as dynamics: forward(x) or forward(t, x) by its schema, which a
+    ``takes_time`` attribute, if the module has one, must agree with."""
+    rhs = ScriptRhs(module)
+    declared = getattr(module, "takes_time", None)
+    if declared is not None and bool(declared) != rhs.takes_time:
+        raise ValueError(
+            f"the TorchScript module's takes_time is {bool(declared)} but its forward takes "
+            f"{'(t, x)' if rhs.takes_time else '(x)'}: {module.forward.schema}"
+        )
+    return rhs
+
+
 def neural_ode(
     module: Callable[..., torch.Tensor],
     x: torch.Tensor,
@@ -50,7 +64,9 @@ def neural_ode(
 
     Args:
         module: the right-hand side, called as ``module(x)``; a module with a true attribute
-            ``takes_time`` is called as ``module(t, x)`` instead.
+            ``takes_time`` is called as ``module(t, x)`` instead. A :class:`diffeqlayers.MLP`
+            or a TorchScript module (``torch.jit.script(module)``, forward ``(x)`` or
+            ``(t, x)`` by its signature) runs in C++: the solve never calls Python per step.
         x: the initial state, ``[batch, *features]`` or any shape ``module`` accepts.
         tspan: ``(t0, t1)``.
         solver: a method name (see :func:`diffeqlayers.methods`).
@@ -66,6 +82,8 @@ def neural_ode(
     grad_fn = _sensealg(sensealg)
     if isinstance(module, MLP):
         f: Callable[[torch.Tensor, Any, float], torch.Tensor] = module.rhs  # runs in C++
+    elif is_script_module(module):
+        f = _script_rhs(module)  # runs in C++ too
     elif _takes_time(module):
 
         def f(u: torch.Tensor, p: Any, t: float) -> torch.Tensor:
@@ -98,7 +116,8 @@ class NeuralODE(nn.Module):
 
     Args:
         module: the right-hand side (``module(x)``, or ``module(t, x)`` when it has a true
-            attribute ``takes_time``).
+            attribute ``takes_time``). A :class:`diffeqlayers.MLP` or a TorchScript module
+            (forward ``(x)`` or ``(t, x)``) runs in C++, without Python per step.
         tspan: ``(t0, t1)``.
         solver: a method name.
         saveat: None, a spacing, or save times.
@@ -132,6 +151,8 @@ class NeuralODE(nn.Module):
         if not callable(module):
             raise TypeError(f"module must be callable, got {type(module).__name__}")
         _sensealg(sensealg)  # fail at construction, not at the first forward
+        if is_script_module(module):
+            _script_rhs(module)  # likewise for a TorchScript forward of the wrong signature
         if len(tspan) != 2:
             raise ValueError(f"tspan must be a pair (t0, t1), got {tspan!r}")
         self.module = module

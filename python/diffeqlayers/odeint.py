@@ -56,6 +56,7 @@ from . import _C
 from .adjoint import adjoint_options as adjoint_options_for
 from .adjoint import checked_adjoint_params
 from .problem import ODEProblem
+from .script import ScriptRhs, is_script_module
 from .solution import Solution
 from .solve import solve
 
@@ -344,6 +345,16 @@ class _Setup:
             tt = torch.tensor(t, dtype=u.dtype, device=u.device)
             return flat.flatten(func(tt, flat.unflatten(u)), "func")
 
+        if is_script_module(func) and flat.shapes is None:
+            # A TorchScript func(t, y) on a tensor state: the solves run it in C++, without
+            # Python per step (t passed the same way, as a 0-dim tensor unless declared float).
+            script_rhs = ScriptRhs(func)
+            if not script_rhs.takes_time:
+                raise TypeError(
+                    "odeint calls func(t, y), but the TorchScript module's forward takes one "
+                    f"argument: {func.forward.schema}"
+                )
+            f = script_rhs
         self.f = f
         self.norm = self._norm()
         self.y0 = y

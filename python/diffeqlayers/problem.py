@@ -21,7 +21,10 @@ class ODEProblem:
             the problem's parameters and ``t`` a Python float. Any callable, an ``nn.Module``
             included; it must return a tensor of ``u``'s shape, dtype and device. A
             :class:`diffeqlayers.MLP` is taken as ``f(u, p, t) = mlp(u)`` and evaluated in C++
-            (pass it as ``p`` too, so that forward mode and the adjoints differentiate it).
+            (pass it as ``p`` too, so that forward mode and the adjoints differentiate it), and
+            so is a TorchScript module (``torch.jit.script(module)``) whose forward takes
+            ``(u)`` or ``(t, u)`` (see :class:`diffeqlayers.script.ScriptRhs`); one whose
+            forward takes ``(u, p, t)`` is called from Python like any ``f``.
         u0: the initial state, a float32 or float64 tensor of any shape (batch dimensions
             included), or a function ``u0(p, t0)`` returning one, so that p can set it.
         tspan: ``(t0, t1)``; ``t1 < t0`` integrates backwards in time. Entries may be tensors
@@ -36,10 +39,15 @@ class ODEProblem:
 
     def __post_init__(self) -> None:
         from .mlp import MLP  # noqa: PLC0415  (mlp imports the extension; problem stays light)
+        from .script import ScriptRhs, is_script_module, required_arguments  # noqa: PLC0415
 
         if isinstance(self.f, MLP):
             # The built-in MLP as f(u, p, t) = mlp(u): solves run it in C++.
             object.__setattr__(self, "f", self.f.rhs)
+        elif is_script_module(self.f) and required_arguments(self.f) != 3:
+            # A TorchScript forward(u) or forward(t, u): solves run it in C++ (TypeError here
+            # for any other signature); forward(u, p, t) stays a Python-called f.
+            object.__setattr__(self, "f", ScriptRhs(self.f))
         if not callable(self.f):
             raise TypeError(f"f must be callable as f(u, p, t), got {type(self.f).__name__}")
         if not isinstance(self.u0, torch.Tensor) and not callable(self.u0):

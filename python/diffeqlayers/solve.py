@@ -12,7 +12,9 @@ import torch
 from . import _C
 from .mlp import MLPRhs
 from .problem import ODEProblem, SplitODEProblem, parameter_tensors
+from .script import ScriptRhs
 from .solution import SampleStats, Solution
+
 
 _CONTROLLERS = {
     "I": _C.ControllerOptions.I,
@@ -283,8 +285,9 @@ def solve(
     def rhs(t: float, u: torch.Tensor) -> torch.Tensor:
         return f(u, p, t)
 
-    # Dynamics evaluated in C++ (the built-in MLP): the solve then never enters Python per step.
-    native = f.native_dynamics() if isinstance(f, MLPRhs) else None
+    # Dynamics evaluated in C++ (the built-in MLP, a TorchScript module): the solve then never
+    # enters Python per step.
+    native = f.native_dynamics() if isinstance(f, (MLPRhs, ScriptRhs)) else None
 
     jac_rhs = None
     if jac is not None:
