@@ -15,7 +15,6 @@ from .problem import ODEProblem, SplitODEProblem, parameter_tensors
 from .script import ScriptRhs
 from .solution import SampleStats, Solution
 
-
 _CONTROLLERS = {
     "I": _C.ControllerOptions.I,
     "PI": _C.ControllerOptions.PI,
