@@ -201,16 +201,25 @@ class EsdirkStepper : public Stepper {
       }
     }
     StepResult r;
-    for (int attempt = 0;; ++attempt) {
+    const double hg = h * m_.gamma;
+    bool refactored = false, fresh_J = jac_at_point_;
+    for (;;) {
       std::string why;
       if (host_ ? try_step_host(t, u, h, r, why) : try_step(t, u, h, r, why)) return r;
-      if (jac_at_point_ || attempt > 0) {
+      // A failed Newton iteration is retried as after_stages() treats slow convergence: first
+      // with W factored for exactly this h (a W kept from a step size within kRefactor slows
+      // the iteration by itself), then with a Jacobian taken at this point.
+      if (!refactored && lu_hg_ != 0.0 && lu_hg_ != hg) {
+        refactored = true;
+        force_refactor_ = true;
+      } else if (!fresh_J) {
+        fresh_J = true;
+        take_jacobian(t, u);
+      } else {
         r = StepResult();
         r.failure = why;
         return r;
       }
-      // The Jacobian was taken at an earlier point: retry once with a fresh one.
-      take_jacobian(t, u);
     }
   }
 
