@@ -10,10 +10,6 @@
 namespace py = pybind11;
 using namespace diffeqlayers;
 
-namespace diffeqlayers::bindings {
-ErrorNorm python_norm(py::object norm);  // module.cpp
-}  // namespace diffeqlayers::bindings
-
 namespace {
 
 using bindings::call_python;

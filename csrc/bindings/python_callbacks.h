@@ -13,9 +13,14 @@
 #include <string>
 #include <utility>
 
+#include "diffeqlayers/solve.h"
+
 namespace diffeqlayers::bindings {
 
 namespace py = pybind11;
+
+// A Python norm(x) -> scalar tensor as the solver's error norm (module.cpp).
+ErrorNorm python_norm(py::object norm);
 
 // Owns a Python object; safe to destroy without holding the GIL.
 struct PyHolder {

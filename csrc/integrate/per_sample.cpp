@@ -15,6 +15,7 @@
 #include <sstream>
 
 #include "control/controller.h"
+#include "core/format.h"
 #include "core/lincomb.h"
 #include "diffeqlayers/adams.h"
 #include "diffeqlayers/per_sample.h"
@@ -28,12 +29,7 @@ bool is_implicit_fixed(const std::string& name);  // csrc/solvers/implicit_fixed
 }  // namespace stiff
 namespace {
 
-std::string fmt(double x) {
-  std::ostringstream s;
-  s.precision(10);
-  s << x;
-  return s.str();
-}
+using detail::fmt;
 
 // sum_j w[j] k[j] over the first n stages, skipping zero weights; undefined when all are zero.
 torch::Tensor stage_sum(const std::vector<double>& w, const std::vector<torch::Tensor>& k,

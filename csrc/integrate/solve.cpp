@@ -9,6 +9,7 @@
 #include <sstream>
 
 #include "control/controller.h"
+#include "core/format.h"
 #include "core/lincomb.h"
 #include "diffeqlayers/adams.h"
 #include "diffeqlayers/solve.h"
@@ -53,12 +54,7 @@ torch::Tensor combine(const torch::Tensor& u, double h, const std::vector<double
   return lincomb(u, terms, weights, pool ? pool->get(u) : torch::Tensor());
 }
 
-std::string fmt(double x) {
-  std::ostringstream s;
-  s.precision(10);
-  s << x;
-  return s.str();
-}
+using detail::fmt;
 
 class Integrator {
  public:

@@ -1,5 +1,6 @@
 // Dynamics from a TorchScript module (see diffeqlayers/script_dynamics.h).
 #include "diffeqlayers/script_dynamics.h"
+#include "core/format.h"
 
 #include <torch/csrc/jit/runtime/graph_executor.h>
 #include <torch/csrc/jit/runtime/jit_exception.h>
@@ -13,12 +14,7 @@ namespace diffeqlayers {
 
 namespace {
 
-std::string fmt(double t) {
-  std::ostringstream s;
-  s.precision(10);
-  s << t;
-  return s.str();
-}
+using detail::fmt;
 
 // "__torch__.MyField", without the compilation unit's address that repr_str() appends.
 std::string type_name(const torch::jit::Module& module) {

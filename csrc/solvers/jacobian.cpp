@@ -15,13 +15,6 @@
 namespace diffeqlayers {
 namespace stiff {
 
-std::string fmt(double x) {
-  std::ostringstream s;
-  s.precision(10);
-  s << x;
-  return s.str();
-}
-
 torch::Tensor eval_f(const Dynamics& f, double t, const torch::Tensor& u, Stats& stats) {
   return detail::checked_eval(f, t, u, stats.nfe);
 }

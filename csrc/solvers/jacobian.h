@@ -8,12 +8,13 @@
 #include <string>
 #include <vector>
 
+#include "core/format.h"
 #include "diffeqlayers/solve.h"
 
 namespace diffeqlayers {
 namespace stiff {
 
-std::string fmt(double x);
+using detail::fmt;  // core/format.h
 
 // f(t, u), counted, its shape, dtype and device checked against u.
 torch::Tensor eval_f(const Dynamics& f, double t, const torch::Tensor& u, Stats& stats);
