@@ -43,6 +43,16 @@ void combine_loop(scalar_t* out, const std::vector<const scalar_t*>& src,
   }
 }
 
+// A dense strided tensor with no wrapper (vmap, functorch, Python subclass, functionalisation)
+// in its dispatch keys: its data is its primal, readable through variable_data().
+bool plain_strided(const torch::Tensor& t) {
+  static const c10::DispatchKeySet wrappers(
+      {c10::DispatchKey::Batched, c10::DispatchKey::FuncTorchBatched,
+       c10::DispatchKey::FuncTorchGradWrapper, c10::DispatchKey::Python,
+       c10::DispatchKey::Functionalize});
+  return t.layout() == at::kStrided && !t.key_set().has_any(wrappers);
+}
+
 // Whether combine_fused_into takes these terms and this output.
 bool fusable(at::TensorList terms, const torch::Tensor& out) {
   const torch::Tensor& first = terms[0];
@@ -51,7 +61,7 @@ bool fusable(at::TensorList terms, const torch::Tensor& out) {
   if (dtype != at::kDouble && dtype != at::kFloat) return false;
   for (const auto& t : terms)
     if (t.scalar_type() != dtype || t.sizes() != first.sizes() || !t.device().is_cpu() ||
-        !t.is_contiguous() || t.is_neg() || t.is_conj())
+        !t.is_contiguous() || t.is_neg() || t.is_conj() || !plain_strided(t))
       return false;
   return !out.defined() ||
          (out.scalar_type() == dtype && out.sizes() == first.sizes() && out.device().is_cpu() &&
@@ -112,7 +122,10 @@ torch::Tensor combine_no_grad(at::TensorList terms, at::ArrayRef<double> w) {
 // this path does not handle; the caller then uses plain ops.
 torch::Tensor lincomb_dual(const std::vector<torch::Tensor>& terms, const std::vector<double>& w) {
   SplitDuals parts;
-  if (!split_duals(terms, parts)) return {};
+  // The fused loop reads the duals' data in place, which is their primals' (no primal tensors
+  // to make and free); other layouts combine the primals split off as tensors.
+  const bool in_place = fusable(terms, torch::Tensor());
+  if (!split_duals(terms, parts, /*with_primals=*/!in_place)) return {};
   std::vector<torch::Tensor> tangents;
   std::vector<double> tw;
   for (size_t j = 0; j < terms.size(); ++j) {
@@ -120,7 +133,13 @@ torch::Tensor lincomb_dual(const std::vector<torch::Tensor>& terms, const std::v
     tangents.push_back(parts.tangents[j]);
     tw.push_back(w[j]);
   }
-  torch::Tensor out = combine_no_grad(parts.primals, w);
+  torch::Tensor out;
+  if (in_place) {
+    out = at::empty(terms[0].sizes(), terms[0].options());
+    combine_fused_into(out, terms, w);
+  } else {
+    out = combine_no_grad(parts.primals, w);
+  }
   if (tangents.empty()) return out;
   bool same = true;
   for (const auto& t : tangents) same = same && t.sizes() == tangents[0].sizes();
@@ -131,21 +150,7 @@ torch::Tensor lincomb_dual(const std::vector<torch::Tensor>& terms, const std::v
 
 }  // namespace
 
-namespace {
-
-// A dense strided tensor with no wrapper (vmap, functorch, Python subclass, functionalisation)
-// in its dispatch keys: its data is its primal, readable through variable_data().
-bool plain_strided(const torch::Tensor& t) {
-  static const c10::DispatchKeySet wrappers(
-      {c10::DispatchKey::Batched, c10::DispatchKey::FuncTorchBatched,
-       c10::DispatchKey::FuncTorchGradWrapper, c10::DispatchKey::Python,
-       c10::DispatchKey::Functionalize});
-  return t.layout() == at::kStrided && !t.key_set().has_any(wrappers);
-}
-
-}  // namespace
-
-bool split_duals(const std::vector<torch::Tensor>& terms, SplitDuals& out) {
+bool split_duals(const std::vector<torch::Tensor>& terms, SplitDuals& out, bool with_primals) {
   out.primals.clear();
   out.tangents.clear();
   out.level = -1;
@@ -156,8 +161,9 @@ bool split_duals(const std::vector<torch::Tensor>& terms, SplitDuals& out) {
     // view costs dispatches through the autograd and view kernels and a view record to build and
     // to free, several times the combination itself on small states. The primal is only read
     // here. The tangent is the same one _unpack_dual returns.
-    torch::Tensor p =
-        plain_strided(term) ? torch::Tensor(term.variable_data()) : term._fw_primal(/*level=*/0);
+    torch::Tensor p;
+    if (with_primals)
+      p = plain_strided(term) ? torch::Tensor(term.variable_data()) : term._fw_primal(/*level=*/0);
     torch::Tensor t = term._fw_grad(/*level=*/0);
     out.primals.push_back(std::move(p));
     const at::BatchedTensorImpl* impl = t.defined() ? at::maybeGetBatchedImpl(t) : nullptr;

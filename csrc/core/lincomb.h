@@ -39,7 +39,10 @@ struct SplitDuals {
 };
 
 // false when some tangent has a layout this does not handle (then use plain ops on the duals).
-bool split_duals(const std::vector<torch::Tensor>& terms, SplitDuals& out);
+// with_primals=false leaves out.primals undefined, for callers that read a dual's data in place
+// (a dual's data is its primal's: _make_dual aliases the primal).
+bool split_duals(const std::vector<torch::Tensor>& terms, SplitDuals& out,
+                 bool with_primals = true);
 
 // The dual of `primal` and `tangent` (batched at `level` along dimension 0 when level >= 0).
 torch::Tensor make_dual(const torch::Tensor& primal, const torch::Tensor& tangent, int64_t level);

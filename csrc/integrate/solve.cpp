@@ -170,7 +170,8 @@ class Integrator {
     torch::Tensor k1 = eval(t, u);
     if (o_.check_finite) {
       at::NoGradGuard g;
-      const double s0 = k1.sum().item<double>() + u.sum().item<double>();
+      // Detached: on dual tensors the sums would carry tangents for nothing.
+      const double s0 = k1.detach().sum().item<double>() + u.detach().sum().item<double>();
       if (!std::isfinite(s0))
         return fail(ReturnCode::Unstable, t, 0.0,
                     "the initial state or f(t0, u0) is not finite (NaN/Inf)", out_t, out_u,
@@ -256,7 +257,7 @@ class Integrator {
         h_next_ = h;
       } else if (o_.check_finite) {
         at::NoGradGuard g;
-        if (!std::isfinite(unew.sum().item<double>()))
+        if (!std::isfinite(unew.detach().sum().item<double>()))
           return fail(ReturnCode::Unstable, t, hh,
                       "the state became non-finite (NaN/Inf); try a smaller dt", out_t, out_u,
                       dense_steps);

@@ -162,6 +162,56 @@ def test_ops_without_batching_support_fall_back_to_one_direction_per_pass():
     assert _rel(grads[0], grads[1]) < 1e-10
 
 
+def _batching_fallback_warnings(fn) -> list[str]:
+    """The legacy vmap's warnings about ops without a batching rule (each such op runs once
+    per direction of a chunk in a loop) raised while fn runs."""
+    import warnings
+
+    torch._C._debug_only_display_vmap_fallback_warnings(True)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fn()
+    finally:
+        torch._C._debug_only_display_vmap_fallback_warnings(False)
+    return [str(w.message) for w in caught if "batching rule" in str(w.message)]
+
+
+def test_sum_reduction_takes_no_per_direction_loop():
+    # The reduction's .sum() and the solver's own checks run on batched tangents: each must be
+    # one batched op, not the fallback's loop over the chunk's directions.
+    prob, _, p = _lv_problem()
+
+    def run():
+        pp = p.clone().requires_grad_()
+        dl.diffeq_fd(pp, _loss, prob, "tsit5", saveat=0.5).backward()
+
+    assert _batching_fallback_warnings(run) == []
+
+
+def test_sum_batching_rule_matches_a_loop():
+    # diffeqlayers registers aten::sum for the legacy vmap (torch has a rule only for sum over
+    # explicit dims); the registration happens on the first diffeq_fd / diffeq_jvp call.
+    from torch._vmap_internals import _vmap
+
+    prob, _, p = _lv_problem()
+    pp = p.clone().requires_grad_()
+    dl.diffeq_fd(pp, _loss, prob, "tsit5", saveat=0.5)
+    x = torch.arange(60, dtype=F64).reshape(3, 4, 5) / 7
+    assert torch.equal(_vmap(lambda v: v.sum())(x), torch.stack([v.sum() for v in x]))
+    # Two batch levels, batch dimensions not leading, and 0-d logical tensors.
+    assert torch.equal(_vmap(_vmap(lambda v: v.sum()), in_dims=1)(x), x.sum(2).t().contiguous())
+    assert torch.equal(_vmap(lambda v: v.sum())(x[:, 0, 0]), x[:, 0, 0])
+    # sum's dtype rules: integers sum to int64; an explicit dtype is honoured.
+    xi = torch.arange(12, dtype=torch.int32).reshape(3, 4)
+    got = _vmap(lambda v: v.sum())(xi)
+    assert got.dtype == torch.int64 and torch.equal(got, xi.sum(1))
+    got = _vmap(lambda v: v.sum())(xi[:, 0])
+    assert got.dtype == torch.int64 and torch.equal(got, xi[:, 0].long())
+    got = _vmap(lambda v: v.sum(dtype=F64))(xi)
+    assert got.dtype == F64 and torch.equal(got, xi.sum(1, dtype=F64))
+
+
 def test_nested_in_dual_level_raises():
     prob, _, p = _lv_problem()
     pp = p.clone().requires_grad_()
