@@ -182,6 +182,12 @@ PointDerivatives derivatives(const Dynamics& f, const SolveOptions& o, double t,
     if (!done) reverse_jacobian(f, t, u, l, track, stats, d);
   }
   if (!with_ft) return d;
+  if (o.autonomous) {
+    // Declared independent of t: df/dt = 0 without evaluating f (a central difference would
+    // cost two evaluations of f and give exactly 0 for such an f anyway).
+    d.ft = at::zeros({l.size()}, u.options().requires_grad(false));
+    return d;
+  }
   // df/dt by a central difference, exact for f quadratic in t up to rounding; d = eps^(1/3)
   // max(1, |t|) balances its truncation error O(d^2) against rounding O(eps / d). The steps are
   // exactly representable: (t + d) - t.
