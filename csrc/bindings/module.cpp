@@ -129,6 +129,7 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("max_order", &SolveOptions::max_order)
       .def_readwrite("max_iters", &SolveOptions::max_iters)
       .def_readwrite("jac_mode", &SolveOptions::jac_mode)
+      .def_readwrite("autonomous", &SolveOptions::autonomous)
       .def_readwrite("independent_batch", &SolveOptions::independent_batch);
 
   py::class_<Stats>(m, "Stats")

@@ -86,6 +86,10 @@ struct SolveOptions {
   // csrc/solvers/jacobian.cpp; reverse mode, measured faster at every size tried). Reverse mode
   // through the solve always records reverse-mode Jacobians.
   std::string jac_mode = "auto";
+  // Stiff methods: f does not depend on t. The Rosenbrock methods then take df/dt = 0 instead of
+  // its central difference (two evaluations of f per Jacobian); the other methods need no df/dt
+  // and ignore it. Declaring it for an f that reads t gives wrong results.
+  bool autonomous = false;
   // Stiff methods: the leading dimension of the state holds independent systems (f of one sample
   // never reads another sample's state). Jacobians are then per-sample blocks [B, n, n] (n the
   // size of one sample) with batched LU factorizations, instead of one dense (B n) x (B n)

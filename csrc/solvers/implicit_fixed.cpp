@@ -123,9 +123,10 @@ class ImplicitRK : public Stepper {
     StepResult r;
     const int64_t s = static_cast<int64_t>(tab_.c.size());
     const int64_t n = u.numel();
-    // One dense Jacobian (the Kronecker product below needs the whole matrix).
+    // One dense Jacobian (the Kronecker product below needs the whole matrix); no df/dt (the
+    // Newton iteration does not use it: two evaluations of f saved per step).
     const PointDerivatives d =
-        derivatives(f_, o_, t, u, track_, stats_, /*with_ft=*/true, /*allow_blocks=*/false);
+        derivatives(f_, o_, t, u, track_, stats_, /*with_ft=*/false, /*allow_blocks=*/false);
     r.f0 = d.f0.reshape(u.sizes());
     const torch::Tensor f0 = d.f0.reshape({-1});
     const torch::Tensor uflat = u.reshape({-1});

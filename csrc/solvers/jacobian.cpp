@@ -5,10 +5,12 @@
 #include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/autograd/forward_grad.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
 #include <sstream>
+#include <vector>
 
 #include "integrate/tape.h"
 
@@ -128,16 +130,19 @@ void reverse_jacobian(const Dynamics& f, double t, const torch::Tensor& u, const
     d.J = at::zeros({l.blocks, l.n, l.n}, u.options().requires_grad(false));  // f ignores u
   } else {
     at::AutoGradMode enable(true);
-    torch::Tensor flat = fu.reshape({l.blocks, l.n});
+    // Seeds: row i of one identity matrix (a view, no allocation per row), broadcast over the
+    // blocks, seeding fu itself (a reshape of fu would add a node to every reverse pass).
+    const torch::Tensor eye = at::eye(l.n, u.options().requires_grad(false));
     std::vector<torch::Tensor> rows;
     rows.reserve(static_cast<size_t>(l.n));
     for (int64_t i = 0; i < l.n; ++i) {
-      torch::Tensor seed = at::zeros({l.blocks, l.n}, u.options().requires_grad(false));
-      seed.select(1, i).fill_(1.0);
-      auto g = torch::autograd::grad({flat}, {uv}, {seed}, /*retain_graph=*/true,
+      torch::Tensor seed = eye.select(0, i);
+      seed =
+          l.blocks == 1 ? seed.view(fu.sizes()) : seed.expand({l.blocks, l.n}).reshape(fu.sizes());
+      auto g = torch::autograd::grad({fu}, {uv}, {seed}, /*retain_graph=*/i + 1 < l.n || track,
                                      /*create_graph=*/track, /*allow_unused=*/true);
       rows.push_back(g[0].defined() ? g[0].reshape({l.blocks, l.n})
-                                    : at::zeros({l.blocks, l.n}, seed.options()));
+                                    : at::zeros({l.blocks, l.n}, eye.options()));
     }
     d.J = at::stack(rows, 1);
   }
@@ -182,6 +187,12 @@ PointDerivatives derivatives(const Dynamics& f, const SolveOptions& o, double t,
     if (!done) reverse_jacobian(f, t, u, l, track, stats, d);
   }
   if (!with_ft) return d;
+  if (o.autonomous) {
+    // Declared independent of t: df/dt = 0 without evaluating f (a central difference would
+    // cost two evaluations of f and give exactly 0 for such an f anyway).
+    d.ft = at::zeros({l.size()}, u.options().requires_grad(false));
+    return d;
+  }
   // df/dt by a central difference, exact for f quadratic in t up to rounding; d = eps^(1/3)
   // max(1, |t|) balances its truncation error O(d^2) against rounding O(eps / d). The steps are
   // exactly representable: (t + d) - t.

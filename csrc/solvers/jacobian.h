@@ -46,8 +46,9 @@ struct PointDerivatives {
 // back to reverse mode and "forward" raises.
 // df/dt is a central difference (f(t + d, u) - f(t - d, u)) / 2d with d = eps^(1/3) max(1, |t|)
 // (Dynamics take t as a double, so autograd cannot see it): two more evaluations of f per
-// Jacobian, exactly zero for autonomous f. Without `with_ft` (the implicit Runge-Kutta methods
-// need no df/dt) ft stays undefined and those two evaluations are skipped.
+// Jacobian, exactly zero for autonomous f. With SolveOptions::autonomous, ft is zero without
+// evaluating f. Without `with_ft` (the implicit Runge-Kutta methods need no df/dt) ft stays
+// undefined and those two evaluations are skipped.
 PointDerivatives derivatives(const Dynamics& f, const SolveOptions& o, double t,
                              const torch::Tensor& u, bool track, Stats& stats, bool with_ft = true,
                              bool allow_blocks = true);

@@ -94,6 +94,9 @@ def neural_ode(
         def f(u: torch.Tensor, p: Any, t: float) -> torch.Tensor:
             return module(u)
 
+        # f ignores t: the Rosenbrock methods can skip df/dt (see solve's autonomous).
+        solve_kwargs.setdefault("autonomous", True)
+
     # The module itself is p: forward mode swaps its parameters for dual tensors in place, which
     # reaches f through the module (a list of its tensors would not).
     params = module if isinstance(module, nn.Module) else None

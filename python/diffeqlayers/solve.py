@@ -117,6 +117,25 @@ def _save_times(saveat: Any, span: torch.Tensor) -> Optional[torch.Tensor]:
     raise TypeError(f"saveat must be a spacing, a sequence of times or a tensor, got {saveat!r}")
 
 
+def _autonomous(autonomous: Optional[bool], f: Any) -> bool:
+    """The checked ``autonomous`` option: None becomes what is known about ``f``."""
+    if autonomous is not None and not isinstance(autonomous, bool):
+        raise TypeError(f"autonomous must be True, False or None, got {autonomous!r}")
+    takes_time = None  # unknown
+    if isinstance(f, MLPRhs):
+        takes_time = bool(f.mlp.takes_time)
+    elif isinstance(f, ScriptRhs):
+        takes_time = f.takes_time
+    if autonomous and takes_time:
+        raise ValueError(
+            f"autonomous=True, but f reads t: {f!r} takes the time as an input "
+            "(time_input=True, or a TorchScript forward (t, x)); drop autonomous or the time input"
+        )
+    if autonomous is None:
+        return takes_time is False
+    return autonomous
+
+
 def solve(
     prob: ODEProblem,
     solver: str = "tsit5",
@@ -139,6 +158,7 @@ def solve(
     u0: Optional[torch.Tensor] = None,
     jac: Optional[Callable[[torch.Tensor, Any, float], torch.Tensor]] = None,
     jac_mode: str = "auto",
+    autonomous: Optional[bool] = None,
     independent_batch: bool = False,
     max_order: Optional[int] = None,
     max_iters: Optional[int] = None,
@@ -191,6 +211,15 @@ def solve(
             forward mode for n = 3 to 32 with f in Python; see ``csrc/solvers/jacobian.cpp``).
             Under grad mode (reverse mode through the solve) the Jacobian is always built in
             reverse mode.
+        autonomous: declares that ``f`` does not depend on ``t``. The Rosenbrock methods
+            (``rosenbrock23``, ``rodas5``, ``rodas5p``) then take df/dt = 0 instead of a central
+            difference, which costs two evaluations of ``f`` per Jacobian; the other methods
+            need no df/dt and ignore it. None (default): True where the library knows that
+            ``f`` ignores ``t`` (a :class:`diffeqlayers.MLP` without ``time_input``, a
+            TorchScript module whose forward takes ``(x)`` only; :func:`neural_ode` and
+            :class:`NeuralODE` over a module without ``takes_time``), otherwise False.
+            Declaring True for an ``f`` that reads ``t`` gives wrong results with the Rosenbrock
+            methods.
         independent_batch: stiff methods: the leading dimension of the state holds independent
             systems (f of one sample never reads another's state). Jacobians are then
             per-sample blocks ``[B, n, n]`` with batched LU factorizations instead of one dense
@@ -311,6 +340,7 @@ def solve(
     if jac_mode != "auto" and solver not in _C.stiff_methods():
         raise ValueError(f"jac_mode is an option of the stiff methods only, not of {solver!r}")
     opts.jac_mode = jac_mode
+    opts.autonomous = _autonomous(autonomous, f)
     if not isinstance(independent_batch, bool):
         raise TypeError(f"independent_batch must be a bool, got {type(independent_batch).__name__}")
     if independent_batch:

@@ -612,3 +612,128 @@ def test_adjoint_with_a_stiff_backward_solve_matches_reverse_mode():
             adjoint_method="rodas5",
             **kw,
         )
+
+
+# autonomous: df/dt = 0 without evaluating f (the Rosenbrock methods' central difference costs two
+# evaluations of f per Jacobian).
+
+
+@pytest.mark.parametrize("method", ["rodas5", "rodas5p", "rosenbrock23"])
+def test_autonomous_skips_the_two_time_derivative_evaluations(method):
+    kw = dict(rtol=1e-6, atol=1e-10, saveat=[1.0, 1e3])
+    a = dl.solve(rober_problem(), method, **kw)
+    b = dl.solve(rober_problem(), method, autonomous=True, **kw)
+    # ROBER does not read t: its central difference is exactly 0, so the same arithmetic.
+    assert torch.equal(a.u, b.u)
+    assert a.stats.naccept == b.stats.naccept and a.stats.njac == b.stats.njac
+    assert b.stats.nfe == a.stats.nfe - 2 * a.stats.njac
+
+
+@pytest.mark.parametrize("method", ["kvaerno5", "implicit_euler", "tsit5"])
+def test_autonomous_is_ignored_by_methods_without_df_dt(method):
+    u0 = torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)
+    prob = dl.ODEProblem(rober, u0, (0.0, 1.0))
+    kw = dict(rtol=1e-5, atol=1e-9, saveat=[1.0])
+    if method == "implicit_euler":
+        prob = dl.ODEProblem(rober, u0, (0.0, 0.01))
+        kw = dict(dt=1e-4, saveat=[0.01])
+    if method == "tsit5":  # not stiff yet over this short span
+        prob = dl.ODEProblem(rober, u0, (0.0, 1e-3))
+        kw["saveat"] = [1e-3]
+    a = dl.solve(prob, method, **kw)
+    b = dl.solve(prob, method, autonomous=True, **kw)
+    assert torch.equal(a.u, b.u) and a.stats.nfe == b.stats.nfe
+
+
+def forced_decay(u, p, t):
+    # u' = -50 (u - cos t) - sin t: u = cos t + (u0 - 1) exp(-50 t). Reads t.
+    return -50.0 * (u - math.cos(t)) - math.sin(t)
+
+
+@pytest.mark.parametrize("method", ["rodas5", "rosenbrock23"])
+def test_autonomous_false_keeps_df_dt_for_an_f_that_reads_t(method):
+    prob = dl.ODEProblem(forced_decay, torch.tensor([2.0], dtype=torch.float64), (0.0, 3.0))
+    exact = math.cos(3.0) + math.exp(-150.0)
+    # Large fixed steps: the time derivative enters every step's stages directly.
+    kw = dict(dt=0.1, adaptive=False, saveat=[3.0])
+    good = dl.solve(prob, method, **kw)
+    assert abs(good.u[-1, 0].item() - exact) < 2e-3
+    # Declaring this f autonomous drops df/dt = 50 sin t - cos t from the stages: the option is
+    # really used (and, as documented, wrong for an f that reads t).
+    wrong = dl.solve(prob, method, autonomous=True, **kw)
+    # (measured: rodas5 1.0e-6 -> 1.7e-3, rosenbrock23 7.9e-4 -> 5.1e-3)
+    assert abs(wrong.u[-1, 0].item() - exact) > 5 * abs(good.u[-1, 0].item() - exact)
+    assert wrong.stats.nfe == good.stats.nfe - 2 * good.stats.njac
+
+
+def test_autonomous_gradients_match():
+    # Reverse mode through rodas5 with autonomous=True: the same gradients (df/dt is 0 either way
+    # for an f that ignores t, and carries no graph).
+    def pair(u, p, t):
+        return torch.stack([-p[0] * u[0] + p[1] * u[1] * u[0], -p[2] * (u[1] - torch.cos(u[0]))])
+
+    p = torch.tensor([2.0, 0.5, 50.0], dtype=torch.float64, requires_grad=True)
+    u0 = torch.tensor([1.0, 0.3], dtype=torch.float64)
+    prob = dl.ODEProblem(pair, u0, (0.0, 0.5), p)
+    grads = []
+    for autonomous in (False, True):
+        y = dl.diffeq_rd(
+            p, lambda s: s.u.sum(), prob, "rodas5", rtol=1e-8, atol=1e-8, autonomous=autonomous
+        )
+        grads.append(torch.autograd.grad(y, p)[0])
+    assert torch.allclose(grads[0], grads[1], rtol=1e-12, atol=1e-14)
+
+
+def test_autonomous_bad_values():
+    with pytest.raises(TypeError, match="autonomous must be True, False or None, got 'yes'"):
+        dl.solve(rober_problem(), "rodas5", autonomous="yes")
+    with pytest.raises(TypeError, match="autonomous must be True, False or None, got 1"):
+        dl.solve(rober_problem(), "rodas5", autonomous=1)
+    mlp = dl.MLP([2, 8, 2], "tanh", time_input=True, dtype=torch.float64)
+    prob = dl.ODEProblem(mlp.rhs, torch.zeros(2, dtype=torch.float64), (0.0, 1.0), mlp)
+    with pytest.raises(ValueError, match="autonomous=True, but f reads t"):
+        dl.solve(prob, "rodas5", autonomous=True)
+
+
+@pytest.mark.parametrize("time_input", [False, True])
+def test_autonomous_is_known_for_an_mlp(time_input):
+    torch.manual_seed(0)
+    mlp = dl.MLP([2, 8, 2], "tanh", time_input=time_input, dtype=torch.float64)
+    prob = dl.ODEProblem(mlp.rhs, torch.tensor([0.5, -0.2], dtype=torch.float64), (0.0, 1.0), mlp)
+    kw = dict(rtol=1e-6, atol=1e-8, saveat=[1.0])
+    with torch.no_grad():
+        auto = dl.solve(prob, "rodas5", **kw)
+        central = dl.solve(prob, "rodas5", autonomous=False, **kw)
+    extra = 0 if time_input else 2 * central.stats.njac
+    assert auto.stats.nfe == central.stats.nfe - extra
+    assert torch.allclose(auto.u, central.u, rtol=1e-12, atol=1e-14)
+
+
+def test_neural_ode_over_a_module_without_time_is_autonomous():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Linear(2, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2)
+    ).double()
+    calls = []
+
+    class Counted(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            calls.append(1)
+            return self.net(x)
+
+    x = torch.tensor([0.5, -0.2], dtype=torch.float64)
+    kw = dict(rtol=1e-6, atol=1e-8)
+    with torch.no_grad():
+        y = dl.neural_ode(Counted(), x, (0.0, 1.0), "rodas5", **kw)
+        n_auto = len(calls)
+        calls.clear()
+        y_central = dl.neural_ode(Counted(), x, (0.0, 1.0), "rodas5", autonomous=False, **kw)
+        n_central = len(calls)
+        prob = dl.ODEProblem(lambda u, p, t: net(u), x, (0.0, 1.0))
+        ref = dl.solve(prob, "rodas5", autonomous=False, saveat=[1.0], **kw)
+    assert n_central - n_auto == 2 * ref.stats.njac > 0
+    assert torch.allclose(y, y_central, rtol=1e-12, atol=1e-14)
