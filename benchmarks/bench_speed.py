@@ -17,9 +17,11 @@ the same network as a Python f, torchdiffeq and torchode, and the solver's overh
 
 Each time is the median of repeated runs after a warm-up, timed round-robin across the
 contenders of a table so that drift in the machine's speed affects them alike. Writes
-benchmarks/results/speed.md (or --out) with the command that produced it.
+benchmarks/results/speed.md (or --out) with the command that produced it. --sections runs
+only some tables (for quick checks); then nothing is written unless --out is given.
 
     python benchmarks/bench_speed.py [--repeats 30] [--threads 1] [--out PATH]
+        [--sections training,spiral,overhead,diffrax]
 """
 
 from __future__ import annotations
@@ -482,21 +484,72 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default=None)
     parser.add_argument(
-        "--out", default=os.path.join(os.path.dirname(__file__), "results", "speed.md")
+        "--sections",
+        default=",".join(SECTIONS),
+        help="comma-separated subset of " + ",".join(SECTIONS) + " (default: all)",
     )
     args = parser.parse_args()
+    sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    unknown = [s for s in sections if s not in SECTIONS]
+    if unknown:
+        parser.error(f"unknown sections {unknown}; choose from {list(SECTIONS)}")
+    out = args.out
+    if out is None and set(sections) == set(SECTIONS):
+        out = os.path.join(os.path.dirname(__file__), "results", "speed.md")
     torch.set_num_threads(args.threads)
 
-    print("training step ...", flush=True)
-    train = bench_training_step(args.repeats)
-    print("spiral ...", flush=True)
-    spiral = bench_spiral(args.repeats)
-    print("overhead ...", flush=True)
-    overhead = bench_overhead(args.repeats)
-    print("diffrax ...", flush=True)
-    jax_rows = diffrax_gradients(args.repeats, args.threads)
+    train = spiral = overhead = jax_rows = []
+    if "training" in sections:
+        print("training step ...", flush=True)
+        train = bench_training_step(args.repeats)
+    if "spiral" in sections:
+        print("spiral ...", flush=True)
+        spiral = bench_spiral(args.repeats)
+    if "overhead" in sections:
+        print("overhead ...", flush=True)
+        overhead = bench_overhead(args.repeats)
+    if "diffrax" in sections:
+        print("diffrax ...", flush=True)
+        jax_rows = diffrax_gradients(args.repeats, args.threads)
 
+    lines: list[str] = []
+    if train:
+        lines += training_table(train)
+    if spiral:
+        lines += spiral_table(spiral)
+    if overhead:
+        lines += overhead_table(overhead)
+    if jax_rows:
+        lines += diffrax_table(jax_rows)
+    command = "python benchmarks/bench_speed.py " + " ".join(sys.argv[1:])
+    versions = f"torch {torch.__version__}, torchdiffeq {getattr(torchdiffeq, '__version__', '?')}"
+    if torchode is not None:
+        versions += ", torchode 1.0.1"
+    header = [
+        "# Speed: the C++ MLP, Python f, torchdiffeq, torchode",
+        "",
+        f"Command: `{command.strip()}`  ",
+        f"{versions}, diffeqlayers {dl.__version__}, Python {platform.python_version()}, "
+        f"{platform.machine()}, {args.threads} thread(s), median of {args.repeats} runs "
+        "(round-robin). The machine (2 cores) was shared with other jobs while this ran: "
+        "ratios within one table are more reliable than absolute times.",
+        "",
+    ]
+    text = "\n".join(header + lines) + "\n"
+    print(text)
+    if out is not None:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, "w") as fh:
+            fh.write(text)
+        print(f"wrote {out}")
+
+
+SECTIONS = ("training", "spiral", "overhead", "diffrax")
+
+
+def training_table(train: list[dict[str, Any]]) -> list[str]:
     ref = next(r["time"] for r in train if r["lib"] == "torchdiffeq")
     lines = [
         "## 1. The foundation's neural ODE training step",
@@ -513,8 +566,12 @@ def main() -> None:
             f"| {r['lib']} | {r['method']} | {r['mode']} | {r['nfe']} | {r['time'] * 1e3:.2f} | "
             f"{ref / r['time']:.1f}x | {r['note']} |"
         )
+    return lines
+
+
+def spiral_table(spiral: list[dict[str, Any]]) -> list[str]:
     ref = next(r["time"] for r in spiral if r["lib"] == "torchdiffeq")
-    lines += [
+    lines = [
         "",
         "## 2. DiffEqFlux's spiral benchmark: one gradient",
         "",
@@ -535,7 +592,11 @@ def main() -> None:
             f"| {r['lib']} | {r['method']} | {r['mode']} | {r['nfe']} | {r['steps']} | "
             f"{r['back']} | {r['time'] * 1e3:.3f} | {ref / r['time']:.1f}x | {r['loss']:.4f} |"
         )
-    lines += [
+    return lines
+
+
+def overhead_table(overhead: list[dict[str, Any]]) -> list[str]:
+    lines = [
         "",
         "## 3. Overhead of a solve: (solve time - nfe x time of one f call) / solve time",
         "",
@@ -551,47 +612,31 @@ def main() -> None:
             f"| {r['problem']} | {r['grad']} | {r['impl']} | {r['nfe']} | {r['solve'] * 1e3:.3f} "
             f"| {r['f'] * 1e6:.2f} | {r['nfe'] * r['f'] * 1e3:.3f} | {r['overhead'] * 100:.0f}% |"
         )
-    if jax_rows:
-        import diffrax  # noqa: PLC0415
-        import jax  # noqa: PLC0415
+    return lines
 
-        lines += [
-            "",
-            f"## 4. The same gradients with JAX {jax.__version__} + diffrax "
-            f"{diffrax.__version__} (CPU, jit-compiled, float32)",
-            "",
-            "Training step and spiral as in 1. and 2. (diffrax's PID controller with its "
-            "defaults at the same rtol/atol; its steps differ from ours). Compare with the "
-            "C++ MLP rows above.",
-            "",
-            "| case | method | adjoint | steps | time (ms) | loss |",
-            "|---|---|---|---:|---:|---:|",
-        ]
-        for r in jax_rows:
-            lines.append(
-                f"| {r['case']} | {r['method']} | {r['mode']} | {r['nfe']} | "
-                f"{r['time'] * 1e3:.3f} | {r['loss']:.4f} |"
-            )
-    command = "python benchmarks/bench_speed.py " + " ".join(sys.argv[1:])
-    versions = f"torch {torch.__version__}, torchdiffeq {getattr(torchdiffeq, '__version__', '?')}"
-    if torchode is not None:
-        versions += ", torchode 1.0.1"
-    header = [
-        "# Speed: the C++ MLP, Python f, torchdiffeq, torchode",
+
+def diffrax_table(jax_rows: list[dict[str, Any]]) -> list[str]:
+    import diffrax  # noqa: PLC0415
+    import jax  # noqa: PLC0415
+
+    lines = [
         "",
-        f"Command: `{command.strip()}`  ",
-        f"{versions}, diffeqlayers {dl.__version__}, Python {platform.python_version()}, "
-        f"{platform.machine()}, {args.threads} thread(s), median of {args.repeats} runs "
-        "(round-robin). The machine (2 cores) was shared with other jobs while this ran: "
-        "ratios within one table are more reliable than absolute times.",
+        f"## 4. The same gradients with JAX {jax.__version__} + diffrax "
+        f"{diffrax.__version__} (CPU, jit-compiled, float32)",
         "",
+        "Training step and spiral as in 1. and 2. (diffrax's PID controller with its "
+        "defaults at the same rtol/atol; its steps differ from ours). Compare with the "
+        "C++ MLP rows above.",
+        "",
+        "| case | method | adjoint | steps | time (ms) | loss |",
+        "|---|---|---|---:|---:|---:|",
     ]
-    text = "\n".join(header + lines) + "\n"
-    print(text)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as fh:
-        fh.write(text)
-    print(f"wrote {args.out}")
+    for r in jax_rows:
+        lines.append(
+            f"| {r['case']} | {r['method']} | {r['mode']} | {r['nfe']} | "
+            f"{r['time'] * 1e3:.3f} | {r['loss']:.4f} |"
+        )
+    return lines
 
 
 if __name__ == "__main__":

@@ -1,6 +1,9 @@
 // diffeqlayers::MLP: the built-in multilayer perceptron for dynamics (see diffeqlayers/mlp.h).
 #include "diffeqlayers/mlp.h"
 
+#include <ATen/Dispatch.h>
+
+#include <algorithm>
 #include <cmath>
 #include <sstream>
 #include <utility>
@@ -63,6 +66,402 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& w, const torch
   shape.back() = w.size(0);
   return y.view(shape);
 }
+
+// ------------------------------------------------------------------------------------------
+// Small states on the CPU: the whole evaluation, and its vector-Jacobian product, as host loops.
+//
+// For the sizes neural ODEs use (2 -> 50 -> 2), the generic path above pays a dispatch, an
+// allocation and, when a gradient is recorded, an autograd node for every op (pow, addmv, tanh,
+// addmv): far more than its few hundred multiply-adds, forward and backward. Here one evaluation
+// is one loop nest and, when recorded, one autograd node (MLPEval) whose backward returns the
+// gradients of the input and of every weight from saved activations. The choice depends only on
+// the tensors (never on grad mode), so that recorded and unrecorded solves, and an adjoint's
+// replays, evaluate f with the same arithmetic. Forward-mode duals, functorch wrappers, CUDA,
+// other dtypes and large problems keep the generic path.
+// ------------------------------------------------------------------------------------------
+
+// Multiply-adds of one evaluation above which BLAS beats the plain loops (and their one thread).
+constexpr int64_t kHostLoopMaxMacs = 16384;
+
+bool plain_cpu(const torch::Tensor& x, at::ScalarType dtype) {
+  static const c10::DispatchKeySet wrappers(
+      {c10::DispatchKey::Batched, c10::DispatchKey::FuncTorchBatched,
+       c10::DispatchKey::FuncTorchGradWrapper, c10::DispatchKey::Python,
+       c10::DispatchKey::Functionalize, c10::DispatchKey::Conjugate, c10::DispatchKey::Negative});
+  return x.device().is_cpu() && x.layout() == at::kStrided && x.scalar_type() == dtype &&
+         !x.key_set().has_any(wrappers) && !x._fw_grad(/*level=*/0).defined();
+}
+
+// Whether host_forward takes this evaluation.
+bool host_loops_apply(const MLPSpec& spec, at::TensorList params, const torch::Tensor& u) {
+  const auto dtype = u.scalar_type();
+  if (dtype != at::kFloat && dtype != at::kDouble) return false;
+  if (!plain_cpu(u, dtype)) return false;
+  int64_t macs = 0;
+  for (int64_t i = 0; i < spec.num_layers(); ++i)
+    macs += spec.in_features(i) * spec.sizes[static_cast<size_t>(i + 1)];
+  const int64_t rows = u.numel() / spec.sizes[0];
+  if (rows * macs > kHostLoopMaxMacs) return false;
+  for (const auto& w : params)
+    if (!plain_cpu(w, dtype) || !w.is_contiguous()) return false;
+  return true;
+}
+
+// u^p with the special cases ATen's pow(Tensor, Scalar) takes (the same rounding).
+template <typename T>
+T power_of(T u, double p) {
+  if (p == 1.0) return u;
+  if (p == 2.0) return u * u;
+  if (p == 3.0) return u * u * u;
+  if (p == 0.5) return std::sqrt(u);
+  if (p == -0.5) return T(1) / std::sqrt(u);
+  if (p == -1.0) return T(1) / u;
+  if (p == -2.0) return T(1) / (u * u);
+  if (p == 0.0) return T(1);
+  return std::pow(u, static_cast<T>(p));
+}
+
+// The activations with torch.nn's defaults, written as ATen's CPU kernels write them.
+template <typename T>
+T act_forward(Activation a, T z) {
+  switch (a) {
+    case Activation::Tanh:
+      return std::tanh(z);
+    case Activation::ReLU:
+      return (z > T(0) || std::isnan(z)) ? z : T(0);
+    case Activation::Softplus:
+      return z > T(20) ? z : std::log1p(std::exp(z));
+    case Activation::Sigmoid:
+      return T(1) / (T(1) + std::exp(-z));
+    case Activation::GELU:
+      return z * T(0.5) * (T(1) + std::erf(z * static_cast<T>(M_SQRT1_2)));
+    case Activation::ELU:
+      return z <= T(0) ? std::expm1(z) : z;
+    case Activation::SiLU:
+      return z / (T(1) + std::exp(-z));
+    case Activation::Identity:
+      return z;
+  }
+  return z;
+}
+
+// g * act'(z), given z and h = act(z) (ATen's *_backward formulas).
+template <typename T>
+T act_backward(Activation a, T g, T z, T h) {
+  switch (a) {
+    case Activation::Tanh:
+      return g * (T(1) - h * h);
+    case Activation::ReLU:
+      return h <= T(0) ? T(0) : g;
+    case Activation::Softplus: {
+      if (z > T(20)) return g;
+      const T e = std::exp(z);
+      return g * e / (e + T(1));
+    }
+    case Activation::Sigmoid:
+      return g * (T(1) - h) * h;
+    case Activation::GELU: {
+      const T alpha = static_cast<T>(M_2_SQRTPI * M_SQRT1_2 * 0.5);
+      const T cdf = T(0.5) * (T(1) + std::erf(z * static_cast<T>(M_SQRT1_2)));
+      const T pdf = alpha * std::exp(z * z * T(-0.5));
+      return g * (cdf + z * pdf);
+    }
+    case Activation::ELU:
+      return z <= T(0) ? g * std::exp(z) : g;
+    case Activation::SiLU: {
+      const T s = T(1) / (T(1) + std::exp(-z));
+      return g * s * (T(1) + z * (T(1) - s));
+    }
+    case Activation::Identity:
+      return g;
+  }
+  return g;
+}
+
+// Per row of the saved workspace: the first layer's input x (u^p, then t), then for each hidden
+// layer its pre-activation z and its output h.
+int64_t workspace_row(const MLPSpec& spec) {
+  int64_t n = spec.in_features(0);
+  for (size_t i = 1; i + 1 < spec.sizes.size(); ++i) n += 2 * spec.sizes[i];
+  return n;
+}
+
+template <typename T>
+void host_forward_rows(const MLPSpec& spec, at::TensorList params, double t, const T* u,
+                       int64_t rows, T* y, T* ws) {
+  const int64_t L = spec.num_layers();
+  const size_t per = spec.bias ? 2 : 1;
+  const int64_t row = workspace_row(spec);
+  const int64_t n0 = spec.sizes[0];
+  const int64_t out = spec.sizes.back();
+  const double p = spec.input_power;
+  for (int64_t r = 0; r < rows; ++r) {
+    T* x = ws + r * row;
+    const T* ur = u + r * n0;
+    for (int64_t k = 0; k < n0; ++k) x[k] = power_of(ur[k], p);
+    if (spec.time_input) x[n0] = static_cast<T>(t);
+    const T* a = x;
+    T* next = x + spec.in_features(0);
+    for (int64_t i = 0; i < L; ++i) {
+      const size_t j = per * static_cast<size_t>(i);
+      const T* W = params[j].const_data_ptr<T>();
+      const T* b = spec.bias ? params[j + 1].const_data_ptr<T>() : nullptr;
+      const int64_t in = spec.in_features(i);
+      const int64_t m = spec.sizes[static_cast<size_t>(i + 1)];
+      T* z = i + 1 < L ? next : y + r * out;
+      for (int64_t o = 0; o < m; ++o) {
+        const T* Wo = W + o * in;
+        T s = T(0);
+        for (int64_t k = 0; k < in; ++k) s += Wo[k] * a[k];
+        z[o] = b ? s + b[o] : s;
+      }
+      if (i + 1 < L) {
+        const Activation act = spec.activations[static_cast<size_t>(i)];
+        T* h = z + m;
+        for (int64_t o = 0; o < m; ++o) h[o] = act_forward(act, z[o]);
+        a = h;
+        next = h + m;
+      }
+    }
+  }
+}
+
+// The evaluation by host loops; also returns the workspace when `keep` (for the backward).
+torch::Tensor host_forward(const MLPSpec& spec, at::TensorList params, double t,
+                           const torch::Tensor& u, bool keep, torch::Tensor* workspace) {
+  const torch::Tensor uc = u.contiguous();
+  const int64_t rows = uc.numel() / spec.sizes[0];
+  std::vector<int64_t> shape = uc.sizes().vec();
+  shape.back() = spec.sizes.back();
+  torch::Tensor y = at::empty(shape, uc.options());
+  const int64_t row = workspace_row(spec);
+  AT_DISPATCH_FLOATING_TYPES(uc.scalar_type(), "diffeqlayers_mlp_forward", [&] {
+    if (keep) {
+      *workspace = at::empty({rows, row}, uc.options());
+      host_forward_rows<scalar_t>(spec, params, t, uc.const_data_ptr<scalar_t>(), rows,
+                                  y.mutable_data_ptr<scalar_t>(),
+                                  workspace->mutable_data_ptr<scalar_t>());
+    } else {
+      // Only the current row's activations are needed: one row, reused.
+      std::vector<scalar_t> ws(static_cast<size_t>(row));
+      const scalar_t* u_data = uc.const_data_ptr<scalar_t>();
+      scalar_t* y_data = y.mutable_data_ptr<scalar_t>();
+      const int64_t n0 = spec.sizes[0];
+      const int64_t out = spec.sizes.back();
+      for (int64_t r = 0; r < rows; ++r)
+        host_forward_rows<scalar_t>(spec, params, t, u_data + r * n0, 1, y_data + r * out,
+                                    ws.data());
+    }
+  });
+  return y;
+}
+
+// The vector-Jacobian product: given g = dL/dy per row, accumulates dL/dW_i, dL/db_i (where the
+// pointer is given) and writes dL/du (where du is given).
+template <typename T>
+void host_backward_rows(const MLPSpec& spec, at::TensorList params, const T* u, const T* ws,
+                        const T* gy, int64_t rows, const std::vector<T*>& dw, T* du) {
+  const int64_t L = spec.num_layers();
+  const size_t per = spec.bias ? 2 : 1;
+  const int64_t row = workspace_row(spec);
+  const int64_t n0 = spec.sizes[0];
+  const int64_t out = spec.sizes.back();
+  const double p = spec.input_power;
+  int64_t width = 0;
+  for (int64_t i = 0; i < L; ++i) width = std::max(width, spec.in_features(i));
+  std::vector<T> buf_a(static_cast<size_t>(std::max(width, out)));
+  std::vector<T> buf_b(static_cast<size_t>(std::max(width, out)));
+  // The offsets of each layer's input within a workspace row.
+  std::vector<int64_t> input_at(static_cast<size_t>(L));
+  input_at[0] = 0;
+  int64_t off = spec.in_features(0);
+  for (int64_t i = 1; i < L; ++i) {
+    const int64_t m = spec.sizes[static_cast<size_t>(i)];
+    input_at[static_cast<size_t>(i)] = off + m;  // h after z
+    off += 2 * m;
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* wr = ws + r * row;
+    T* g = buf_a.data();
+    T* gin = buf_b.data();
+    std::copy(gy + r * out, gy + (r + 1) * out, g);
+    for (int64_t i = L - 1; i >= 0; --i) {
+      const size_t j = per * static_cast<size_t>(i);
+      const T* W = params[j].const_data_ptr<T>();
+      const int64_t in = spec.in_features(i);
+      const int64_t m = spec.sizes[static_cast<size_t>(i + 1)];
+      const T* a = wr + input_at[static_cast<size_t>(i)];
+      if (T* dW = dw[j]) {
+        for (int64_t o = 0; o < m; ++o) {
+          const T go = g[o];
+          T* dWo = dW + o * in;
+          for (int64_t k = 0; k < in; ++k) dWo[k] += go * a[k];
+        }
+      }
+      if (spec.bias) {
+        if (T* db = dw[j + 1])
+          for (int64_t o = 0; o < m; ++o) db[o] += g[o];
+      }
+      if (i == 0 && du == nullptr) break;
+      // gin = W^T g over the layer's inputs (the time column has no gradient to pass on).
+      const int64_t nin = i == 0 ? n0 : in;
+      std::fill(gin, gin + nin, T(0));
+      for (int64_t o = 0; o < m; ++o) {
+        const T go = g[o];
+        const T* Wo = W + o * in;
+        for (int64_t k = 0; k < nin; ++k) gin[k] += go * Wo[k];
+      }
+      if (i > 0) {
+        const Activation act = spec.activations[static_cast<size_t>(i - 1)];
+        const T* h = a;
+        const T* z = a - in;
+        for (int64_t k = 0; k < in; ++k) gin[k] = act_backward(act, gin[k], z[k], h[k]);
+      } else {
+        const T* ur = u + r * n0;
+        T* dur = du + r * n0;
+        if (p == 1.0) {
+          std::copy(gin, gin + n0, dur);
+        } else {
+          // ATen's pow_backward: grad * (p * u^(p - 1)), zero for p = 0.
+          for (int64_t k = 0; k < n0; ++k)
+            dur[k] = p == 0.0 ? T(0) : gin[k] * (static_cast<T>(p) * power_of(ur[k], p - 1.0));
+        }
+      }
+      std::swap(g, gin);
+    }
+  }
+}
+
+// The generic path: one ATen op per layer and activation (autograd records each).
+torch::Tensor generic_forward(const MLPSpec& spec, at::TensorList params, double t,
+                              const torch::Tensor& u) {
+  // Integer powers go to ATen's pow kernel as torch's u ** p does (exact same rounding).
+  torch::Tensor x = spec.input_power == 1.0 ? u : at::pow(u, spec.input_power);
+  if (spec.time_input) {
+    std::vector<int64_t> shape = x.sizes().vec();
+    shape.back() = 1;
+    x = at::cat({x, at::full(shape, t, x.options())}, -1);
+  }
+  const int64_t n = spec.num_layers();
+  const size_t per = spec.bias ? 2 : 1;
+  for (int64_t i = 0; i < n; ++i) {
+    const size_t j = per * static_cast<size_t>(i);
+    x = linear(x, params[j], spec.bias ? &params[j + 1] : nullptr);
+    if (i + 1 < n) x = activate(spec.activations[static_cast<size_t>(i)], std::move(x));
+  }
+  return x;
+}
+
+// What the backward needs besides tensors: the architecture and t, in one saved entry.
+std::vector<double> pack_spec(const MLPSpec& spec, double t) {
+  std::vector<double> v{t, spec.input_power, spec.time_input ? 1.0 : 0.0, spec.bias ? 1.0 : 0.0};
+  for (int64_t s : spec.sizes) v.push_back(static_cast<double>(s));
+  return v;
+}
+
+MLPSpec unpack_spec(const std::vector<double>& v, const std::vector<Activation>& acts, double* t) {
+  MLPSpec spec;
+  *t = v[0];
+  spec.input_power = v[1];
+  spec.time_input = v[2] != 0.0;
+  spec.bias = v[3] != 0.0;
+  for (size_t i = 4; i < v.size(); ++i) spec.sizes.push_back(static_cast<int64_t>(v[i]));
+  spec.activations = acts;
+  return spec;
+}
+
+// Non-tensor argument of MLPEval (a struct, so that the argument extractor does not expand it).
+struct EvalArgs {
+  const MLPSpec* spec;
+  double t;
+};
+
+// One evaluation as one autograd node: forward by host loops (keeping x, z and h per row),
+// backward the vector-Jacobian product for u and every weight by host loops. Under create_graph
+// (grad mode on in the backward) it differentiates the generic path instead, so that higher
+// derivatives are recorded.
+struct MLPEval : public torch::autograd::Function<MLPEval> {
+  using AutogradContext = torch::autograd::AutogradContext;
+  using variable_list = torch::autograd::variable_list;
+
+  static torch::Tensor forward(AutogradContext* ctx, const EvalArgs& args, const torch::Tensor& u,
+                               at::TensorList params) {
+    const MLPSpec& spec = *args.spec;
+    torch::Tensor ws;
+    torch::Tensor y = host_forward(spec, params, args.t, u, /*keep=*/true, &ws);
+    ctx->saved_data["spec"] = pack_spec(spec, args.t);
+    std::vector<int64_t> acts;
+    for (Activation a : spec.activations) acts.push_back(static_cast<int64_t>(a));
+    ctx->saved_data["acts"] = acts;
+    std::vector<torch::Tensor> saved;
+    saved.reserve(params.size() + 2);
+    saved.push_back(u);
+    saved.insert(saved.end(), params.begin(), params.end());
+    saved.push_back(ws);
+    ctx->save_for_backward(saved);
+    return y;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_out) {
+    std::vector<Activation> acts;
+    for (int64_t a : ctx->saved_data["acts"].toIntVector())
+      acts.push_back(static_cast<Activation>(a));
+    double t = 0.0;
+    const MLPSpec spec = unpack_spec(ctx->saved_data["spec"].toDoubleVector(), acts, &t);
+    variable_list saved = ctx->get_saved_variables();
+    const torch::Tensor u = saved[0];
+    const std::vector<torch::Tensor> params(saved.begin() + 1, saved.end() - 1);
+    const torch::Tensor ws = saved.back();
+    const size_t np = params.size();
+    variable_list grads(np + 2);  // [args, u, params...]
+    const torch::Tensor& g = grad_out[0];
+    if (!g.defined()) return grads;
+    // needs_input_grad counts the tensor inputs only: u is 0, params[i] is i + 1.
+    const bool need_u = ctx->needs_input_grad(0);
+    if (at::GradMode::is_enabled()) {
+      // create_graph: the generic path's graph, recorded, differentiated.
+      std::vector<torch::Tensor> inputs;
+      std::vector<size_t> where;
+      if (need_u) {
+        inputs.push_back(u);
+        where.push_back(1);
+      }
+      for (size_t i = 0; i < np; ++i)
+        if (ctx->needs_input_grad(i + 1)) {
+          inputs.push_back(params[i]);
+          where.push_back(i + 2);
+        }
+      if (inputs.empty()) return grads;
+      torch::Tensor y = generic_forward(spec, params, t, u);
+      variable_list d = torch::autograd::grad({y}, inputs, {g}, /*retain_graph=*/true,
+                                              /*create_graph=*/true, /*allow_unused=*/true);
+      for (size_t k = 0; k < d.size(); ++k) {
+        const size_t i = where[k];
+        const torch::Tensor& ref = i == 1 ? u : params[i - 2];
+        grads[i] = d[k].defined() ? d[k] : at::zeros_like(ref);
+      }
+      return grads;
+    }
+    const torch::Tensor gc = g.to(u.scalar_type()).contiguous();
+    const torch::Tensor uc = u.contiguous();
+    const int64_t rows = uc.numel() / spec.sizes[0];
+    torch::Tensor du = need_u ? at::empty_like(uc) : torch::Tensor();
+    std::vector<torch::Tensor> dparams(np);
+    for (size_t i = 0; i < np; ++i)
+      if (ctx->needs_input_grad(i + 1)) dparams[i] = at::zeros_like(params[i]);
+    AT_DISPATCH_FLOATING_TYPES(uc.scalar_type(), "diffeqlayers_mlp_backward", [&] {
+      std::vector<scalar_t*> dw(np, nullptr);
+      for (size_t i = 0; i < np; ++i)
+        if (dparams[i].defined()) dw[i] = dparams[i].mutable_data_ptr<scalar_t>();
+      host_backward_rows<scalar_t>(spec, params, uc.const_data_ptr<scalar_t>(),
+                                   ws.const_data_ptr<scalar_t>(), gc.const_data_ptr<scalar_t>(),
+                                   rows, dw, need_u ? du.mutable_data_ptr<scalar_t>() : nullptr);
+    });
+    if (need_u) grads[1] = du;
+    for (size_t i = 0; i < np; ++i) grads[i + 2] = dparams[i];
+    return grads;
+  }
+};
 
 }  // namespace
 
@@ -174,21 +573,11 @@ torch::Tensor mlp_forward(const MLPSpec& spec, at::TensorList params, double t,
                     u.sizes());
   TORCH_CHECK_TYPE(u.scalar_type() == params[0].scalar_type(), "MLP: the state has dtype ",
                    u.scalar_type(), " but the weights have ", params[0].scalar_type());
-  // Integer powers go to ATen's pow kernel as torch's u ** p does (exact same rounding).
-  torch::Tensor x = spec.input_power == 1.0 ? u : at::pow(u, spec.input_power);
-  if (spec.time_input) {
-    std::vector<int64_t> shape = x.sizes().vec();
-    shape.back() = 1;
-    x = at::cat({x, at::full(shape, t, x.options())}, -1);
-  }
-  const int64_t n = spec.num_layers();
-  const size_t per = spec.bias ? 2 : 1;
-  for (int64_t i = 0; i < n; ++i) {
-    const size_t j = per * static_cast<size_t>(i);
-    x = linear(x, params[j], spec.bias ? &params[j + 1] : nullptr);
-    if (i + 1 < n) x = activate(spec.activations[static_cast<size_t>(i)], std::move(x));
-  }
-  return x;
+  if (!host_loops_apply(spec, params, u)) return generic_forward(spec, params, t, u);
+  bool record = at::GradMode::is_enabled() && u.requires_grad();
+  for (const auto& w : params) record = record || (at::GradMode::is_enabled() && w.requires_grad());
+  if (!record) return host_forward(spec, params, t, u, /*keep=*/false, nullptr);
+  return MLPEval::apply(EvalArgs{&spec, t}, u, params);
 }
 
 Dynamics mlp_dynamics(const MLPSpec& spec, std::vector<torch::Tensor> params) {

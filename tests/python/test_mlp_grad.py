@@ -1,0 +1,227 @@
+"""Gradients of one evaluation of the built-in MLP (dl.MLP).
+
+Small CPU float32/float64 evaluations run as host loops recorded as one autograd node (its
+backward is the MLP's vector-Jacobian product); forward-mode duals, create_graph and large
+evaluations take the generic path of one ATen op per layer. Every case is compared with the same
+network written as a torch.nn.Sequential, to 1e-12 in float64.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from test_mlp import ACTIVATIONS, sequential_twin
+from torch import nn
+from torch.autograd import forward_ad
+
+import diffeqlayers as dl
+
+SHAPES = [(3,), (4, 3), (2, 4, 3)]
+
+
+def make(activation: str, *, power: float = 1.0, time_input: bool = False, bias: bool = True):
+    torch.manual_seed(11)
+    return dl.MLP(
+        [3, 6, 5, 2], activation, input_power=power, time_input=time_input, bias=bias
+    ).double()
+
+
+class TimeTwin(nn.Module):
+    """The twin of a time-input MLP: [x^p, t] into the Linear layers."""
+
+    def __init__(self, mlp: dl.MLP) -> None:
+        super().__init__()
+        self.p = mlp.spec.input_power
+        seq = sequential_twin(mlp)
+        self.body = nn.Sequential(*[m for m in seq if m.__class__.__name__ != "Power"])
+
+    def forward(self, t: float, x: torch.Tensor) -> torch.Tensor:
+        x = x**self.p if self.p != 1.0 else x
+        return self.body(torch.cat([x, torch.full_like(x[..., :1], t)], -1))
+
+
+def twin_of(mlp: dl.MLP):
+    if mlp.spec.time_input:
+        twin = TimeTwin(mlp)
+        return twin, lambda x, t: twin(t, x)
+    twin = sequential_twin(mlp)
+    return twin, lambda x, t: twin(x)
+
+
+def mlp_call(mlp: dl.MLP):
+    return (lambda x, t: mlp(t, x)) if mlp.spec.time_input else (lambda x, t: mlp(x))
+
+
+def linears(module: nn.Module) -> list[nn.Linear]:
+    return [m for m in module.modules() if isinstance(m, nn.Linear)]
+
+
+CASES = list(itertools.product(sorted(ACTIVATIONS), [1.0, 3.0, 2.5], [False, True], [True, False]))
+
+
+@pytest.mark.parametrize("activation,power,time_input,bias", CASES)
+def test_vjp_equals_the_torch_nn_twin(activation, power, time_input, bias):
+    mlp = make(activation, power=power, time_input=time_input, bias=bias)
+    twin, f_twin = twin_of(mlp)
+    f = mlp_call(mlp)
+    for shape in SHAPES:
+        # Positive states for the fractional power (negative ones give NaN in both).
+        x = torch.rand(shape, dtype=torch.float64) + 0.1 if power == 2.5 else torch.randn(shape)
+        x = x.double().requires_grad_()
+        x_twin = x.detach().clone().requires_grad_()
+        y, y_twin = f(x, 0.7), f_twin(x_twin, 0.7)
+        torch.testing.assert_close(y, y_twin, rtol=1e-13, atol=1e-13)
+        cot = torch.randn_like(y)
+        params = [x, *mlp.parameters()]
+        params_twin = [x_twin, *itertools.chain(*((m.weight, m.bias) for m in linears(twin)))]
+        params_twin = [p for p in params_twin if p is not None]
+        g = torch.autograd.grad(y, params, cot)
+        g_twin = torch.autograd.grad(y_twin, params_twin, cot)
+        for a, b in zip(g, g_twin):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_one_node_per_small_evaluation_and_generic_ops_otherwise():
+    mlp = make("tanh", power=3.0)
+    x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    y = mlp(x)
+    assert "MLPEval" in y.grad_fn.name()
+    # Its inputs are x and the weights themselves: no other node in between.
+    nexts = [fn for fn, _ in y.grad_fn.next_functions]
+    assert all(type(fn).__name__ == "AccumulateGrad" for fn in nexts)
+    assert len(nexts) == 1 + len(list(mlp.parameters()))
+    # float32 too.
+    assert "MLPEval" in mlp.float()(x.detach().float().requires_grad_()).grad_fn.name()
+    mlp.double()
+    # A large batch goes to BLAS through the generic path.
+    big = torch.randn(4000, 3, dtype=torch.float64, requires_grad=True)
+    assert "MLPEval" not in mlp(big).grad_fn.name()
+    # Nothing recorded: no node at all.
+    with torch.no_grad():
+        assert mlp(x).grad_fn is None
+
+
+def test_large_batches_take_the_generic_path_with_equal_results():
+    mlp = make("silu", power=3.0)
+    twin, f_twin = twin_of(mlp)
+    x = torch.randn(4000, 3, dtype=torch.float64, requires_grad=True)
+    y, y_twin = mlp(x), f_twin(x, 0.0)
+    torch.testing.assert_close(y, y_twin, rtol=1e-13, atol=1e-13)
+    cot = torch.randn_like(y)
+    (gx,) = torch.autograd.grad(y, [x], cot)
+    (gx_twin,) = torch.autograd.grad(y_twin, [x], cot)
+    torch.testing.assert_close(gx, gx_twin, rtol=1e-12, atol=1e-12)
+
+
+def test_only_the_inputs_that_require_grad_get_gradients():
+    mlp = make("gelu", power=3.0)
+    twin, f_twin = twin_of(mlp)
+    for p in mlp.parameters():
+        p.requires_grad_(False)
+    mlp.layers[1].weight.requires_grad_(True)
+    x = torch.randn(5, 3, dtype=torch.float64)
+    y = mlp(x)
+    assert "MLPEval" in y.grad_fn.name()
+    y.pow(2).sum().backward()
+    f_twin(x, 0.0).pow(2).sum().backward()
+    lin_twin = linears(twin)
+    torch.testing.assert_close(
+        mlp.layers[1].weight.grad, lin_twin[1].weight.grad, rtol=1e-12, atol=1e-12
+    )
+    assert mlp.layers[0].weight.grad is None and mlp.layers[1].bias.grad is None
+    # Only the state.
+    for p in mlp.parameters():
+        p.requires_grad_(False)
+    x = x.clone().requires_grad_()
+    x_twin = x.detach().clone().requires_grad_()
+    (gx,) = torch.autograd.grad(mlp(x).sum(), [x])
+    (gx_twin,) = torch.autograd.grad(f_twin(x_twin, 0.0).sum(), [x_twin])
+    torch.testing.assert_close(gx, gx_twin, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+def test_gradcheck_and_gradgradcheck(activation):
+    torch.manual_seed(3)
+    mlp = dl.MLP([2, 4, 3, 2], activation, input_power=3, time_input=True).double()
+    names = [n for n, _ in mlp.named_parameters()]
+
+    def fn(x, *params):
+        with torch.nn.utils.stateless._reparametrize_module(mlp, dict(zip(names, params))):
+            return mlp(0.3, x)
+
+    # Away from relu's kink, where finite differences are meaningless.
+    x = (torch.rand(3, 2, dtype=torch.float64) + 0.2).requires_grad_()
+    params = [p.detach().clone().requires_grad_() for p in mlp.parameters()]
+    assert "MLPEval" in fn(x, *params).grad_fn.name()
+    assert torch.autograd.gradcheck(fn, (x, *params))
+    assert torch.autograd.gradgradcheck(fn, (x, *params))
+
+
+def test_double_backward_equals_the_twin():
+    mlp = make("softplus", power=3.0, time_input=True)
+    twin, f_twin = twin_of(mlp)
+    x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    x_twin = x.detach().clone().requires_grad_()
+    (gx,) = torch.autograd.grad(mlp(0.4, x).pow(2).sum(), [x], create_graph=True)
+    (gx_twin,) = torch.autograd.grad(f_twin(x_twin, 0.4).pow(2).sum(), [x_twin], create_graph=True)
+    torch.testing.assert_close(gx, gx_twin, rtol=1e-12, atol=1e-12)
+    gx.pow(2).sum().backward()
+    gx_twin.pow(2).sum().backward()
+    torch.testing.assert_close(x.grad, x_twin.grad, rtol=1e-12, atol=1e-12)
+    for lin, lin_twin in zip(mlp.layers, linears(twin)):
+        torch.testing.assert_close(lin.weight.grad, lin_twin.weight.grad, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(lin.bias.grad, lin_twin.bias.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_forward_mode_duals_take_the_generic_path():
+    mlp = make("elu", power=3.0)
+    twin, f_twin = twin_of(mlp)
+    x = torch.randn(4, 3, dtype=torch.float64)
+    v = torch.randn_like(x)
+    with forward_ad.dual_level():
+        y = mlp(forward_ad.make_dual(x, v))
+        y_twin = f_twin(forward_ad.make_dual(x, v), 0.0)
+        p, tangent = forward_ad.unpack_dual(y)
+        p_twin, tangent_twin = forward_ad.unpack_dual(y_twin)
+    torch.testing.assert_close(p, p_twin, rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(tangent, tangent_twin, rtol=1e-12, atol=1e-12)
+
+
+def test_float32_gradients_match_the_twin():
+    torch.manual_seed(5)
+    mlp = dl.MLP([2, 50, 2], "tanh", input_power=3)
+    twin, f_twin = twin_of(mlp)
+    x = torch.randn(2, requires_grad=True)
+    x_twin = x.detach().clone().requires_grad_()
+    mlp(x).pow(2).sum().backward()
+    f_twin(x_twin, 0.0).pow(2).sum().backward()
+    torch.testing.assert_close(x.grad, x_twin.grad, rtol=1e-5, atol=1e-6)
+    for lin, lin_twin in zip(mlp.layers, linears(twin)):
+        torch.testing.assert_close(lin.weight.grad, lin_twin.weight.grad, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(lin.bias.grad, lin_twin.bias.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_rd_spiral_gradient_equals_the_twin_in_float64():
+    torch.manual_seed(100)
+    mlp = dl.MLP([2, 50, 2], "tanh", input_power=3).double()
+    twin = sequential_twin(mlp)
+    u0 = torch.tensor([2.0, 0.0], dtype=torch.float64)
+    t = torch.linspace(0.0, 1.5, 30, dtype=torch.float64)
+    data = torch.linspace(-1.0, 1.0, 60, dtype=torch.float64).reshape(30, 2)
+    kw = dict(saveat=t, rtol=1e-3, atol=1e-6)
+    sols = {}
+    for name, f, module in (("mlp", mlp, mlp), ("twin", lambda u, p, t: twin(u), twin)):
+        prob = dl.ODEProblem(f, u0, (0.0, 1.5), module)
+
+        def keep(sol, name=name):
+            sols[name] = sol
+            return sol.u
+
+        pred = dl.diffeq_rd(module, keep, prob, "tsit5", **kw)
+        ((data - pred) ** 2).sum().backward()
+    assert sols["mlp"].stats.nfe == sols["twin"].stats.nfe
+    for lin, lin_twin in zip(mlp.layers, linears(twin)):
+        torch.testing.assert_close(lin.weight.grad, lin_twin.weight.grad, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(lin.bias.grad, lin_twin.bias.grad, rtol=1e-12, atol=1e-12)
