@@ -9,15 +9,32 @@ Jacobian/LU reuse; Rosenbrock rodas5, rodas5p, rosenbrock23) against scipy.integ
    Radau at rtol = atol = 1e-11 (computed once here).
 
 Every solver runs at the same tolerance levels (ROBER: rtol 1e-4, 1e-6, 1e-8 with atol = rtol *
-1e-4; Van der Pol: rtol = atol = 1e-4, 1e-6, 1e-8), float64, f in Python for both libraries (a
-torch function for diffeqlayers, a NumPy one for scipy), the exact Jacobian for scipy, autograd
-Jacobians for diffeqlayers. Both problems are autonomous and diffeqlayers is told so
-(autonomous=True, as Hairer's RODAS takes IFCN = 0): the Rosenbrock methods then skip the df/dt
-central difference, which scipy's Radau, BDF and LSODA never need. Reports steps,
-nfe, Jacobians, LU factorizations, error and the best CPU time (time.thread_time) of --repeats
-runs; then, at equal error, the time of each diffeqlayers method relative to each scipy run: the
-fastest diffeqlayers run (over the tolerance levels) whose error is at most that scipy run's
-error, divided by the scipy run's time.
+1e-4; Van der Pol: rtol = atol = 1e-4, 1e-6, 1e-8), float64, f in Python for both libraries.
+diffeqlayers gets f as a torch function of the state tensor (rober_t, vdp_t) and builds its
+Jacobians by autograd (reverse mode: one recorded evaluation of f, counted in nfe, and n reverse
+passes). scipy runs twice per method: "scipy X" with a NumPy/Python-float f and the exact
+Jacobian (rober_np, rober_jac, ...), and "scipy X (torch f)" with the same torch f as
+diffeqlayers (ndarray -> torch.from_numpy -> f -> .numpy()) and an autograd Jacobian of it
+(torch.autograd.functional.jacobian, also one recorded f and n reverse passes), so that both
+libraries pay for the same f and the same kind of Jacobian. Both problems are autonomous and
+diffeqlayers is told so (autonomous=True, as Hairer's RODAS takes IFCN = 0): the Rosenbrock
+methods then skip the df/dt central difference, which scipy's Radau, BDF and LSODA never need.
+
+Before and after the solves, the cost of one call of each f and Jacobian is measured as each
+solver calls it (median over 200 batches of the CPU time, time.thread_time, of 50 back-to-back
+calls, 10 for the autograd Jacobian, on the initial state; scipy's with solve_ivp's np.asarray
+wrapper); the smaller of the two measurements is used. One call
+of the torch f costs about 20x the NumPy one (results/stiff.md has the measured costs), so the
+evaluations of f alone can take longer than a whole scipy solve with the NumPy f at equal error;
+the tables separate that cost from the rest.
+
+Reports steps, nfe, Jacobians, LU factorizations, error and the best CPU time (time.thread_time)
+of --repeats runs, with f time = nfe x the cost of one call of that row's f and solver time =
+time - f time (floored at 0; it includes the Jacobians, for diffeqlayers all but the recorded f).
+Then, at equal error, the time of each diffeqlayers method relative to each scipy run (both
+variants): the fastest diffeqlayers run (over the tolerance levels) whose error is at most that
+scipy run's error, divided by the scipy run's time; and the same with solver times on both
+sides, which compares the solver loops without the cost of f.
 
     python benchmarks/bench_stiff.py [--repeats 3] [--out benchmarks/results]
 """
@@ -30,6 +47,7 @@ import platform
 import time
 
 import numpy as np
+import scipy
 import torch
 from scipy.integrate import solve_ivp
 
@@ -74,6 +92,65 @@ def vdp_jac(t, y):
     return [[0.0, 1.0], [MU * (-2 * y[0] * y[1] - 1), MU * (1 - y[0] ** 2)]]
 
 
+def torch_f_for_scipy(f_t):
+    """The torch f for solve_ivp: ndarray -> torch.from_numpy -> f_t -> ndarray (no autograd)."""
+
+    def fun(t, y):
+        with torch.no_grad():
+            return f_t(torch.from_numpy(y), None, t).numpy()
+
+    return fun
+
+
+def torch_jac_for_scipy(f_t):
+    """The autograd Jacobian of the torch f for solve_ivp: one recorded evaluation of f and n
+    reverse passes (torch.autograd.functional.jacobian), as diffeqlayers' reverse mode does."""
+
+    def jac(t, y):
+        with torch.enable_grad():
+            return torch.autograd.functional.jacobian(
+                lambda x: f_t(x, None, t), torch.from_numpy(y)
+            ).numpy()
+
+    return jac
+
+
+def per_call(fn, batches=200, calls=50):
+    """Median over `batches` of the CPU time (time.thread_time) of `calls` back-to-back calls of
+    fn, divided by `calls`: the cost of one call (after 4 * calls warm-up calls)."""
+    for _ in range(4 * calls):
+        fn()
+    out = []
+    for _ in range(batches):
+        t0 = time.thread_time()
+        for _ in range(calls):
+            fn()
+        out.append((time.thread_time() - t0) / calls)
+    return float(np.median(out))
+
+
+def call_costs(prob):
+    """Cost of one call of each f and Jacobian as each solver calls it (seconds): the torch f on
+    a float64 tensor with grad mode off (diffeqlayers calls it from C++ with p = None and a float
+    t inside the caller's no_grad; the C++ -> Python call itself is not included); scipy's f and
+    Jacobian wrapped as solve_ivp wraps them (np.asarray(fun(t, y), dtype=float)) on the ndarray
+    state, the torch f for scipy with its own per-call no_grad."""
+    f_t = prob["f_t"]
+    u = torch.tensor(prob["u0"], dtype=torch.float64)
+    y = np.array(prob["u0"], dtype=float)
+    f_np, jac_np = prob["f_np"], prob["jac"]
+    f_tw, jac_tw = torch_f_for_scipy(f_t), torch_jac_for_scipy(f_t)
+    with torch.no_grad():
+        torch_f = per_call(lambda: f_t(u, None, 0.0))
+    return {
+        "torch f": torch_f,
+        "numpy f": per_call(lambda: np.asarray(f_np(0.0, y), dtype=float)),
+        "torch f for scipy": per_call(lambda: np.asarray(f_tw(0.0, y), dtype=float)),
+        "exact jac": per_call(lambda: np.asarray(jac_np(0.0, y), dtype=float)),
+        "autograd jac": per_call(lambda: np.asarray(jac_tw(0.0, y), dtype=float), 100, 10),
+    }
+
+
 PROBLEMS = {
     "ROBER": dict(
         f_t=rober_t,
@@ -96,6 +173,9 @@ PROBLEMS = {
 }
 DL_METHODS = ["kvaerno5", "kencarp4", "trbdf2", "rodas5", "rodas5p", "rosenbrock23"]
 SCIPY_METHODS = ["Radau", "BDF", "LSODA"]
+# scipy with its NumPy f and exact Jacobian, and with diffeqlayers' torch f and an autograd
+# Jacobian (the same f and the same kind of Jacobian diffeqlayers gets).
+SCIPY_VARIANTS = ["numpy", "torch"]
 # The second-order methods take very many steps at tight tolerances: only the looser levels.
 LOOSE_ONLY = {"trbdf2": 1e-6, "rosenbrock23": 1e-6}
 
@@ -130,15 +210,19 @@ def run_dl(name, prob, method, rtol, atol):
     )
 
 
-def run_scipy(name, prob, method, rtol, atol):
+def run_scipy(name, prob, method, rtol, atol, variant="numpy"):
+    if variant == "numpy":
+        fun, jac = prob["f_np"], prob["jac"]
+    else:
+        fun, jac = torch_f_for_scipy(prob["f_t"]), torch_jac_for_scipy(prob["f_t"])
     sol = solve_ivp(
-        prob["f_np"],
+        fun,
         prob["span"],
         prob["u0"],
         method=method,
         rtol=rtol,
         atol=atol,
-        jac=prob["jac"],
+        jac=jac,
         dense_output=True,
     )
     assert sol.status == 0, sol.message
@@ -183,7 +267,17 @@ def main():
         t_eval=VDP_TIMES,
     )
     VDP_REF = ref.y.T
+    # Costs of one call, measured before and after the solves (the machine may be shared): the
+    # smaller of the two is used.
+    costs_before = {name: call_costs(prob) for name, prob in PROBLEMS.items()}
+    print(costs_before, flush=True)
     rows = []
+
+    def add(name, rtol, solver, r, f_kind):
+        r["f_kind"] = f_kind
+        rows.append((name, rtol, solver, r))
+        print(rows[-1], flush=True)
+
     for name, prob in PROBLEMS.items():
         for rtol, atol in prob["tols"]:
             for method in DL_METHODS:
@@ -193,61 +287,159 @@ def main():
                     lambda n=name, q=prob, m=method, r=rtol, a=atol: run_dl(n, q, m, r, a),
                     args.repeats,
                 )
-                rows.append((name, rtol, f"diffeqlayers {method}", r))
-                print(rows[-1], flush=True)
-            for method in SCIPY_METHODS:
-                r = timed(
-                    lambda n=name, q=prob, m=method, r=rtol, a=atol: run_scipy(n, q, m, r, a),
-                    args.repeats,
-                )
-                rows.append((name, rtol, f"scipy {method}", r))
-                print(rows[-1], flush=True)
+                add(name, rtol, f"diffeqlayers {method}", r, "torch f")
+            for variant in SCIPY_VARIANTS:
+                for method in SCIPY_METHODS:
+                    r = timed(
+                        lambda n=name, q=prob, m=method, r=rtol, a=atol, v=variant: run_scipy(
+                            n, q, m, r, a, v
+                        ),
+                        args.repeats,
+                    )
+                    if variant == "numpy":
+                        add(name, rtol, f"scipy {method}", r, "numpy f")
+                    else:
+                        add(name, rtol, f"scipy {method} (torch f)", r, "torch f for scipy")
+    costs_after = {name: call_costs(prob) for name, prob in PROBLEMS.items()}
+    print(costs_after, flush=True)
+    costs = {
+        name: {k: min(v, costs_after[name][k]) for k, v in c.items()}
+        for name, c in costs_before.items()
+    }
+    for name, _, _, r in rows:
+        r["f_time"] = r["nfe"] * costs[name][r["f_kind"]]
+        r["solver_time"] = max(0.0, r["time"] - r["f_time"])
     fmt = lambda x: "-" if x is None else str(x)  # noqa: E731
+    us = lambda x: f"{x * 1e6:.1f}"  # noqa: E731
     lines = [
         "# Stiff solvers: diffeqlayers stiff methods vs scipy.integrate.solve_ivp",
         "",
         f"`python benchmarks/bench_stiff.py --repeats {args.repeats}`; torch "
-        f"{torch.__version__}, 1 thread, {platform.processor() or platform.machine()}; times are "
-        "CPU times of the solving thread (time.thread_time). "
+        f"{torch.__version__}, scipy {scipy.__version__}, NumPy {np.__version__}, 1 thread, "
+        f"{platform.processor() or platform.machine()}; times are "
+        "CPU times of the solving thread (time.thread_time), the best of the repeats. "
         "Steps: accepted steps (scipy reports no rejections); scipy values at the save "
         "times from its dense output. Error: ROBER max relative "
         "error of y1, y3 at 1e11 vs the IVP Test Set; Van der Pol max |x error| at "
-        "t = 0.5, 1.2, 2.0, 2.8, 3.0 vs scipy Radau at 1e-11. scipy gets the exact Jacobian; "
-        "diffeqlayers builds it by autograd (reverse mode) and is told that f is "
-        "autonomous (autonomous=True: no df/dt evaluations).",
+        "t = 0.5, 1.2, 2.0, 2.8, 3.0 vs scipy Radau at 1e-11. 'scipy X' gets a NumPy f and the "
+        "exact Jacobian (Python lists); 'scipy X (torch f)' gets diffeqlayers' torch f "
+        "(ndarray -> torch.from_numpy -> f -> .numpy(), under no_grad) and its autograd Jacobian "
+        "(torch.autograd.functional.jacobian: one recorded f and n reverse passes). "
+        "diffeqlayers builds the Jacobian by autograd in reverse mode the same way (in C++; the "
+        "recorded f counts in its nfe, scipy's njev evaluations do not count in its nfe) and is "
+        "told that f is autonomous (autonomous=True: no df/dt evaluations).",
         "",
-        "| problem | rtol | solver | steps | rejected | nfe | Jacobians | LUs | error | time [s] |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "## Cost of one call",
+        "",
+        "Median over 200 batches (100 for the autograd Jacobian) of the CPU time of 50 "
+        "back-to-back calls (10 for the autograd Jacobian), divided by the batch size, on the "
+        "initial state, measured before and after all solves: the smaller of the two, which "
+        "the f times below use, then (before, after). torch f: the torch "
+        "function on a float64 tensor with grad mode off, as diffeqlayers calls f inside "
+        "solve under no_grad (the C++ -> Python call itself not included). The scipy columns "
+        "include solve_ivp's own wrapper (np.asarray(fun(t, y), dtype=float)) on the ndarray "
+        "state; the wrapped torch f enters and leaves no_grad on every call.",
+        "",
+        "| problem | torch f [us] | NumPy f [us] | torch f wrapped for scipy [us] | "
+        "exact Jacobian [us] | autograd Jacobian for scipy [us] |",
+        "|---|---|---|---|---|---|",
+    ]
+    kinds = ["torch f", "numpy f", "torch f for scipy", "exact jac", "autograd jac"]
+    for name, c in costs.items():
+        cells = [
+            f"{us(c[k])} ({us(costs_before[name][k])}, {us(costs_after[name][k])})" for k in kinds
+        ]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "## Work-precision",
+        "",
+        "f time = nfe x the cost of one call of that row's f (table above: torch f for "
+        "diffeqlayers, NumPy f for 'scipy X', the wrapped torch f for 'scipy X (torch f)'); "
+        "solver time = time - f time, floored at 0: everything but the evaluations of f, "
+        "Jacobians included (for scipy's autograd Jacobians all of their cost, for "
+        "diffeqlayers' all but the recorded f).",
+        "",
+        "| problem | rtol | solver | steps | rejected | nfe | Jacobians | LUs | error | "
+        "time [s] | f time [s] | solver time [s] |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, rtol, solver, r in rows:
         lines.append(
             f"| {name} | {rtol:.0e} | {solver} | {fmt(r['steps'])} | {fmt(r['rejected'])} | "
-            f"{r['nfe']} | {r['njac']} | {r['nlu']} | {r['err']:.2e} | {r['time']:.3f} |"
+            f"{r['nfe']} | {r['njac']} | {r['nlu']} | {r['err']:.2e} | {r['time']:.3f} | "
+            f"{r['f_time']:.3f} | {r['solver_time']:.3f} |"
         )
+
+    def ratio_table(key):
+        out = [
+            "| problem | scipy run (rtol, error) | " + " | ".join(DL_METHODS) + " |",
+            "|---|---|" + "---|" * len(DL_METHODS),
+        ]
+        for name, rtol, solver, r in rows:
+            if not solver.startswith("scipy"):
+                continue
+            cells = []
+            for method in DL_METHODS:
+                vals = [
+                    q[key]
+                    for n2, _, s2, q in rows
+                    if n2 == name and s2 == f"diffeqlayers {method}" and q["err"] <= r["err"]
+                ]
+                if not vals:
+                    cells.append("-")
+                elif r[key] > 0:
+                    cells.append(f"{min(vals) / r[key]:.2f}")
+                else:
+                    cells.append("inf")
+            out.append(
+                f"| {name} | {solver[6:]} ({rtol:.0e}, {r['err']:.1e}) | "
+                + " | ".join(cells)
+                + " |"
+            )
+        return out
+
     # Work-precision: time at equal (or better) error relative to each scipy run.
     lines += [
         "",
-        "Time at equal error: for each scipy run, the fastest run of the diffeqlayers method "
+        "## Time at equal error",
+        "",
+        "For each scipy run, the fastest run of the diffeqlayers method "
         "(any tolerance level) with an error no larger, as a ratio of times (< 1: diffeqlayers "
         "faster; '-': no run of the method reached that error).",
         "",
-        "| problem | scipy run (rtol, error) | " + " | ".join(DL_METHODS) + " |",
-        "|---|---|" + "---|" * len(DL_METHODS),
+    ]
+    lines += ratio_table("time")
+    lines += [
+        "",
+        "## Solver time at equal error",
+        "",
+        "As above with solver time (time - f time) in place of time, on both sides: the "
+        "smallest solver time of the diffeqlayers method's runs with an error no larger, over "
+        "the scipy run's solver time ('inf': the scipy run's solver time floored at 0).",
+        "",
+    ]
+    lines += ratio_table("solver_time")
+    # The rows the notes discuss: rodas5 and scipy Radau, BDF (both f) at rtol 1e-6.
+    focus = ["diffeqlayers rodas5", "scipy Radau", "scipy BDF"]
+    focus += [f"{x} (torch f)" for x in focus[1:]]
+    lines += [
+        "",
+        "## rtol 1e-6 in brief",
+        "",
+        "rodas5 and scipy Radau, BDF at rtol 1e-6 (rows of the table above), with f's share "
+        "of the time.",
+        "",
+        "| problem | solver | nfe | error | time [s] | f time [s] | solver time [s] | f share |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, rtol, solver, r in rows:
-        if not solver.startswith("scipy"):
-            continue
-        cells = []
-        for method in DL_METHODS:
-            times = [
-                q["time"]
-                for n2, _, s2, q in rows
-                if n2 == name and s2 == f"diffeqlayers {method}" and q["err"] <= r["err"]
-            ]
-            cells.append(f"{min(times) / r['time']:.2f}" if times else "-")
-        lines.append(
-            f"| {name} | {solver[6:]} ({rtol:.0e}, {r['err']:.1e}) | " + " | ".join(cells) + " |"
-        )
+        if rtol == 1e-6 and solver in focus:
+            lines.append(
+                f"| {name} | {solver} | {r['nfe']} | {r['err']:.2e} | {r['time']:.3f} | "
+                f"{r['f_time']:.3f} | {r['solver_time']:.3f} | "
+                f"{min(1.0, r['f_time'] / r['time']):.0%} |"
+            )
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "stiff.md"), "w") as fh:
         fh.write("\n".join(lines) + "\n")
