@@ -54,6 +54,7 @@ void bind_adjoint(py::module& m) {
       .def_readonly("done", &AdjointStats::done)
       .def_readonly("nfe", &AdjointStats::nfe)
       .def_readonly("nvjp", &AdjointStats::nvjp)
+      .def_readonly("nvjp_native", &AdjointStats::nvjp_native)
       .def_readonly("naccept", &AdjointStats::naccept)
       .def_readonly("nreject", &AdjointStats::nreject)
       .def_readonly("replayed_steps", &AdjointStats::replayed_steps)
@@ -61,6 +62,7 @@ void bind_adjoint(py::module& m) {
       .def("__repr__", [](const AdjointStats& s) {
         return "AdjointStats(done=" + std::string(s.done ? "True" : "False") +
                ", nfe=" + std::to_string(s.nfe) + ", nvjp=" + std::to_string(s.nvjp) +
+               ", nvjp_native=" + std::to_string(s.nvjp_native) +
                ", naccept=" + std::to_string(s.naccept) + ", nreject=" + std::to_string(s.nreject) +
                ", replayed_steps=" + std::to_string(s.replayed_steps) +
                ", checkpoints=" + std::to_string(s.checkpoints) + ")";
@@ -72,6 +74,9 @@ void bind_adjoint(py::module& m) {
       [](py::object f, const torch::Tensor& u0, const torch::Tensor& tspan,
          const std::vector<torch::Tensor>& params, SolveOptions options, AdjointOptions adjoint,
          py::object norm) {
+        // Native dynamics bring their own vector-Jacobian product (the MLP's host loops).
+        if (!adjoint.vjp && py::isinstance<bindings::NativeDynamics>(f))
+          adjoint.vjp = f.cast<const bindings::NativeDynamics&>().vjp;
         bool native = false;
         Dynamics dyn = bindings::dynamics_from(std::move(f), &native);
         // Native dynamics raise C++ exceptions only, which the engine transports as they are.

@@ -59,7 +59,9 @@ void bind_mlp(py::module& m) {
   m.def(
       "mlp_dynamics",
       [](const MLPSpec& spec, std::vector<torch::Tensor> params) {
-        return NativeDynamics{mlp_dynamics(spec, std::move(params)), "MLP" + spec.repr()};
+        DynamicsVjp vjp = mlp_vjp(spec, params);
+        return NativeDynamics{mlp_dynamics(spec, std::move(params)), "MLP" + spec.repr(),
+                              std::move(vjp)};
       },
       py::arg("spec"), py::arg("params"),
       "Native dynamics f(t, u) = the MLP with these weights (the same tensors: gradients reach "

@@ -7,6 +7,7 @@
 #include <string>
 #include <utility>
 
+#include "diffeqlayers/adjoint.h"
 #include "diffeqlayers/solve.h"
 
 namespace diffeqlayers::bindings {
@@ -16,6 +17,7 @@ namespace py = pybind11;
 struct NativeDynamics {
   Dynamics f;
   std::string what;  // for repr and error messages
+  DynamicsVjp vjp;   // f's own vector-Jacobian product for the adjoints (empty: autograd's)
 };
 
 Dynamics python_dynamics(py::object f);  // module.cpp

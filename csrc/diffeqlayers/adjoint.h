@@ -5,12 +5,23 @@
 #include <torch/types.h>
 
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
 #include "diffeqlayers/solve.h"
 
 namespace diffeqlayers {
+
+// A hand-written vector-Jacobian product of f, for the continuous adjoints (interpolating,
+// backsolve), which need one per step of their backward solve. Given (t, u), lambda shaped like
+// u and the tensors differentiated (wrt), it sets fu = f(t, u), du = lambda^T df/du and
+// dp[i] = lambda^T df/dwrt[i] (zeros for tensors f does not use) and returns true; or returns
+// false, setting nothing, where it does not apply (dtype, device, size): then the product is a
+// reverse pass through one recorded evaluation of f. mlp_vjp (mlp.h) is the built-in MLP's.
+using DynamicsVjp = std::function<bool(
+    double t, const torch::Tensor& u, const torch::Tensor& lambda, at::TensorList wrt,
+    torch::Tensor& fu, torch::Tensor& du, std::vector<torch::Tensor>& dp)>;
 
 // The three adjoints. For a loss L of the saved states u(t_i):
 //  * "interpolating" (the default): the forward solve keeps checkpoints (states at the start of
@@ -44,6 +55,8 @@ struct AdjointOptions {
   // The dynamics used by backward's calls, when they must differ from f (the Python bindings
   // transport exceptions differently on autograd's threads). Empty: f.
   Dynamics backward_dynamics;
+  // f's own vector-Jacobian product (see DynamicsVjp), used where it applies. Empty: autograd.
+  DynamicsVjp vjp;
 };
 
 // What backward did; solve_adjoint returns it empty and backward fills it in.
@@ -51,6 +64,7 @@ struct AdjointStats {
   bool done = false;           // backward has run
   int64_t nfe = 0;             // evaluations of f in backward (replays, vector-Jacobian products)
   int64_t nvjp = 0;            // vector-Jacobian products of f (each includes one evaluation of f)
+  int64_t nvjp_native = 0;     // of those, made by AdjointOptions::vjp (no autograd graph)
   int64_t naccept = 0;         // accepted steps of the backward solves (interpolating, backsolve)
   int64_t nreject = 0;         // rejected steps of the backward solves
   int64_t replayed_steps = 0;  // forward steps recomputed from checkpoints

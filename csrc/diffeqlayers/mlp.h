@@ -13,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include "diffeqlayers/adjoint.h"
 #include "diffeqlayers/solve.h"
 
 namespace diffeqlayers {
@@ -67,6 +68,12 @@ torch::Tensor mlp_forward(const MLPSpec& spec, at::TensorList params, double t,
 // identity, so gradients reach the originals).
 Dynamics mlp_dynamics(const MLPSpec& spec, std::vector<torch::Tensor> params);
 
+// The MLP's vector-Jacobian product by its host loops (one forward keeping the activations, one
+// backward; no autograd graph), for AdjointOptions::vjp: it applies where mlp_forward takes the
+// host loops (CPU float/double, small evaluations) and knows the weights by identity (these very
+// tensors); elsewhere it returns false and autograd makes the product.
+DynamicsVjp mlp_vjp(const MLPSpec& spec, std::vector<torch::Tensor> params);
+
 struct MLPOptions {
   /* implicit */ MLPOptions(std::vector<int64_t> sizes) : sizes_(std::move(sizes)) {}
   TORCH_ARG(std::vector<int64_t>, sizes);
@@ -100,6 +107,8 @@ class MLPImpl : public torch::nn::Module {
   std::vector<torch::Tensor> weights() const;
   // f(t, u) for solve(): the MLP with the current parameters, checked once.
   Dynamics dynamics() const;
+  // mlp_vjp over these weights, for AdjointOptions::vjp.
+  DynamicsVjp vjp() const;
 
   MLPOptions options;
 

@@ -332,6 +332,36 @@ void host_backward_rows(const MLPSpec& spec, at::TensorList params, const T* u, 
   }
 }
 
+// The vector-Jacobian product by host loops from a kept forward workspace `ws`: dL/du into du
+// (when need_u) and dL/dW_i, dL/db_i into dparams[i] (contiguous, where need_w[i]; others stay
+// undefined), for g = dL/dy shaped like the output.
+void host_vjp(const MLPSpec& spec, at::TensorList params, const torch::Tensor& u,
+              const torch::Tensor& ws, const torch::Tensor& g, bool need_u,
+              const std::vector<bool>& need_w, torch::Tensor* du,
+              std::vector<torch::Tensor>* dparams) {
+  const torch::Tensor gc = g.to(u.scalar_type()).contiguous();
+  const torch::Tensor uc = u.contiguous();
+  const int64_t rows = uc.numel() / spec.sizes[0];
+  const size_t np = params.size();
+  if (need_u) *du = at::empty_like(uc, at::MemoryFormat::Contiguous);
+  // Zeroed in the loop below: at::empty and a fill cost a third of zeros_like's dispatches, paid
+  // for every weight of every evaluation in a backward pass.
+  dparams->assign(np, torch::Tensor());
+  for (size_t i = 0; i < np; ++i)
+    if (need_w[i]) (*dparams)[i] = at::empty(params[i].sizes(), uc.options());
+  AT_DISPATCH_FLOATING_TYPES(uc.scalar_type(), "diffeqlayers_mlp_backward", [&] {
+    std::vector<scalar_t*> dw(np, nullptr);
+    for (size_t i = 0; i < np; ++i)
+      if ((*dparams)[i].defined()) {
+        dw[i] = (*dparams)[i].mutable_data_ptr<scalar_t>();
+        std::fill(dw[i], dw[i] + (*dparams)[i].numel(), scalar_t(0));
+      }
+    host_backward_rows<scalar_t>(spec, params, uc.const_data_ptr<scalar_t>(),
+                                 ws.const_data_ptr<scalar_t>(), gc.const_data_ptr<scalar_t>(), rows,
+                                 dw, need_u ? du->mutable_data_ptr<scalar_t>() : nullptr);
+  });
+}
+
 // The generic path: one ATen op per layer and activation (autograd records each).
 torch::Tensor generic_forward(const MLPSpec& spec, at::TensorList params, double t,
                               const torch::Tensor& u) {
@@ -442,26 +472,11 @@ struct MLPEval : public torch::autograd::Function<MLPEval> {
       }
       return grads;
     }
-    const torch::Tensor gc = g.to(u.scalar_type()).contiguous();
-    const torch::Tensor uc = u.contiguous();
-    const int64_t rows = uc.numel() / spec.sizes[0];
-    torch::Tensor du = need_u ? at::empty_like(uc) : torch::Tensor();
-    // Contiguous (the loops write row-major), zeroed below: at::empty and a fill cost a third of
-    // zeros_like's dispatches, paid for every weight of every evaluation in a backward pass.
-    std::vector<torch::Tensor> dparams(np);
-    for (size_t i = 0; i < np; ++i)
-      if (ctx->needs_input_grad(i + 1)) dparams[i] = at::empty(params[i].sizes(), uc.options());
-    AT_DISPATCH_FLOATING_TYPES(uc.scalar_type(), "diffeqlayers_mlp_backward", [&] {
-      std::vector<scalar_t*> dw(np, nullptr);
-      for (size_t i = 0; i < np; ++i)
-        if (dparams[i].defined()) {
-          dw[i] = dparams[i].mutable_data_ptr<scalar_t>();
-          std::fill(dw[i], dw[i] + dparams[i].numel(), scalar_t(0));
-        }
-      host_backward_rows<scalar_t>(spec, params, uc.const_data_ptr<scalar_t>(),
-                                   ws.const_data_ptr<scalar_t>(), gc.const_data_ptr<scalar_t>(),
-                                   rows, dw, need_u ? du.mutable_data_ptr<scalar_t>() : nullptr);
-    });
+    std::vector<bool> need_w(np);
+    for (size_t i = 0; i < np; ++i) need_w[i] = ctx->needs_input_grad(i + 1);
+    torch::Tensor du;
+    std::vector<torch::Tensor> dparams;
+    host_vjp(spec, params, u, ws, g, need_u, need_w, &du, &dparams);
     if (need_u) grads[1] = du;
     for (size_t i = 0; i < np; ++i) grads[i + 2] = dparams[i];
     return grads;
@@ -593,6 +608,38 @@ Dynamics mlp_dynamics(const MLPSpec& spec, std::vector<torch::Tensor> params) {
   };
 }
 
+DynamicsVjp mlp_vjp(const MLPSpec& spec, std::vector<torch::Tensor> params) {
+  spec.check();
+  spec.check_params(params);
+  return [spec, params = std::move(params)](
+             double t, const torch::Tensor& u, const torch::Tensor& lambda, at::TensorList wrt,
+             torch::Tensor& fu, torch::Tensor& du, std::vector<torch::Tensor>& dp) {
+    if (u.dim() < 1 || u.size(-1) != spec.sizes[0] || u.scalar_type() != params[0].scalar_type() ||
+        lambda.sizes() != u.sizes() || !host_loops_apply(spec, params, u))
+      return false;
+    // Which weight each differentiated tensor is (by identity: these very tensors); the others
+    // are not used by f, so their product is zero, as a reverse pass would leave it.
+    std::vector<int64_t> which(wrt.size(), -1);
+    std::vector<bool> need_w(params.size(), false);
+    for (size_t i = 0; i < wrt.size(); ++i)
+      for (size_t j = 0; j < params.size(); ++j)
+        if (wrt[i].unsafeGetTensorImpl() == params[j].unsafeGetTensorImpl()) {
+          which[i] = static_cast<int64_t>(j);
+          need_w[j] = true;
+        }
+    at::NoGradGuard no_grad;
+    torch::Tensor ws;
+    fu = host_forward(spec, params, t, u, /*keep=*/true, &ws);
+    std::vector<torch::Tensor> dparams;
+    host_vjp(spec, params, u, ws, lambda, /*need_u=*/true, need_w, &du, &dparams);
+    du = du.view(u.sizes());
+    dp.clear();
+    for (size_t i = 0; i < wrt.size(); ++i)
+      dp.push_back(which[i] >= 0 ? dparams[static_cast<size_t>(which[i])] : at::zeros_like(wrt[i]));
+    return true;
+  };
+}
+
 MLPImpl::MLPImpl(MLPOptions options_)
     : options(std::move(options_)),
       spec_(make_mlp_spec(options.sizes(), options.activation(), options.activations(),
@@ -627,6 +674,8 @@ torch::Tensor MLPImpl::forward_at(double t, const torch::Tensor& u) {
 }
 
 Dynamics MLPImpl::dynamics() const { return mlp_dynamics(spec_, weights()); }
+
+DynamicsVjp MLPImpl::vjp() const { return mlp_vjp(spec_, weights()); }
 
 void MLPImpl::pretty_print(std::ostream& stream) const {
   stream << "diffeqlayers::MLP" << spec_.repr();

@@ -52,6 +52,9 @@ torch::Tensor NeuralODEImpl::forward(const torch::Tensor& x) {
   } else {
     AdjointOptions ao = options_.adjoint();
     ao.sensealg = kind;
+    // The built-in MLP's own vector-Jacobian product for the continuous adjoints.
+    if (!ao.vjp && func_.ptr()->as<MLPImpl>() != nullptr)
+      ao.vjp = func_.ptr()->as<MLPImpl>()->vjp();
     sol = solve_adjoint(f, x, span, parameters(), so, ao);
   }
   stats_ = sol.stats;

@@ -79,8 +79,21 @@ struct Vjp {
   std::vector<torch::Tensor> dp;
 };
 
-Vjp vjp(const Dynamics& f, double t, const torch::Tensor& u, const torch::Tensor& lambda,
-        const std::vector<torch::Tensor>& wrt, AdjointStats& stats) {
+Vjp vjp(const Dynamics& f, const DynamicsVjp& native, double t, const torch::Tensor& u,
+        const torch::Tensor& lambda, const std::vector<torch::Tensor>& wrt, AdjointStats& stats) {
+  if (native) {
+    Vjp r;
+    if (native(t, u, lambda, wrt, r.fu, r.du, r.dp)) {
+      TORCH_CHECK(r.fu.defined() && r.du.defined() && r.du.sizes() == u.sizes() &&
+                      r.dp.size() == wrt.size(),
+                  "AdjointOptions::vjp returned true without setting fu, du (shaped like u) and "
+                  "one dp per differentiated tensor");
+      ++stats.nfe;
+      ++stats.nvjp;
+      ++stats.nvjp_native;
+      return r;
+    }
+  }
   at::AutoGradMode grad_on(true);
   torch::Tensor ul = u.detach().requires_grad_(true);
   torch::Tensor out = detail::checked_eval(f, t, ul, stats.nfe);
@@ -326,13 +339,13 @@ Grads backward_continuous(AdjointState& s, const torch::Tensor& G) {
     aug = [&](double t, const torch::Tensor& y) {
       torch::Tensor u = y.narrow(0, 0, m).view(s.shape);
       torch::Tensor lam = y.narrow(0, m, m).view(s.shape);
-      Vjp r = vjp(fb, t, u, lam, wrt, stats);
+      Vjp r = vjp(fb, s.adjoint.vjp, t, u, lam, wrt, stats);
       return at::cat({r.fu.reshape({-1}), -r.du.reshape({-1}), -flat_cat(r.dp, opts)});
     };
   } else {
     aug = [&](double t, const torch::Tensor& y) {
       torch::Tensor lam = y.narrow(0, 0, m).view(s.shape);
-      Vjp r = vjp(fb, t, replay.at(t), lam, wrt, stats);
+      Vjp r = vjp(fb, s.adjoint.vjp, t, replay.at(t), lam, wrt, stats);
       return at::cat({-r.du.reshape({-1}), -flat_cat(r.dp, opts)});
     };
     if (b_stiff)

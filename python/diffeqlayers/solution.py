@@ -39,8 +39,10 @@ class Solution:
             to raise on failure (``throw_on_failure=False``).
         message: why the solve failed, with ``t`` and ``dt``; empty on success.
         adjoint_stats: for a solve differentiated by an adjoint (:func:`diffeq_adjoint`), what
-            its backward did (``nfe``, ``nvjp``, ``naccept``, ``nreject``, ``replayed_steps``,
-            ``checkpoints``), filled in once backward has run (``done``); otherwise None.
+            its backward did (``nfe``, ``nvjp``, ``nvjp_native`` (products made by the
+            dynamics' own vector-Jacobian product, the built-in MLP's, without autograd),
+            ``naccept``, ``nreject``, ``replayed_steps``, ``checkpoints``), filled in once
+            backward has run (``done``); otherwise None.
         sample_stats: for a ``per_sample=True`` solve, each sample's steps
             (:class:`SampleStats`); otherwise None.
 
