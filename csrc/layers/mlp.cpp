@@ -186,15 +186,25 @@ int64_t workspace_row(const MLPSpec& spec) {
   return n;
 }
 
+// What the host loops read from the spec: layers, parameters per layer (weight, bias), workspace
+// row length, input and output widths, input power.
+struct LoopDims {
+  int64_t L;
+  size_t per;
+  int64_t row, n0, out;
+  double p;
+};
+
+LoopDims loop_dims(const MLPSpec& spec) {
+  return {spec.num_layers(),   spec.bias ? size_t{2} : size_t{1},
+          workspace_row(spec), spec.sizes[0],
+          spec.sizes.back(),   spec.input_power};
+}
+
 template <typename T>
 void host_forward_rows(const MLPSpec& spec, at::TensorList params, double t, const T* u,
                        int64_t rows, T* y, T* ws) {
-  const int64_t L = spec.num_layers();
-  const size_t per = spec.bias ? 2 : 1;
-  const int64_t row = workspace_row(spec);
-  const int64_t n0 = spec.sizes[0];
-  const int64_t out = spec.sizes.back();
-  const double p = spec.input_power;
+  const auto [L, per, row, n0, out, p] = loop_dims(spec);
   for (int64_t r = 0; r < rows; ++r) {
     T* x = ws + r * row;
     const T* ur = u + r * n0;
@@ -261,12 +271,7 @@ torch::Tensor host_forward(const MLPSpec& spec, at::TensorList params, double t,
 template <typename T>
 void host_backward_rows(const MLPSpec& spec, at::TensorList params, const T* u, const T* ws,
                         const T* gy, int64_t rows, const std::vector<T*>& dw, T* du) {
-  const int64_t L = spec.num_layers();
-  const size_t per = spec.bias ? 2 : 1;
-  const int64_t row = workspace_row(spec);
-  const int64_t n0 = spec.sizes[0];
-  const int64_t out = spec.sizes.back();
-  const double p = spec.input_power;
+  const auto [L, per, row, n0, out, p] = loop_dims(spec);
   int64_t width = 0;
   for (int64_t i = 0; i < L; ++i) width = std::max(width, spec.in_features(i));
   std::vector<T> buf_a(static_cast<size_t>(std::max(width, out)));

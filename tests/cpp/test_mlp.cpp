@@ -128,7 +128,11 @@ TEST(MLP, NeuralODEGradientsMatchTheSameNetworkAsModules) {
     auto opts = dl::NeuralODEOptions(0.0, 1.5).saveat(t).rtol(1e-8).atol(1e-10).sensealg(sensealg);
     dl::NeuralODE a(mlp, opts), b(net, opts);
     auto ya = a->forward(u0), yb = b->forward(u0);
-    EXPECT_TRUE(torch::allclose(ya, yb, 1e-12, 1e-12)) << sensealg;
+    // The MLP evaluates by host loops, whose sums round differently from ATen's matrix products:
+    // rounding-level differences in f, grown by the solve (measured: at most 2.4e-12 on values
+    // up to 2). Identical arithmetic would agree bitwise.
+    const double diff = (ya - yb).abs().max().item<double>();
+    EXPECT_TRUE(torch::allclose(ya, yb, 1e-11, 1e-12)) << sensealg << " max difference " << diff;
     EXPECT_EQ(a->last_stats().nfe, b->last_stats().nfe) << sensealg;
     ya.pow(2).sum().backward();
     yb.pow(2).sum().backward();
