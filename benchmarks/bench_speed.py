@@ -554,8 +554,8 @@ def main() -> None:
         f"Command: `{command.strip()}`  ",
         f"{versions}, diffeqlayers {dl.__version__}, Python {platform.python_version()}, "
         f"{platform.machine()}, {args.threads} thread(s), median of {args.repeats} runs "
-        "(round-robin). The machine (2 cores) was shared with other jobs while this ran: "
-        "ratios within one table are more reliable than absolute times.",
+        f"(round-robin), {os.cpu_count()} CPU(s). Absolute times move with the machine's "
+        "load; ratios within one table are more reliable.",
         "",
     ]
     text = "\n".join(header + lines) + "\n"
