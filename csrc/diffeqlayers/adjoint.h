@@ -13,12 +13,15 @@
 
 namespace diffeqlayers {
 
-// A hand-written vector-Jacobian product of f, for the continuous adjoints (interpolating,
-// backsolve), which need one per step of their backward solve. Given (t, u), lambda shaped like
-// u and the tensors differentiated (wrt), it sets fu = f(t, u), du = lambda^T df/du and
-// dp[i] = lambda^T df/dwrt[i] (zeros for tensors f does not use) and returns true; or returns
-// false, setting nothing, where it does not apply (dtype, device, size): then the product is a
-// reverse pass through one recorded evaluation of f. mlp_vjp (mlp.h) is the built-in MLP's.
+// A hand-written vector-Jacobian product of f, for the adjoints: the continuous ones
+// (interpolating, backsolve) need one per step of their backward solve, the discrete one reverses
+// each step by them. Given (t, u), lambda shaped like u and the tensors differentiated (wrt), it
+// sets fu = f(t, u), du = lambda^T df/du and the parameter products and returns true; or returns
+// false, changing nothing, where it does not apply (dtype, device, size): then the product is a
+// reverse pass through one recorded evaluation of f. dp empty on entry: it sets
+// dp[i] = lambda^T df/dwrt[i] (zeros for tensors f does not use); dp holding one tensor per wrt
+// (contiguous, of u's dtype): it adds the products into them in place. mlp_vjp (mlp.h) is the
+// built-in MLP's.
 using DynamicsVjp = std::function<bool(
     double t, const torch::Tensor& u, const torch::Tensor& lambda, at::TensorList wrt,
     torch::Tensor& fu, torch::Tensor& du, std::vector<torch::Tensor>& dp)>;
@@ -36,8 +39,10 @@ using DynamicsVjp = std::function<bool(
 //    unstable (Lorenz over long spans, stiff problems).
 //  * "discrete": the discrete adjoint of the solver itself, checkpointed. The forward keeps the
 //    accepted steps (t, dt, u); backward replays each step under autograd, last to first, and
-//    chains the vector-Jacobian products. Equals diffeq_rd's gradient to rounding, storing one
-//    state per step (or fewer with checkpoints > 0) instead of the whole graph.
+//    chains the vector-Jacobian products (with AdjointOptions::vjp, it reverses each step by
+//    hand through f's own products instead: no autograd graph). Equals diffeq_rd's gradient to
+//    rounding, storing one state per step (or fewer with checkpoints > 0) instead of the whole
+//    graph.
 struct AdjointOptions {
   std::string sensealg = "interpolating";
   // The backward solve (interpolating, backsolve): method and tolerances; empty / negative:

@@ -338,8 +338,9 @@ void host_backward_rows(const MLPSpec& spec, at::TensorList params, const T* u, 
 }
 
 // The vector-Jacobian product by host loops from a kept forward workspace `ws`: dL/du into du
-// (when need_u) and dL/dW_i, dL/db_i into dparams[i] (contiguous, where need_w[i]; others stay
-// undefined), for g = dL/dy shaped like the output.
+// (when need_u) and dL/dW_i, dL/db_i into dparams[i] where need_w[i], for g = dL/dy shaped like
+// the output. A dparams[i] defined on entry (contiguous, of u's dtype) is added into; the others
+// are made (zeroed first) where needed and stay undefined elsewhere.
 void host_vjp(const MLPSpec& spec, at::TensorList params, const torch::Tensor& u,
               const torch::Tensor& ws, const torch::Tensor& g, bool need_u,
               const std::vector<bool>& need_w, torch::Tensor* du,
@@ -349,17 +350,22 @@ void host_vjp(const MLPSpec& spec, at::TensorList params, const torch::Tensor& u
   const int64_t rows = uc.numel() / spec.sizes[0];
   const size_t np = params.size();
   if (need_u) *du = at::empty_like(uc, at::MemoryFormat::Contiguous);
-  // Zeroed in the loop below: at::empty and a fill cost a third of zeros_like's dispatches, paid
-  // for every weight of every evaluation in a backward pass.
-  dparams->assign(np, torch::Tensor());
+  // Entries given (defined) are accumulated into; the others are made here, zeroed in the loop
+  // below: at::empty and a fill cost a third of zeros_like's dispatches, paid for every weight of
+  // every evaluation in a backward pass.
+  dparams->resize(np);
+  std::vector<bool> fresh(np, false);
   for (size_t i = 0; i < np; ++i)
-    if (need_w[i]) (*dparams)[i] = at::empty(params[i].sizes(), uc.options());
+    if (need_w[i] && !(*dparams)[i].defined()) {
+      (*dparams)[i] = at::empty(params[i].sizes(), uc.options());
+      fresh[i] = true;
+    }
   AT_DISPATCH_FLOATING_TYPES(uc.scalar_type(), "diffeqlayers_mlp_backward", [&] {
     std::vector<scalar_t*> dw(np, nullptr);
     for (size_t i = 0; i < np; ++i)
-      if ((*dparams)[i].defined()) {
+      if (need_w[i]) {
         dw[i] = (*dparams)[i].mutable_data_ptr<scalar_t>();
-        std::fill(dw[i], dw[i] + (*dparams)[i].numel(), scalar_t(0));
+        if (fresh[i]) std::fill(dw[i], dw[i] + (*dparams)[i].numel(), scalar_t(0));
       }
     host_backward_rows<scalar_t>(spec, params, uc.const_data_ptr<scalar_t>(),
                                  ws.const_data_ptr<scalar_t>(), gc.const_data_ptr<scalar_t>(), rows,
@@ -629,18 +635,34 @@ DynamicsVjp mlp_vjp(const MLPSpec& spec, std::vector<torch::Tensor> params) {
     for (size_t i = 0; i < wrt.size(); ++i)
       for (size_t j = 0; j < params.size(); ++j)
         if (wrt[i].unsafeGetTensorImpl() == params[j].unsafeGetTensorImpl()) {
+          if (need_w[j]) return false;  // the same weight twice: left to autograd
           which[i] = static_cast<int64_t>(j);
           need_w[j] = true;
         }
+    // Accumulating (dp given): each buffer must be one the loops can add into.
+    const bool accumulate = !dp.empty();
+    std::vector<torch::Tensor> dparams(params.size());
+    if (accumulate) {
+      if (dp.size() != wrt.size()) return false;
+      for (size_t i = 0; i < wrt.size(); ++i) {
+        if (which[i] < 0) continue;
+        const torch::Tensor& d = dp[i];
+        const auto j = static_cast<size_t>(which[i]);
+        if (!d.defined() || !d.is_contiguous() || d.scalar_type() != u.scalar_type() ||
+            d.device() != u.device() || d.sizes() != params[j].sizes())
+          return false;
+        dparams[j] = d;
+      }
+    }
     at::NoGradGuard no_grad;
     torch::Tensor ws;
     fu = host_forward(spec, params, t, u, /*keep=*/true, &ws);
-    std::vector<torch::Tensor> dparams;
     host_vjp(spec, params, u, ws, lambda, /*need_u=*/true, need_w, &du, &dparams);
     du = du.view(u.sizes());
-    dp.clear();
-    for (size_t i = 0; i < wrt.size(); ++i)
-      dp.push_back(which[i] >= 0 ? dparams[static_cast<size_t>(which[i])] : at::zeros_like(wrt[i]));
+    if (!accumulate)
+      for (size_t i = 0; i < wrt.size(); ++i)
+        dp.push_back(which[i] >= 0 ? dparams[static_cast<size_t>(which[i])]
+                                   : at::zeros_like(wrt[i]));
     return true;
   };
 }

@@ -23,8 +23,10 @@
 #include <utility>
 #include <vector>
 
+#include "core/lincomb.h"
 #include "diffeqlayers/adams.h"
 #include "diffeqlayers/stiff.h"
+#include "integrate/interpolation.h"
 #include "integrate/tape.h"
 
 namespace diffeqlayers {
@@ -406,7 +408,128 @@ Grads backward_continuous(AdjointState& s, const torch::Tensor& G) {
   return out;
 }
 
-// Discrete: the solver's own steps replayed under autograd, last to first.
+// The reverse of one explicit Runge-Kutta step by f's own vector-Jacobian products
+// (AdjointOptions::vjp; vjp() falls back to autograd per call where the hook declines). For the
+// step from u of size h,
+//   y_i = u + h sum_{l<i} a_il k_l,  k_i = f(t + c_i h, y_i),  u1 = u + h sum_i b_i k_i,
+// and its save points u(theta_r): the own interpolant u + sum_i w_ri k_i, or the cubic Hermite
+// one w_r0 u + w_r1 u1 + w_r2 f(t, u) + w_r3 f(t + h, u1) (f(t + h, u1) = k_s for FSAL methods,
+// one more evaluation of f otherwise). Given lam = dL/du1 and G_r = dL/du(theta_r), with
+// Q = W^T G (W: the m x n weights, one mm for all save points of the step), the stages are
+// reversed last to first, each kbar_i one combination:
+//   kbar_i = Q_i [own] + Q_2 [Hermite, i = 0] + Q_3 [Hermite FSAL, i = s] + h b_i u1bar
+//            + sum_{j>i} h a_ji ybar_j,
+//   (ybar_i, pbar_i) = vjp(y_i, kbar_i),
+//   dL/du = u1bar + (sum_r G_r [own] or Q_0 [Hermite]) + sum_i ybar_i,  dL/dp += sum_i pbar_i,
+// with u1bar = lam (+ Q_1 and, without FSAL, the u-product of f(t + h, u1) with Q_3 [Hermite]).
+// For FSAL methods u1 is the last stage point and b its row of a; the formulas hold as written
+// (b_s = 0). The stages are recomputed from u as the forward computed them.
+torch::Tensor reverse_step_by_vjp(AdjointState& s, const std::vector<torch::Tensor>& wrt, double t,
+                                  double h, const torch::Tensor& u, const torch::Tensor& lam,
+                                  const std::vector<double>& thetas, const torch::Tensor& Gr,
+                                  std::vector<torch::Tensor>& gp) {
+  AdjointStats& stats = *s.stats;
+  const Tableau& tab = *s.prep.tab;
+  const bool own = tab.has_dense();
+  const size_t ns = static_cast<size_t>(tab.stages());
+  const auto m = static_cast<int64_t>(thetas.size());
+  at::NoGradGuard no_grad;
+  // ybar = kbar^T df/dy at (tt, yy), the parameter products added into gp: by the hook in place
+  // where it applies, else by vjp().
+  auto product = [&](double tt, const torch::Tensor& yy, const torch::Tensor& kbar) {
+    torch::Tensor fu, du;
+    if (s.adjoint.vjp && s.adjoint.vjp(tt, yy, kbar, wrt, fu, du, gp)) {
+      ++stats.nfe;
+      ++stats.nvjp;
+      ++stats.nvjp_native;
+      return du;
+    }
+    Vjp r = vjp(s.fb, DynamicsVjp(), tt, yy, kbar, wrt, stats);
+    for (size_t q = 0; q < wrt.size(); ++q) gp[q].add_(r.dp[q]);  // gp: fresh zeros
+    return r.du;
+  };
+  std::vector<torch::Tensor> y(ns), k(ns);
+  for (size_t i = 0; i < ns; ++i) {
+    std::vector<torch::Tensor> terms;
+    std::vector<double> w;
+    for (size_t l = 0; l < i; ++l)
+      if (tab.a[i][l] != 0.0) {
+        terms.push_back(k[l]);
+        w.push_back(h * tab.a[i][l]);
+      }
+    y[i] = terms.empty() ? u : lincomb(u, terms, w);
+    // The last stage of an FSAL method feeds only the interpolant.
+    if (i + 1 < ns || m > 0 || !tab.fsal())
+      k[i] = detail::checked_eval(s.fb, t + tab.c[i] * h, y[i], stats.nfe);
+  }
+  const auto ws = static_cast<int64_t>(detail::num_weights(tab));
+  std::vector<torch::Tensor> Q;  // row q: sum_r W[r][q] G_r, shaped like the state
+  if (m > 0) {
+    std::vector<double> w(static_cast<size_t>(m * ws));
+    for (int64_t r = 0; r < m; ++r)
+      detail::interpolation_weights(tab, thetas[static_cast<size_t>(r)], h, w.data() + r * ws);
+    const torch::Tensor W = torch::from_blob(w.data(), {m, ws}, torch::dtype(torch::kFloat64))
+                                .to(lam.options(), /*non_blocking=*/false, /*copy=*/true);
+    Q = at::mm(W.t(), Gr.reshape({m, -1}))
+            .reshape(at::IntArrayRef([&] {
+              std::vector<int64_t> shape{ws};
+              for (int64_t d : lam.sizes()) shape.push_back(d);
+              return shape;
+            }()))
+            .unbind(0);
+  }
+  torch::Tensor u1bar = lam;
+  if (m > 0 && !own) {
+    std::vector<torch::Tensor> terms{Q[1]};
+    std::vector<double> w{1.0};
+    if (!tab.fsal()) {
+      std::vector<double> b;
+      for (double bi : tab.b) b.push_back(h * bi);
+      terms.push_back(product(t + h, lincomb(u, k, b), Q[3]));
+      w.push_back(1.0);
+    }
+    u1bar = lincomb(lam, terms, w);
+  }
+  std::vector<torch::Tensor> ybar(ns);
+  std::vector<torch::Tensor> uterms{u1bar};
+  if (m > 0) uterms.push_back(own ? Gr.sum(0) : Q[0]);
+  for (size_t i = ns; i-- > 0;) {
+    std::vector<torch::Tensor> terms;
+    std::vector<double> w;
+    if (m > 0 && own) {
+      terms.push_back(Q[i]);
+      w.push_back(1.0);
+    }
+    if (m > 0 && !own && (i == 0 || (i + 1 == ns && tab.fsal()))) {
+      // f(t, u) = k_0 and, FSAL, f(t + h, u1) = k_s (both for a one-stage method).
+      if (i == 0) {
+        terms.push_back(Q[2]);
+        w.push_back(1.0);
+      }
+      if (i + 1 == ns && tab.fsal()) {
+        terms.push_back(Q[3]);
+        w.push_back(1.0);
+      }
+    }
+    if (tab.b[i] != 0.0) {
+      terms.push_back(u1bar);
+      w.push_back(h * tab.b[i]);
+    }
+    for (size_t j = i + 1; j < ns; ++j)
+      if (ybar[j].defined() && tab.a[j][i] != 0.0) {
+        terms.push_back(ybar[j]);
+        w.push_back(h * tab.a[j][i]);
+      }
+    if (terms.empty()) continue;
+    const torch::Tensor kbar = lincomb(torch::Tensor(), terms, w);
+    ybar[i] = product(t + tab.c[i] * h, y[i], kbar);
+    uterms.push_back(ybar[i]);
+  }
+  return lincomb(torch::Tensor(), uterms, std::vector<double>(uterms.size(), 1.0));
+}
+
+// Discrete: the solver's own steps replayed under autograd, last to first; or, for dynamics with
+// their own vector-Jacobian product, reversed by hand (reverse_step_by_vjp: no autograd graph).
 Grads backward_discrete(AdjointState& s, const torch::Tensor& G) {
   AdjointStats& stats = *s.stats;
   const detail::Tape& tape = s.tape;
@@ -426,6 +549,7 @@ Grads backward_discrete(AdjointState& s, const torch::Tensor& G) {
 
   Replay replay(s, stats);
   torch::Tensor lam = at::zeros(s.shape, s.out.options());
+  const bool by_vjp = static_cast<bool>(s.adjoint.vjp);
   for (int64_t j = nsteps - 1; j >= 0; --j) {
     std::vector<int64_t> inner;
     std::vector<double> thetas;
@@ -440,6 +564,15 @@ Grads backward_discrete(AdjointState& s, const torch::Tensor& G) {
     if (!G.defined()) inner.clear();
     const torch::Tensor uj = replay.state(j);
     const auto ju = static_cast<size_t>(j);
+    if (by_vjp) {
+      torch::Tensor Gr =
+          inner.empty() ? torch::Tensor() : G.index_select(0, torch::tensor(inner, torch::kLong));
+      if (inner.empty()) thetas.clear();
+      lam = reverse_step_by_vjp(s, wrt, tape.t[ju], tape.h[ju], uj, lam, thetas, Gr, gp);
+      ++stats.replayed_steps;
+      replay.release_from(j);
+      continue;
+    }
     at::AutoGradMode grad_on(true);
     torch::Tensor ul = uj.detach().requires_grad_(true);
     DenseStep st =
