@@ -5,6 +5,7 @@
 #include <ATen/LegacyBatchedTensorImpl.h>
 #include <ATen/Parallel.h>
 
+#include <cmath>
 #include <cstdlib>
 #include <string>
 
@@ -247,6 +248,25 @@ void combine_terms_into(const torch::Tensor& out, at::TensorList terms, at::Arra
     out.copy_(terms[0]).mul_(w[0]);
   }
   for (; j < terms.size(); ++j) out.add_(terms[j], w[j]);
+}
+
+bool all_finite(const torch::Tensor& t) {
+  const auto dtype = t.scalar_type();
+  if (t.device().is_cpu() && t.layout() == at::kStrided && plain_strided(t) && t.is_contiguous() &&
+      (dtype == at::kDouble || dtype == at::kFloat)) {
+    bool ok = true;
+    AT_DISPATCH_FLOATING_TYPES(dtype, "diffeqlayers_all_finite", [&] {
+      const scalar_t* x = t.const_data_ptr<scalar_t>();
+      const int64_t n = t.numel();
+      // x * 0 is NaN exactly where x is infinite or NaN, and NaN survives the sum.
+      scalar_t acc = 0;
+      for (int64_t i = 0; i < n; ++i) acc += x[i] * scalar_t(0);
+      ok = std::isfinite(static_cast<double>(acc));
+    });
+    return ok;
+  }
+  at::NoGradGuard g;
+  return std::isfinite(detached(t).sum().item<double>());
 }
 
 }  // namespace diffeqlayers

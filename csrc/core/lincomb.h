@@ -47,4 +47,14 @@ bool split_duals(const std::vector<torch::Tensor>& terms, SplitDuals& out,
 // The dual of `primal` and `tangent` (batched at `level` along dimension 0 when level >= 0).
 torch::Tensor make_dual(const torch::Tensor& primal, const torch::Tensor& tangent, int64_t level);
 
+// t without autograd history or tangents: t itself when it has none (no autograd metadata),
+// else t.detach(). Saves the detach's dispatch and view on the plain tensors of no-grad solves.
+inline torch::Tensor detached(const torch::Tensor& t) {
+  return t.defined() && t.unsafeGetTensorImpl()->autograd_meta() != nullptr ? t.detach() : t;
+}
+
+// Whether every value of t (its primal's, for a dual) is finite. Contiguous plain CPU
+// float/double tensors are read in a host loop; others take a sum and one synchronisation.
+bool all_finite(const torch::Tensor& t);
+
 }  // namespace diffeqlayers

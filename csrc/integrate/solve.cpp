@@ -88,8 +88,8 @@ class Integrator {
     // that mixing duals with plain tensors takes.
     std::vector<torch::Tensor> kd;
     kd.reserve(k.size());
-    for (const auto& kj : k) kd.push_back(kj.detach());
-    torch::Tensor ud = u.detach(), und = unew.detach();
+    for (const auto& kj : k) kd.push_back(detached(kj));
+    torch::Tensor ud = detached(u), und = detached(unew);
     torch::Tensor n;
     if (o_.norm || bench_unfused()) {
       torch::Tensor err = combine(torch::Tensor(), h, tab_.b_err, kd, kd.size());
@@ -112,7 +112,7 @@ class Integrator {
       n = kernels::error_norm(ke, we, h, ud, und, o_.atol, o_.rtol);
     }
     if (!o_.check_finite) return {n.item<double>(), true};
-    if (und.device().is_cpu()) return {n.item<double>(), std::isfinite(und.sum().item<double>())};
+    if (und.device().is_cpu()) return {n.item<double>(), all_finite(und)};
     torch::Tensor both = at::stack({n.to(at::kDouble), und.sum().to(at::kDouble)}).cpu();
     const double* v = both.data_ptr<double>();
     return {v[0], std::isfinite(v[1])};
@@ -169,10 +169,7 @@ class Integrator {
     double t = t0;
     torch::Tensor k1 = eval(t, u);
     if (o_.check_finite) {
-      at::NoGradGuard g;
-      // Detached: on dual tensors the sums would carry tangents for nothing.
-      const double s0 = k1.detach().sum().item<double>() + u.detach().sum().item<double>();
-      if (!std::isfinite(s0))
+      if (!all_finite(k1) || !all_finite(u))
         return fail(ReturnCode::Unstable, t, 0.0,
                     "the initial state or f(t0, u0) is not finite (NaN/Inf)", out_t, out_u,
                     dense_steps);
@@ -256,8 +253,7 @@ class Integrator {
         if (lands && factor >= 1.0) h = std::min(std::max(h, h_unclipped), o_.dt_max);
         h_next_ = h;
       } else if (o_.check_finite) {
-        at::NoGradGuard g;
-        if (!std::isfinite(unew.detach().sum().item<double>()))
+        if (!all_finite(unew))
           return fail(ReturnCode::Unstable, t, hh,
                       "the state became non-finite (NaN/Inf); try a smaller dt", out_t, out_u,
                       dense_steps);

@@ -3,7 +3,9 @@
 #include <torch/torch.h>
 
 #include <cmath>
+#include <limits>
 
+#include "core/lincomb.h"
 #include "diffeqlayers/diffeqlayers.h"
 #include "integrate/buffer_pool.h"
 #include "kernels/ops.h"
@@ -77,4 +79,26 @@ TEST(BufferPool, NoGradSolveEqualsRecordedSolve) {
   ASSERT_TRUE(recorded.u.requires_grad());
   EXPECT_TRUE(torch::equal(plain.u, recorded.u.detach()));
   EXPECT_NEAR(plain.u[-1][0].item<double>(), std::cos(5.0), 1e-5);
+}
+
+// all_finite: the host loop (contiguous CPU float/double) and the summing fallback agree on NaN
+// and +-Inf; large finite values whose sum overflows pass the host loop, which checks values,
+// not their sum.
+TEST(FusedOps, AllFiniteChecksEveryValue) {
+  const double inf = std::numeric_limits<double>::infinity();
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  for (auto dtype : {torch::kFloat64, torch::kFloat32}) {
+    auto x = torch::ones({5, 3}, dtype);
+    EXPECT_TRUE(diffeqlayers::all_finite(x));
+    EXPECT_TRUE(diffeqlayers::all_finite(x.t()));  // non-contiguous: the fallback
+    for (double bad : {nan, inf, -inf}) {
+      auto y = x.clone();
+      y[3][1] = bad;
+      EXPECT_FALSE(diffeqlayers::all_finite(y)) << bad;
+      EXPECT_FALSE(diffeqlayers::all_finite(y.t())) << bad;
+    }
+    auto big = torch::full({4}, dtype == torch::kFloat32 ? 3e38 : 1.7e308, dtype);
+    EXPECT_TRUE(diffeqlayers::all_finite(big));
+  }
+  EXPECT_TRUE(diffeqlayers::all_finite(torch::empty({0}, torch::kFloat64)));
 }
