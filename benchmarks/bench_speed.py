@@ -36,6 +36,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from bench_crossover import block_size  # this folder: the script's own directory is on sys.path
 from torch import nn
 
 import diffeqlayers as dl
@@ -69,7 +70,7 @@ def warm_times(fns: list[Callable[[], object]], cold: list[float], repeats: int)
     20 ms per block, from its call-by-call time ``cold``), the blocks taken round-robin: the
     steady state of a training loop that calls one gradient over and over, as a benchmark harness
     that repeats one function (Julia's BenchmarkTools, timeit) measures it."""
-    blocks = [max(1, min(50, round(0.02 / max(c, 1e-9)))) for c in cold]
+    blocks = [block_size(c) for c in cold]
     times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
         for fn, block, bucket in zip(fns, blocks, times):

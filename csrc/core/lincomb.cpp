@@ -44,16 +44,6 @@ void combine_loop(scalar_t* out, const std::vector<const scalar_t*>& src,
   }
 }
 
-// A dense strided tensor with no wrapper (vmap, functorch, Python subclass, functionalisation)
-// in its dispatch keys: its data is its primal, readable through variable_data().
-bool plain_strided(const torch::Tensor& t) {
-  static const c10::DispatchKeySet wrappers(
-      {c10::DispatchKey::Batched, c10::DispatchKey::FuncTorchBatched,
-       c10::DispatchKey::FuncTorchGradWrapper, c10::DispatchKey::Python,
-       c10::DispatchKey::Functionalize});
-  return t.layout() == at::kStrided && !t.key_set().has_any(wrappers);
-}
-
 // Whether combine_fused_into takes these terms and this output.
 bool fusable(at::TensorList terms, const torch::Tensor& out) {
   const torch::Tensor& first = terms[0];
@@ -150,6 +140,14 @@ torch::Tensor lincomb_dual(const std::vector<torch::Tensor>& terms, const std::v
 }
 
 }  // namespace
+
+bool plain_strided(const torch::Tensor& t) {
+  static const c10::DispatchKeySet wrappers(
+      {c10::DispatchKey::Batched, c10::DispatchKey::FuncTorchBatched,
+       c10::DispatchKey::FuncTorchGradWrapper, c10::DispatchKey::Python,
+       c10::DispatchKey::Functionalize});
+  return t.layout() == at::kStrided && !t.key_set().has_any(wrappers);
+}
 
 bool split_duals(const std::vector<torch::Tensor>& terms, SplitDuals& out, bool with_primals) {
   out.primals.clear();
@@ -252,7 +250,7 @@ void combine_terms_into(const torch::Tensor& out, at::TensorList terms, at::Arra
 
 bool all_finite(const torch::Tensor& t) {
   const auto dtype = t.scalar_type();
-  if (t.device().is_cpu() && t.layout() == at::kStrided && plain_strided(t) && t.is_contiguous() &&
+  if (t.device().is_cpu() && plain_strided(t) && t.is_contiguous() &&
       (dtype == at::kDouble || dtype == at::kFloat)) {
     bool ok = true;
     AT_DISPATCH_FLOATING_TYPES(dtype, "diffeqlayers_all_finite", [&] {

@@ -47,6 +47,10 @@ bool split_duals(const std::vector<torch::Tensor>& terms, SplitDuals& out,
 // The dual of `primal` and `tangent` (batched at `level` along dimension 0 when level >= 0).
 torch::Tensor make_dual(const torch::Tensor& primal, const torch::Tensor& tangent, int64_t level);
 
+// A dense strided tensor with no wrapper (vmap, functorch, Python subclass, functionalisation)
+// in its dispatch keys: its data is its primal's, readable in place (variable_data(), data_ptr).
+bool plain_strided(const torch::Tensor& t);
+
 // t without autograd history or tangents: t itself when it has none (no autograd metadata),
 // else t.detach(). Saves the detach's dispatch and view on the plain tensors of no-grad solves.
 inline torch::Tensor detached(const torch::Tensor& t) {

@@ -8,6 +8,8 @@
 #include <sstream>
 #include <utility>
 
+#include "core/lincomb.h"
+
 namespace diffeqlayers {
 
 namespace {
@@ -83,13 +85,11 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& w, const torch
 // Multiply-adds of one evaluation above which BLAS beats the plain loops (and their one thread).
 constexpr int64_t kHostLoopMaxMacs = 16384;
 
+// A plain CPU tensor of this dtype (core/lincomb.h's plain_strided), not a lazily conjugated or
+// negated view and carrying no forward-mode tangent.
 bool plain_cpu(const torch::Tensor& x, at::ScalarType dtype) {
-  static const c10::DispatchKeySet wrappers(
-      {c10::DispatchKey::Batched, c10::DispatchKey::FuncTorchBatched,
-       c10::DispatchKey::FuncTorchGradWrapper, c10::DispatchKey::Python,
-       c10::DispatchKey::Functionalize, c10::DispatchKey::Conjugate, c10::DispatchKey::Negative});
-  return x.device().is_cpu() && x.layout() == at::kStrided && x.scalar_type() == dtype &&
-         !x.key_set().has_any(wrappers) && !x._fw_grad(/*level=*/0).defined();
+  return x.device().is_cpu() && x.scalar_type() == dtype && plain_strided(x) && !x.is_conj() &&
+         !x.is_neg() && !x._fw_grad(/*level=*/0).defined();
 }
 
 // Whether host_forward takes this evaluation.

@@ -39,8 +39,9 @@ torch::Tensor NeuralODEImpl::forward(const torch::Tensor& x) {
                          : torch::tensor({options_.t1()}, torch::dtype(torch::kFloat64));
   for (const auto& p : parameters()) so.params.push_back(p);
   // The built-in MLP is evaluated directly (no AnyModule dispatch; time input included).
-  Dynamics f = func_.ptr()->as<MLPImpl>() != nullptr
-                   ? func_.ptr()->as<MLPImpl>()->dynamics()
+  const MLPImpl* mlp = func_.ptr()->as<MLPImpl>();
+  Dynamics f = mlp != nullptr
+                   ? mlp->dynamics()
                    : Dynamics([this](double, const torch::Tensor& u) { return func_.forward(u); });
   const std::string kind = adjoint_kind(options_.sensealg());
   const torch::Tensor span =
@@ -53,8 +54,7 @@ torch::Tensor NeuralODEImpl::forward(const torch::Tensor& x) {
     AdjointOptions ao = options_.adjoint();
     ao.sensealg = kind;
     // The built-in MLP's own vector-Jacobian product for the continuous adjoints.
-    if (!ao.vjp && func_.ptr()->as<MLPImpl>() != nullptr)
-      ao.vjp = func_.ptr()->as<MLPImpl>()->vjp();
+    if (!ao.vjp && mlp != nullptr) ao.vjp = mlp->vjp();
     sol = solve_adjoint(f, x, span, parameters(), so, ao);
   }
   stats_ = sol.stats;

@@ -74,22 +74,26 @@ struct AdjointArgs {
   c10::intrusive_ptr<AdjointState> state;
 };
 
-// f(t, u) and the products lambda^T df/du, lambda^T df/dp_i (zeros where f does not use them),
-// from one evaluation of f under grad mode and one reverse pass.
+// f(t, u) and the products lambda^T df/du, lambda^T df/dp_i (zeros where f does not use them):
+// by f's own product (`native`, AdjointOptions::vjp) where it applies, else from one evaluation
+// of f under grad mode and one reverse pass. With `into` (one fresh tensor per entry of wrt) the
+// parameter products are added into it in place and dp stays empty.
 struct Vjp {
   torch::Tensor fu, du;
   std::vector<torch::Tensor> dp;
 };
 
 Vjp vjp(const Dynamics& f, const DynamicsVjp& native, double t, const torch::Tensor& u,
-        const torch::Tensor& lambda, const std::vector<torch::Tensor>& wrt, AdjointStats& stats) {
+        const torch::Tensor& lambda, const std::vector<torch::Tensor>& wrt, AdjointStats& stats,
+        std::vector<torch::Tensor>* into = nullptr) {
   if (native) {
     Vjp r;
-    if (native(t, u, lambda, wrt, r.fu, r.du, r.dp)) {
-      TORCH_CHECK(r.fu.defined() && r.du.defined() && r.du.sizes() == u.sizes() &&
-                      r.dp.size() == wrt.size(),
-                  "AdjointOptions::vjp returned true without setting fu, du (shaped like u) and "
-                  "one dp per differentiated tensor");
+    std::vector<torch::Tensor>& dp = into ? *into : r.dp;
+    if (native(t, u, lambda, wrt, r.fu, r.du, dp)) {
+      TORCH_CHECK(
+          r.fu.defined() && r.du.defined() && r.du.sizes() == u.sizes() && dp.size() == wrt.size(),
+          "AdjointOptions::vjp returned true without setting fu, du (shaped like u) and "
+          "one dp per differentiated tensor");
       ++stats.nfe;
       ++stats.nvjp;
       ++stats.nvjp_native;
@@ -109,8 +113,13 @@ Vjp vjp(const Dynamics& f, const DynamicsVjp& native, double t, const torch::Ten
     grads = torch::autograd::grad({out}, inputs, {lambda}, /*retain_graph=*/false,
                                   /*create_graph=*/false, /*allow_unused=*/true);
   r.du = grads[0].defined() ? grads[0] : at::zeros_like(u);
-  for (size_t i = 0; i < wrt.size(); ++i)
-    r.dp.push_back(grads[i + 1].defined() ? grads[i + 1] : at::zeros_like(wrt[i]));
+  for (size_t i = 0; i < wrt.size(); ++i) {
+    const torch::Tensor& g = grads[i + 1];
+    if (!into)
+      r.dp.push_back(g.defined() ? g : at::zeros_like(wrt[i]));
+    else if (g.defined())
+      (*into)[i].add_(g);
+  }
   return r;
 }
 
@@ -434,19 +443,9 @@ torch::Tensor reverse_step_by_vjp(AdjointState& s, const std::vector<torch::Tens
   const size_t ns = static_cast<size_t>(tab.stages());
   const auto m = static_cast<int64_t>(thetas.size());
   at::NoGradGuard no_grad;
-  // ybar = kbar^T df/dy at (tt, yy), the parameter products added into gp: by the hook in place
-  // where it applies, else by vjp().
+  // ybar = kbar^T df/dy at (tt, yy), the parameter products added into gp (fresh zeros).
   auto product = [&](double tt, const torch::Tensor& yy, const torch::Tensor& kbar) {
-    torch::Tensor fu, du;
-    if (s.adjoint.vjp && s.adjoint.vjp(tt, yy, kbar, wrt, fu, du, gp)) {
-      ++stats.nfe;
-      ++stats.nvjp;
-      ++stats.nvjp_native;
-      return du;
-    }
-    Vjp r = vjp(s.fb, DynamicsVjp(), tt, yy, kbar, wrt, stats);
-    for (size_t q = 0; q < wrt.size(); ++q) gp[q].add_(r.dp[q]);  // gp: fresh zeros
-    return r.du;
+    return vjp(s.fb, s.adjoint.vjp, tt, yy, kbar, wrt, stats, &gp).du;
   };
   std::vector<torch::Tensor> y(ns), k(ns);
   for (size_t i = 0; i < ns; ++i) {
@@ -470,13 +469,9 @@ torch::Tensor reverse_step_by_vjp(AdjointState& s, const std::vector<torch::Tens
       detail::interpolation_weights(tab, thetas[static_cast<size_t>(r)], h, w.data() + r * ws);
     const torch::Tensor W = torch::from_blob(w.data(), {m, ws}, torch::dtype(torch::kFloat64))
                                 .to(lam.options(), /*non_blocking=*/false, /*copy=*/true);
-    Q = at::mm(W.t(), Gr.reshape({m, -1}))
-            .reshape(at::IntArrayRef([&] {
-              std::vector<int64_t> shape{ws};
-              for (int64_t d : lam.sizes()) shape.push_back(d);
-              return shape;
-            }()))
-            .unbind(0);
+    std::vector<int64_t> shape{ws};
+    for (int64_t d : lam.sizes()) shape.push_back(d);
+    Q = at::mm(W.t(), Gr.reshape({m, -1})).reshape(shape).unbind(0);
   }
   torch::Tensor u1bar = lam;
   if (m > 0 && !own) {
@@ -500,16 +495,14 @@ torch::Tensor reverse_step_by_vjp(AdjointState& s, const std::vector<torch::Tens
       terms.push_back(Q[i]);
       w.push_back(1.0);
     }
-    if (m > 0 && !own && (i == 0 || (i + 1 == ns && tab.fsal()))) {
-      // f(t, u) = k_0 and, FSAL, f(t + h, u1) = k_s (both for a one-stage method).
-      if (i == 0) {
-        terms.push_back(Q[2]);
-        w.push_back(1.0);
-      }
-      if (i + 1 == ns && tab.fsal()) {
-        terms.push_back(Q[3]);
-        w.push_back(1.0);
-      }
+    // Hermite: f(t, u) = k_0 and, FSAL, f(t + h, u1) = k_s.
+    if (m > 0 && !own && i == 0) {
+      terms.push_back(Q[2]);
+      w.push_back(1.0);
+    }
+    if (m > 0 && !own && tab.fsal() && i + 1 == ns) {
+      terms.push_back(Q[3]);
+      w.push_back(1.0);
     }
     if (tab.b[i] != 0.0) {
       terms.push_back(u1bar);
@@ -561,13 +554,15 @@ Grads backward_discrete(AdjointState& s, const torch::Tensor& G) {
         thetas.push_back(theta);
       }
     }
-    if (!G.defined()) inner.clear();
+    if (!G.defined()) {
+      inner.clear();
+      thetas.clear();
+    }
     const torch::Tensor uj = replay.state(j);
     const auto ju = static_cast<size_t>(j);
     if (by_vjp) {
       torch::Tensor Gr =
           inner.empty() ? torch::Tensor() : G.index_select(0, torch::tensor(inner, torch::kLong));
-      if (inner.empty()) thetas.clear();
       lam = reverse_step_by_vjp(s, wrt, tape.t[ju], tape.h[ju], uj, lam, thetas, Gr, gp);
       ++stats.replayed_steps;
       replay.release_from(j);
