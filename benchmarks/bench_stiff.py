@@ -11,8 +11,10 @@ Jacobian/LU reuse; Rosenbrock rodas5, rodas5p, rosenbrock23) against scipy.integ
 Every solver runs at the same tolerance levels (ROBER: rtol 1e-4, 1e-6, 1e-8 with atol = rtol *
 1e-4; Van der Pol: rtol = atol = 1e-4, 1e-6, 1e-8), float64, f in Python for both libraries.
 diffeqlayers gets f as a torch function of the state tensor (rober_t, vdp_t) and builds its
-Jacobians by autograd (reverse mode: one recorded evaluation of f, counted in nfe, and n reverse
-passes). scipy runs twice per method: "scipy X" with a NumPy/Python-float f and the exact
+Jacobians by autograd (reverse mode: one recorded evaluation of f, counted in nfe, and one
+reverse pass with the n seeds batched under vmap); kencarp4 and rodas5 run a second time with the
+exact Jacobian as a torch function (jac=, built from the same Python floats as scipy's), rows
+"(exact jac)". scipy runs twice per method: "scipy X" with a NumPy/Python-float f and the exact
 Jacobian (rober_np, rober_jac, ...), and "scipy X (torch f)" with the same torch f as
 diffeqlayers (ndarray -> torch.from_numpy -> f -> .numpy()) and an autograd Jacobian of it
 (torch.autograd.functional.jacobian, also one recorded f and n reverse passes), so that both
@@ -172,12 +174,15 @@ PROBLEMS = {
     ),
 }
 DL_METHODS = ["kvaerno5", "kencarp4", "trbdf2", "rodas5", "rodas5p", "rosenbrock23"]
+# Also run with the exact Jacobian as a torch function (jac=), as scipy X gets it: no autograd.
+DL_EXACT_JAC = ["kencarp4", "rodas5"]
+DL_COLUMNS = DL_METHODS + [f"{m} (exact jac)" for m in DL_EXACT_JAC]
 SCIPY_METHODS = ["Radau", "BDF", "LSODA"]
 # scipy with its NumPy f and exact Jacobian, and with diffeqlayers' torch f and an autograd
 # Jacobian (the same f and the same kind of Jacobian diffeqlayers gets).
 SCIPY_VARIANTS = ["numpy", "torch"]
-# The second-order methods take very many steps at tight tolerances: only the looser levels.
-LOOSE_ONLY = {"trbdf2": 1e-6, "rosenbrock23": 1e-6}
+# rosenbrock23 takes very many steps at tight tolerances: only the looser levels.
+LOOSE_ONLY = {"rosenbrock23": 1e-6}
 
 
 def error(name, y):
@@ -187,7 +192,16 @@ def error(name, y):
     return float(np.max(np.abs(y[:, 0] - VDP_REF[:, 0])))
 
 
-def run_dl(name, prob, method, rtol, atol):
+def exact_jac_t(jac):
+    """The exact Jacobian (Python floats) as a torch function for diffeqlayers' jac=."""
+
+    def jac_t(u, p, t):
+        return torch.tensor(jac(t, u.tolist()), dtype=u.dtype)
+
+    return jac_t
+
+
+def run_dl(name, prob, method, rtol, atol, exact_jac=False):
     p = dl.ODEProblem(prob["f_t"], torch.tensor(prob["u0"], dtype=torch.float64), prob["span"])
     with torch.no_grad():
         sol = dl.solve(
@@ -198,6 +212,7 @@ def run_dl(name, prob, method, rtol, atol):
             saveat=prob["times"],
             max_num_steps=1_000_000,
             autonomous=True,
+            jac=exact_jac_t(prob["jac"]) if exact_jac else None,
         )
     s = sol.stats
     return dict(
@@ -288,6 +303,12 @@ def main():
                     args.repeats,
                 )
                 add(name, rtol, f"diffeqlayers {method}", r, "torch f")
+            for method in DL_EXACT_JAC:
+                r = timed(
+                    lambda n=name, q=prob, m=method, r=rtol, a=atol: run_dl(n, q, m, r, a, True),
+                    args.repeats,
+                )
+                add(name, rtol, f"diffeqlayers {method} (exact jac)", r, "torch f")
             for variant in SCIPY_VARIANTS:
                 for method in SCIPY_METHODS:
                     r = timed(
@@ -325,9 +346,12 @@ def main():
         "exact Jacobian (Python lists); 'scipy X (torch f)' gets diffeqlayers' torch f "
         "(ndarray -> torch.from_numpy -> f -> .numpy(), under no_grad) and its autograd Jacobian "
         "(torch.autograd.functional.jacobian: one recorded f and n reverse passes). "
-        "diffeqlayers builds the Jacobian by autograd in reverse mode the same way (in C++; the "
-        "recorded f counts in its nfe, scipy's njev evaluations do not count in its nfe) and is "
-        "told that f is autonomous (autonomous=True: no df/dt evaluations).",
+        "diffeqlayers builds the Jacobian by autograd in reverse mode too (in C++, one recorded "
+        "f and one reverse pass with the n seeds batched under vmap; the recorded f counts in "
+        "its nfe, scipy's njev evaluations do not count in its nfe), or, in the rows marked "
+        "'(exact jac)', takes the exact Jacobian as a torch function (jac=, torch.tensor of "
+        "the same Python lists scipy gets), and is told that f is autonomous "
+        "(autonomous=True: no df/dt evaluations).",
         "",
         "## Cost of one call",
         "",
@@ -373,14 +397,14 @@ def main():
 
     def ratio_table(key):
         out = [
-            "| problem | scipy run (rtol, error) | " + " | ".join(DL_METHODS) + " |",
-            "|---|---|" + "---|" * len(DL_METHODS),
+            "| problem | scipy run (rtol, error) | " + " | ".join(DL_COLUMNS) + " |",
+            "|---|---|" + "---|" * len(DL_COLUMNS),
         ]
         for name, rtol, solver, r in rows:
             if not solver.startswith("scipy"):
                 continue
             cells = []
-            for method in DL_METHODS:
+            for method in DL_COLUMNS:
                 vals = [
                     q[key]
                     for n2, _, s2, q in rows
@@ -421,8 +445,8 @@ def main():
     ]
     lines += ratio_table("solver_time")
     # The rows the notes discuss: rodas5 and scipy Radau, BDF (both f) at rtol 1e-6.
-    focus = ["diffeqlayers rodas5", "scipy Radau", "scipy BDF"]
-    focus += [f"{x} (torch f)" for x in focus[1:]]
+    focus = ["diffeqlayers rodas5", "diffeqlayers rodas5 (exact jac)", "scipy Radau", "scipy BDF"]
+    focus += [f"{x} (torch f)" for x in focus[2:]]
     lines += [
         "",
         "## rtol 1e-6 in brief",
