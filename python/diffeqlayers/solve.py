@@ -203,12 +203,14 @@ def solve(
         u0: overrides ``prob.u0``.
         jac: stiff and fixed-step implicit methods only: the Jacobian df/du, called as
             ``jac(u, p, t)`` and returning an ``[n, n]`` tensor over the flattened state
-            (``n = u.numel()``). None: built by autograd (one reverse pass per row). For
+            (``n = u.numel()``). None: built by autograd (the rows' reverse passes batched
+            into one under vmap; one pass per row through a Python ``autograd.Function``). For
             kencarp4 on a :class:`SplitODEProblem`, the Jacobian of ``f_stiff`` alone.
-        jac_mode: stiff methods, how autograd builds the Jacobian: ``"reverse"`` (one
-            vector-Jacobian product per row), ``"forward"`` (one evaluation of f on dual tensors
-            per column) or ``"auto"`` (default: reverse mode, which measured 10-16x faster than
-            forward mode for n = 3 to 32 with f in Python; see ``csrc/solvers/jacobian.cpp``).
+        jac_mode: stiff methods, how autograd builds the Jacobian: ``"reverse"`` (the
+            vector-Jacobian products of all rows in one batched pass), ``"forward"`` (one
+            evaluation of f on dual tensors per column) or ``"auto"`` (default: reverse mode,
+            which measured 10-16x faster than forward mode for n = 3 to 32 with f in Python;
+            see ``csrc/solvers/jacobian.cpp``).
             Under grad mode (reverse mode through the solve) the Jacobian is always built in
             reverse mode.
         autonomous: declares that ``f`` does not depend on ``t``. The Rosenbrock methods
