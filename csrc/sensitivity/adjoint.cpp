@@ -63,6 +63,10 @@ struct AdjointState : torch::CustomClassHolder {
   std::vector<torch::Tensor> params;  // as given: f uses these very tensors
   std::vector<int64_t> versions;      // their version counters at forward time
   detail::Tape tape;
+  // A stiff forward solve (interpolating adjoint only): its whole dense output takes the place
+  // of the tape's checkpoints and replays (the stiff steppers keep Jacobians and factorizations
+  // across steps, so a step cannot be replayed alone). Memory: every step with its stages.
+  std::shared_ptr<DenseOutput> fwd_dense;
   torch::Tensor out;  // the saved rows (backsolve resets u to them)
   std::vector<double> out_t;
   std::vector<int64_t> shape;  // of the state
@@ -214,6 +218,11 @@ class Replay {
   // forward solve steps onto save points) gets u(t) from a step of the method itself from the
   // step's start to t instead: accurate to the method's order, at the cost of its stages.
   torch::Tensor at(double t) {
+    if (s_.fwd_dense) {
+      at::NoGradGuard no_grad;
+      return (*s_.fwd_dense)(
+          std::clamp(t, std::min(s_.prep.t0, tape_.t_end), std::max(s_.prep.t0, tape_.t_end)));
+    }
     const int64_t j = locate(t);
     const DenseStep& st = step(j);
     const double theta = std::clamp((t - st.t0) / st.h, 0.0, 1.0);
@@ -288,6 +297,12 @@ class Replay {
   std::map<int64_t, DenseStep> dense_;       // recomputed steps with their stages
 };
 
+// The ESDIRK methods among the stiff ones: they solve the adjoint system correctly with the
+// adjoint's Jacobian (the Rosenbrock methods did not: solve_adjoint refuses them).
+bool is_esdirk_name(const std::string& m) {
+  return m == "kvaerno5" || m == "kencarp4" || m == "trbdf2";
+}
+
 // The tensors among the parameters that get gradients, and their positions.
 std::vector<size_t> grad_params(const std::vector<torch::Tensor>& params) {
   std::vector<size_t> idx;
@@ -319,6 +334,10 @@ Grads backward_continuous(AdjointState& s, const torch::Tensor& G) {
   // The backward solve's options.
   SolveOptions bo;
   bo.method = s.adjoint.method.empty() ? s.options.method : s.adjoint.method;
+  // A Rosenbrock forward solve hands the backward solve to kvaerno5 (a Rosenbrock backward
+  // solve is refused: solve_adjoint).
+  if (s.adjoint.method.empty() && is_stiff_method(bo.method) && !is_esdirk_name(bo.method))
+    bo.method = "kvaerno5";
   // A stiff backward solve (interpolating only; every stiff method is adaptive).
   const bool b_stiff = is_stiff_method(bo.method);
   bo.rtol = s.adjoint.rtol >= 0 ? s.adjoint.rtol : s.options.rtol;
@@ -603,10 +622,22 @@ struct AdjointFunction : public torch::autograd::Function<AdjointFunction> {
     s.shape = u0.sizes().vec();
     s.tape.store_states = s.kind != Kind::Backsolve;
     s.tape.cap = s.adjoint.checkpoints;
-    Solution sol = detail::integrate(s.f, u0, s.prep, s.options, &s.tape);
+    Solution sol;
+    if (s.prep.stiff) {
+      SolveOptions o = s.options;
+      o.dense = true;
+      sol = detail::integrate(s.f, u0, s.prep, o, nullptr);
+      s.fwd_dense = sol.dense;
+      sol.dense = nullptr;
+      const auto& steps = s.fwd_dense->steps();
+      s.tape.t_end = steps.empty() ? s.prep.t0 : steps.back().t0 + steps.back().h;
+      s.stats->checkpoints = static_cast<int64_t>(steps.size());
+    } else {
+      sol = detail::integrate(s.f, u0, s.prep, s.options, &s.tape);
+      s.stats->checkpoints = static_cast<int64_t>(s.tape.checkpoints.size());
+    }
     s.out = sol.u.detach();
     s.out_t.assign(sol.t.data_ptr<double>(), sol.t.data_ptr<double>() + sol.t.numel());
-    s.stats->checkpoints = static_cast<int64_t>(s.tape.checkpoints.size());
     s.meta = sol;
     s.meta.u = torch::Tensor();
     for (const auto& p : s.params) s.versions.push_back(p.defined() ? p._version() : 0);
@@ -646,10 +677,18 @@ Solution solve_adjoint(const Dynamics& f, const torch::Tensor& u0, const torch::
   SolveOptions o = options;
   o.params.insert(o.params.end(), params.begin(), params.end());
   const detail::Prepared prep = detail::prepare(f, u0, tspan, o);
-  TORCH_CHECK_VALUE(!prep.stiff,
-                    "the adjoints run the explicit Runge-Kutta methods only (not yet the ",
-                    is_adams_method(o.method) ? "Adams" : "stiff", " method '", o.method,
-                    "'); use diffeq_rd with it");
+  // A stiff forward solve: the interpolating adjoint, from the forward's dense output. The
+  // discrete adjoint replays explicit Runge-Kutta steps, and backsolve would integrate the
+  // stiff problem backwards (unstable).
+  TORCH_CHECK_VALUE(!prep.stiff || is_stiff_method(o.method), "the adjoints do not run the ",
+                    is_adams_method(o.method) ? "Adams" : "fixed-step implicit", " method '",
+                    o.method,
+                    "' (the adaptive stiff methods run with sensealg='interpolating'); "
+                    "use diffeq_rd with it");
+  TORCH_CHECK_VALUE(!prep.stiff || kind == Kind::Interpolating, "a stiff forward solve ('",
+                    o.method, "') runs with sensealg='interpolating' only, not '", adjoint.sensealg,
+                    "' (the discrete adjoint replays explicit Runge-Kutta steps; backsolve would "
+                    "solve the stiff problem backwards)");
   // A stiff backward solve needs the Jacobian of the adjoint system, built for the
   // interpolating adjoint's [lambda, g] (backsolve would need second derivatives of f too).
   TORCH_CHECK_VALUE(
@@ -659,12 +698,11 @@ Solution solve_adjoint(const Dynamics& f, const torch::Tensor& u0, const torch::
   // The Rosenbrock methods gave wrong parameter gradients on a stiff linear test (about 3x off
   // in the small components; the ESDIRK methods, which tolerate an inexact Jacobian, were
   // right): refused until that is understood.
-  TORCH_CHECK_VALUE(adjoint.method.empty() || !is_stiff_method(adjoint.method) ||
-                        adjoint.method == "kvaerno5" || adjoint.method == "kencarp4" ||
-                        adjoint.method == "trbdf2",
-                    "a stiff adjoint_method must be an ESDIRK method (kvaerno5, kencarp4, "
-                    "trbdf2) for now, got '",
-                    adjoint.method, "'");
+  TORCH_CHECK_VALUE(
+      adjoint.method.empty() || !is_stiff_method(adjoint.method) || is_esdirk_name(adjoint.method),
+      "a stiff adjoint_method must be an ESDIRK method (kvaerno5, kencarp4, "
+      "trbdf2) for now, got '",
+      adjoint.method, "'");
   TORCH_CHECK_VALUE(!o.dense,
                     "dense output carries no gradient under an adjoint; save the times you need "
                     "with saveat (or use diffeq_rd for a differentiable dense solution)");

@@ -129,8 +129,11 @@ def diffeq_adjoint(
             ESDIRK method (``kvaerno5``, ``kencarp4``, ``trbdf2``; the Rosenbrock methods are
             refused for now) solves the adjoint of a stiff problem with
             ``sensealg="interpolating"``; the Jacobian of the adjoint system comes from
-            autograd (one reverse pass of f per state component). The forward solve itself
-            still needs an explicit method.
+            autograd (one reverse pass of f per state component). A stiff forward solve
+            (``rodas5``, ``kvaerno5``, ...) runs with ``sensealg="interpolating"``: it keeps
+            its whole dense output (every step with its stages) in place of checkpoints, and
+            its backward solve defaults to the same ESDIRK method, ``kvaerno5`` after a
+            Rosenbrock one.
         seminorm: error control of the backward solve ignores the parameter-gradient channels
             (Kidger, Chen & Lyons 2021): fewer backward steps, same accuracy in practice.
         checkpoints: the most states the forward solve keeps (interpolating, discrete); 0 keeps
