@@ -576,22 +576,30 @@ def test_independent_batch_on_rober_with_different_rates():
         assert abs(blocks.u[-1, 0, 0].item() / 1.786592e-2 - 1) < 1e-4
 
 
+# Stiff linear u' = A(p) u, eigenvalues about -1 and -1000, for the adjoint tests.
+STIFF_LINEAR_P = torch.tensor([1.0, 0.5, 1000.0], dtype=torch.float64)
+STIFF_LINEAR_U0 = torch.tensor([1.0, 2.0], dtype=torch.float64)
+
+
+def stiff_linear_matrix(p):
+    return torch.stack([torch.stack([-p[0], p[1]]), torch.stack([p[1], -p[2]])])
+
+
+def stiff_linear_problem():
+    return dl.ODEProblem(
+        lambda u, p, t: stiff_linear_matrix(p) @ u, STIFF_LINEAR_U0, (0.0, 1.0), STIFF_LINEAR_P
+    )
+
+
 def test_adjoint_with_a_stiff_backward_solve_matches_reverse_mode():
     # Stiff linear u' = A(p) u with eigenvalues about -1 and -1000: the interpolating adjoint
     # with kvaerno5 for the backward solve against diffeq_rd through tsit5, and against the
     # exact gradient of L = sum u(1)^2 through matrix_exp. (rodas5 for the backward solve gave
     # dL/dp1, dL/dp2 about 3x off here, 2.2e-3 for 8.1e-4: the Rosenbrock methods are refused.)
-    def f(u, p, t):
-        A = torch.stack([torch.stack([-p[0], p[1]]), torch.stack([p[1], -p[2]])])
-        return A @ u
-
-    p0 = torch.tensor([1.0, 0.5, 1000.0], dtype=torch.float64)
-    u0 = torch.tensor([1.0, 2.0], dtype=torch.float64)
-    prob = dl.ODEProblem(f, u0, (0.0, 1.0), p0)
+    p0, u0, prob = STIFF_LINEAR_P, STIFF_LINEAR_U0, stiff_linear_problem()
 
     def exact(p):
-        A = torch.stack([torch.stack([-p[0], p[1]]), torch.stack([p[1], -p[2]])])
-        return (torch.linalg.matrix_exp(A) @ u0).pow(2).sum()
+        return (torch.linalg.matrix_exp(stiff_linear_matrix(p)) @ u0).pow(2).sum()
 
     p = p0.clone().requires_grad_(True)
     (g_exact,) = torch.autograd.grad(exact(p), p)
@@ -633,16 +641,10 @@ def test_interpolating_adjoint_with_a_stiff_forward_solve(method):
     # The same stiff linear problem (eigenvalues about -1 and -1000) solved forward by a stiff
     # method: the interpolating adjoint takes u(t) from the forward's dense output and solves
     # backwards with the same ESDIRK method (kvaerno5 after a Rosenbrock forward solve).
-    def f(u, p, t):
-        A = torch.stack([torch.stack([-p[0], p[1]]), torch.stack([p[1], -p[2]])])
-        return A @ u
-
-    p0 = torch.tensor([1.0, 0.5, 1000.0], dtype=torch.float64)
-    u0 = torch.tensor([1.0, 2.0], dtype=torch.float64)
-    prob = dl.ODEProblem(f, u0, (0.0, 1.0), p0)
+    p0, u0, prob = STIFF_LINEAR_P, STIFF_LINEAR_U0, stiff_linear_problem()
 
     def exact(p):
-        A = torch.stack([torch.stack([-p[0], p[1]]), torch.stack([p[1], -p[2]])])
+        A = stiff_linear_matrix(p)
         return (torch.linalg.matrix_exp(0.5 * A) @ u0).sum() + (
             torch.linalg.matrix_exp(A) @ u0
         ).pow(2).sum()
