@@ -28,6 +28,7 @@
 #include "diffeqlayers/stiff.h"
 #include "integrate/interpolation.h"
 #include "integrate/tape.h"
+#include "solvers/jacobian.h"
 
 namespace diffeqlayers {
 namespace {
@@ -138,8 +139,9 @@ torch::Tensor flat_cat(const std::vector<torch::Tensor>& ts, const torch::Tensor
 // The Jacobian of the interpolating adjoint's right-hand side for a stiff backward solve: with
 // y = [lambda, g] and y' = [-J^T lambda, -Jp^T lambda] (J = df/du, Jp = df/dp at u(t)),
 //   dy'/dy = [[-J^T, 0], [-Jp^T, 0]]   ((m + np) x (m + np)),
-// column i of its first block column being -(row i of [J | Jp]): one reverse pass of f_i through
-// one recorded evaluation of f, m passes in all.
+// column i of its first block column being -(row i of [J | Jp]): the reverse passes of every
+// f_i through one recorded evaluation of f, batched into one (stiff::batched_vjps) where they
+// can be, else m passes.
 torch::Tensor adjoint_jacobian(const Dynamics& f, double t, const torch::Tensor& u,
                                const std::vector<torch::Tensor>& wrt, int64_t np,
                                const torch::TensorOptions& opts, AdjointStats& stats) {
@@ -151,6 +153,15 @@ torch::Tensor adjoint_jacobian(const Dynamics& f, double t, const torch::Tensor&
   if (!out.requires_grad()) return A;
   std::vector<torch::Tensor> inputs{ul};
   inputs.insert(inputs.end(), wrt.begin(), wrt.end());
+  std::vector<torch::Tensor> grads;
+  if (stiff::batched_vjps(out, inputs, at::eye(m, out.options().requires_grad(false)), grads)) {
+    stats.nvjp += m;
+    std::vector<torch::Tensor> parts;  // [m (seed), m + np]
+    for (size_t k = 0; k < grads.size(); ++k)
+      parts.push_back(grads[k].reshape({m, -1}).to(opts.dtype()));
+    A.narrow(1, 0, m).copy_(at::cat(parts, 1).t().neg());
+    return A;
+  }
   std::vector<torch::Tensor> cols;
   cols.reserve(static_cast<size_t>(m));
   for (int64_t i = 0; i < m; ++i) {

@@ -158,18 +158,13 @@ bool has_python_backward(const torch::Tensor& fu) {
   return false;
 }
 
-// All n rows of every block from ONE reverse pass, the seeds e_1..e_n batched under a legacy vmap
-// level (what torch.autograd.grad(is_grads_batched=True) does): the graph of f is walked once,
-// each backward formula runs on [n, ...] gradients. Measured with f in Python, rodas5 (one
-// Jacobian per step), rtol 1e-6, median of 7 alternating runs: whole solves 0.75x the time of
-// one pass per row on ROBER (n = 3), 0.86x on Van der Pol (n = 2); same values to the bit.
-// Not under `track` (J must then be differentiable: create_graph) nor for graphs with a Python
-// backward; false (rows undefined) when a backward failed under vmap. The caller then takes one
-// pass per row.
+// All n rows of every block from one batched reverse pass (batched_vjps): seeds e_1..e_n in
+// every block. Measured with f in Python, rodas5 (one Jacobian per step), rtol 1e-6, median of 7
+// alternating runs: whole solves 0.75x the time of one pass per row on ROBER (n = 3), 0.86x on
+// Van der Pol (n = 2); same values to the bit. Not under `track` (J must then be
+// differentiable: create_graph). False (rows undefined): the caller takes one pass per row.
 bool batched_rows(const torch::Tensor& fu, const torch::Tensor& uv, const JacLayout& l,
                   torch::Tensor& rows) {
-  if (batched_rows_fell_back.load(std::memory_order_relaxed)) return false;
-  if (has_python_backward(fu)) return false;
   // seeds[i] = e_i in every block, shaped like fu.
   std::vector<int64_t> shape{l.n};
   for (int64_t d : fu.sizes()) shape.push_back(d);
@@ -177,6 +172,21 @@ bool batched_rows(const torch::Tensor& fu, const torch::Tensor& uv, const JacLay
                                   .unsqueeze(1)
                                   .expand({l.n, l.blocks, l.n})
                                   .reshape(shape);
+  std::vector<torch::Tensor> grads;
+  if (!batched_vjps(fu, {uv}, seeds, grads)) return false;
+  // [n (row i), blocks, n (column j)] -> J[b][i][j].
+  rows = grads[0].reshape({l.n, l.blocks, l.n}).permute({1, 0, 2}).contiguous();
+  return true;
+}
+
+}  // namespace
+
+bool batched_vjps(const torch::Tensor& out, const std::vector<torch::Tensor>& inputs,
+                  const torch::Tensor& seeds, std::vector<torch::Tensor>& grads) {
+  grads.clear();
+  if (batched_rows_fell_back.load(std::memory_order_relaxed)) return false;
+  if (has_python_backward(out)) return false;
+  const int64_t k = seeds.size(0);
   BatchedPassWarnings warnings;
   try {
     c10::WarningUtils::WarningHandlerGuard guard(&warnings);
@@ -184,23 +194,28 @@ bool batched_rows(const torch::Tensor& fu, const torch::Tensor& uv, const JacLay
     struct Leave {
       ~Leave() { at::impl::VmapMode::decrement_nesting(); }
     } leave;
-    auto g = torch::autograd::grad({fu}, {uv}, {at::_add_batch_dim(seeds, 0, level)},
-                                   /*retain_graph=*/true, /*create_graph=*/false,
-                                   /*allow_unused=*/true);
-    rows = g[0].defined() ? at::_remove_batch_dim(g[0], level, l.n, 0)
-                          : at::zeros({l.n, l.blocks * l.n}, seeds.options());
+    std::vector<torch::Tensor> g =
+        torch::autograd::grad({out}, inputs, {at::_add_batch_dim(seeds, 0, level)},
+                              /*retain_graph=*/true, /*create_graph=*/false,
+                              /*allow_unused=*/true);
+    for (size_t i = 0; i < inputs.size(); ++i) {
+      std::vector<int64_t> shape{k};
+      for (int64_t d : inputs[i].sizes()) shape.push_back(d);
+      grads.push_back(g[i].defined() ? at::_remove_batch_dim(g[i], level, k, 0)
+                                     : at::zeros(shape, inputs[i].options().requires_grad(false)));
+    }
   } catch (const c10::Error&) {
-    // A backward that cannot run under vmap. The graph was retained: the caller's passes row by
-    // row reuse it, and an error that is not vmap's comes back from them.
+    // A backward that cannot run under vmap. The graph was retained: the caller's passes one
+    // seed at a time reuse it, and an error that is not vmap's comes back from them.
     batched_rows_fell_back = true;
-    rows = torch::Tensor();
+    grads.clear();
     return false;
   }
   if (warnings.fell_back) batched_rows_fell_back = true;
-  // [n (row i), blocks, n (column j)] -> J[b][i][j].
-  rows = rows.reshape({l.n, l.blocks, l.n}).permute({1, 0, 2}).contiguous();
   return true;
 }
+
+namespace {
 
 // Reverse mode: row i of every block from one vector-Jacobian product with e_i.
 void reverse_jacobian(const Dynamics& f, double t, const torch::Tensor& u, const JacLayout& l,

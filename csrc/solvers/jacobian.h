@@ -65,6 +65,19 @@ struct LU {
   torch::Tensor solve(const torch::Tensor& rhs) const;
 };
 
+// The vector-Jacobian products of `out` with each of the k seeds in `seeds` ([k, *out.shape]),
+// with respect to every tensor in `inputs`, from ONE reverse pass: the seeds batched under a
+// legacy vmap level (what torch.autograd.grad(is_grads_batched=True) does), so f's graph is
+// walked once and each backward formula runs on [k, ...] gradients. grads[i] is
+// [k, *inputs[i].shape] (zeros where out does not depend on inputs[i]). The graph is retained.
+// False (grads empty) where the graph holds a backward written in Python (a user's
+// torch.autograd.Function: it may not run under vmap, and its exception could not be discarded
+// without the interpreter) and, for the rest of the process, once a pass failed under vmap or
+// met an operation without a batching rule (PyTorch's performance warning is kept from the
+// user; the products are right either way): the caller then takes one pass per seed.
+bool batched_vjps(const torch::Tensor& out, const std::vector<torch::Tensor>& inputs,
+                  const torch::Tensor& seeds, std::vector<torch::Tensor>& grads);
+
 // Small systems on the CPU without grad: the steppers do their stage algebra and linear algebra
 // on host doubles in plain loops, calling into ATen only to evaluate f. For states of a few
 // elements each ATen call (microseconds of dispatch, allocation and checks) costs far more than
