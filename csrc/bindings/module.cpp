@@ -139,6 +139,7 @@ PYBIND11_MODULE(_C, m) {
       .def_readonly("njac", &Stats::njac)
       .def_readonly("nlu", &Stats::nlu)
       .def_readonly("nnonconverged", &Stats::nnonconverged)
+      .def_readonly("ntime_blind", &Stats::ntime_blind)
       .def_readonly("jac_blocks", &Stats::jac_blocks)
       .def("__repr__", [](const Stats& s) {
         return "Stats(nfe=" + std::to_string(s.nfe) + ", naccept=" + std::to_string(s.naccept) +
@@ -148,6 +149,7 @@ PYBIND11_MODULE(_C, m) {
                     : std::string()) +
                (s.nnonconverged ? ", nnonconverged=" + std::to_string(s.nnonconverged)
                                 : std::string()) +
+               (s.ntime_blind ? ", ntime_blind=" + std::to_string(s.ntime_blind) : std::string()) +
                ")";
       });
 
@@ -160,8 +162,7 @@ PYBIND11_MODULE(_C, m) {
       .def_readonly("dt_next", &Solution::dt_next)
       .def_readonly("adjoint_stats", &Solution::adjoint_stats)
       .def_property_readonly("has_dense", [](const Solution& s) { return s.dense != nullptr; })
-      .def(
-          "evaluate", [](const Solution& s, double t) { return s(t); }, py::arg("t"));
+      .def("evaluate", [](const Solution& s, double t) { return s(t); }, py::arg("t"));
 
   py::class_<Tableau>(m, "Tableau")
       .def_readonly("name", &Tableau::name)

@@ -35,7 +35,8 @@ using DynamicsVjp = std::function<bool(
 //    (dopri8 has no interpolant of its order: there u(t) costs a partial step of the method.)
 //    A stiff forward solve (rodas5, kvaerno5, ...; interpolating only) keeps its whole dense
 //    output instead of checkpoints (every step with its stages; `checkpoints` does not apply);
-//    its backward solve defaults to the forward's ESDIRK method, kvaerno5 after a Rosenbrock one.
+//    its backward solve defaults to the forward's method, rodas5p after rodas5 (whose error
+//    estimate does not see the adjoint system's dependence on t through u(t)).
 //  * "backsolve": the augmented state [u, lambda, g] solved backwards from the end, u reset to
 //    the saved value at every output time (the adjoint of Chen et al. 2018, torchdiffeq's
 //    odeint_adjoint). Stores nothing but the outputs; wrong where the backward solve of u is
@@ -49,8 +50,8 @@ using DynamicsVjp = std::function<bool(
 struct AdjointOptions {
   std::string sensealg = "interpolating";
   // The backward solve (interpolating, backsolve): method and tolerances; empty / negative:
-  // those of the forward solve (kvaerno5 after a Rosenbrock forward solve). A stiff method here
-  // must be an ESDIRK one (kvaerno5, kencarp4, trbdf2) and runs with "interpolating" only.
+  // those of the forward solve (rodas5p after rodas5). A stiff method here runs with
+  // "interpolating" only, and may not be rodas5 (its error estimate is blind to t).
   std::string method;
   double rtol = -1.0;
   double atol = -1.0;

@@ -87,8 +87,8 @@ struct SolveOptions {
   // through the solve always records reverse-mode Jacobians.
   std::string jac_mode = "auto";
   // Stiff methods: f does not depend on t. The Rosenbrock methods then take df/dt = 0 instead of
-  // its central difference (two evaluations of f per Jacobian); the other methods need no df/dt
-  // and ignore it. Declaring it for an f that reads t gives wrong results.
+  // its one-sided difference quotient (two evaluations of f per Jacobian); the other methods need
+  // no df/dt and ignore it. Declaring it for an f that reads t gives wrong results.
   bool autonomous = false;
   // Stiff methods: the leading dimension of the state holds independent systems (f of one sample
   // never reads another sample's state). Jacobians are then per-sample blocks [B, n, n] (n the
@@ -122,6 +122,10 @@ struct Stats {
   // Steps whose corrector iteration did not converge within max_iters (implicit_adams); the
   // solve goes on with the last iterate, as torchdiffeq does (it warns).
   int64_t nnonconverged = 0;
+  // Adaptive rodas5: Jacobians at which df/dt was not zero. Its error estimate does not see f's
+  // explicit dependence on t (rosenbrock.cpp), so such a solve's steps are not controlled for it
+  // (Python warns; rodas5p is the method for such f).
+  int64_t ntime_blind = 0;
 };
 
 // A failed solve: the message names the cause, t and dt.

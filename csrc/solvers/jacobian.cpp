@@ -2,6 +2,8 @@
 // factorizations for the stiff steppers, as tensors or on host doubles.
 #include "solvers/jacobian.h"
 
+#include "core/lincomb.h"
+
 #include <ATen/LegacyVmapMode.h>
 #include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/autograd/forward_grad.h>
@@ -259,7 +261,7 @@ void reverse_jacobian(const Dynamics& f, double t, const torch::Tensor& u, const
 
 PointDerivatives derivatives(const Dynamics& f, const SolveOptions& o, double t,
                              const torch::Tensor& u, bool track, Stats& stats, bool with_ft,
-                             bool allow_blocks) {
+                             bool allow_blocks, double dir) {
   PointDerivatives d;
   const JacLayout l = jac_layout(o, u, allow_blocks);
   ++stats.njac;
@@ -293,26 +295,34 @@ PointDerivatives derivatives(const Dynamics& f, const SolveOptions& o, double t,
   }
   if (!with_ft) return d;
   if (o.autonomous) {
-    // Declared independent of t: df/dt = 0 without evaluating f (a central difference would
+    // Declared independent of t: df/dt = 0 without evaluating f (a difference quotient would
     // cost two evaluations of f and give exactly 0 for such an f anyway).
     d.ft = at::zeros({l.size()}, u.options().requires_grad(false));
     return d;
   }
-  // df/dt by a central difference, exact for f quadratic in t up to rounding; d = eps^(1/3)
-  // max(1, |t|) balances its truncation error O(d^2) against rounding O(eps / d). The steps are
-  // exactly representable: (t + d) - t.
+  // df/dt by a second-order difference on the side the step goes, (-3 f(t) + 4 f(t + d) -
+  // f(t + 2 d)) / 2d with d = dir eps^(1/3) max(1, |t|): exact for f quadratic in t up to
+  // rounding, its truncation error O(d^2) balanced against rounding O(eps / d). One-sided so that
+  // f is never evaluated behind t: at the start of the span that would lie outside it (the
+  // adjoint's backward solve reads u(t) from the forward solution, defined on the span only).
+  // The steps are exactly representable: (t + d) - t.
   const double eps = u.scalar_type() == at::kDouble ? std::numeric_limits<double>::epsilon()
                                                     : std::numeric_limits<float>::epsilon();
-  double dt = std::cbrt(eps) * std::max(1.0, std::abs(t));
+  double dt = (dir < 0 ? -1.0 : 1.0) * std::cbrt(eps) * std::max(1.0, std::abs(t));
   dt = (t + dt) - t;
-  auto central = [&](const torch::Tensor& x) {
-    return ((eval_f(f, t + dt, x, stats) - eval_f(f, t - dt, x, stats)) / (2.0 * dt)).reshape({-1});
+  const double dt2 = (t + 2.0 * dt) - t;
+  auto one_sided = [&](const torch::Tensor& x, const torch::Tensor& f0) {
+    torch::Tensor f1 = eval_f(f, t + dt, x, stats), f2 = eval_f(f, t + dt2, x, stats);
+    // The derivative at 0 of the quadratic through (0, f0), (dt, f1), (dt2, f2) (dt2 = 2 dt but
+    // for rounding), on the differences from f0 so that an autonomous f gives exactly 0.
+    const double w1 = dt2 / (dt * (dt2 - dt)), w2 = -dt / (dt2 * (dt2 - dt));
+    return lincomb(torch::Tensor(), {f1 - f0, f2 - f0}, {w1, w2}).reshape({-1});
   };
   if (track) {
-    d.ft = central(u);
+    d.ft = one_sided(u, d.f0);
   } else {
     at::NoGradGuard g;
-    d.ft = central(u.detach());
+    d.ft = one_sided(u.detach(), d.f0.detach());
   }
   return d;
 }

@@ -44,14 +44,15 @@ struct PointDerivatives {
 // block. "auto" is reverse mode (measured faster, jacobian.cpp); `track` always uses reverse
 // mode. Forward mode needs the process-global forward-AD level: taken elsewhere, "auto" falls
 // back to reverse mode and "forward" raises.
-// df/dt is a central difference (f(t + d, u) - f(t - d, u)) / 2d with d = eps^(1/3) max(1, |t|)
-// (Dynamics take t as a double, so autograd cannot see it): two more evaluations of f per
-// Jacobian, exactly zero for autonomous f. With SolveOptions::autonomous, ft is zero without
-// evaluating f. Without `with_ft` (the implicit Runge-Kutta methods need no df/dt) ft stays
-// undefined and those two evaluations are skipped.
+// df/dt is a second-order one-sided difference (-3 f(t, u) + 4 f(t + d, u) - f(t + 2d, u)) / 2d
+// with d = eps^(1/3) max(1, |t|) taken on the side of `dir` (the sign of the step: f is never
+// evaluated behind t). Dynamics take t as a double, so autograd cannot see it: two more
+// evaluations of f per Jacobian, exactly zero for autonomous f. With SolveOptions::autonomous, ft
+// is zero without evaluating f. Without `with_ft` (the implicit Runge-Kutta methods need no df/dt)
+// ft stays undefined and those two evaluations are skipped.
 PointDerivatives derivatives(const Dynamics& f, const SolveOptions& o, double t,
                              const torch::Tensor& u, bool track, Stats& stats, bool with_ft = true,
-                             bool allow_blocks = true);
+                             bool allow_blocks = true, double dir = 1.0);
 
 // An LU factorization of the iteration matrix alpha I + beta J (J: [blocks, n, n], batched over
 // the blocks) and solves with it. Differentiable (reverse mode through linalg_lu_factor_ex /

@@ -126,14 +126,15 @@ def diffeq_adjoint(
         sensealg: ``"interpolating"``, ``"backsolve"`` or ``"discrete"``.
         adjoint_rtol, adjoint_atol: tolerances of the backward solve (default: the forward's).
         adjoint_method: method of the backward solve (default: the forward's). A stiff
-            ESDIRK method (``kvaerno5``, ``kencarp4``, ``trbdf2``; the Rosenbrock methods are
-            refused for now) solves the adjoint of a stiff problem with
-            ``sensealg="interpolating"``; the Jacobian of the adjoint system comes from
-            autograd (one reverse pass of f per state component). A stiff forward solve
-            (``rodas5``, ``kvaerno5``, ...) runs with ``sensealg="interpolating"``: it keeps
-            its whole dense output (every step with its stages) in place of checkpoints, and
-            its backward solve defaults to the same ESDIRK method, ``kvaerno5`` after a
-            Rosenbrock one.
+            method (``rodas5p``, ``rosenbrock23``, ``kvaerno5``, ``kencarp4``, ``trbdf2``)
+            solves the adjoint of a stiff problem with ``sensealg="interpolating"``; the
+            Jacobian of the adjoint system comes from autograd (the reverse passes of f's
+            components, batched into one where the graph allows). ``rodas5`` is refused here:
+            its error estimate does not see an explicit dependence on t, and the adjoint system
+            depends on t through u(t). A stiff forward solve (``rodas5``, ``kvaerno5``, ...)
+            runs with ``sensealg="interpolating"``: it keeps its whole dense output (every step
+            with its stages) in place of checkpoints, and its backward solve defaults to the
+            same method, ``rodas5p`` after ``rodas5``.
         seminorm: error control of the backward solve ignores the parameter-gradient channels
             (Kidger, Chen & Lyons 2021): fewer backward steps, same accuracy in practice.
         checkpoints: the most states the forward solve keeps (interpolating, discrete); 0 keeps

@@ -395,7 +395,9 @@ def solve(
 
     if _adjoint is not None:
         options, params = _adjoint
-        return Solution(_C.solve_adjoint(native or rhs, state, span, params, opts, options, norm))
+        sol = Solution(_C.solve_adjoint(native or rhs, state, span, params, opts, options, norm))
+        _warn_time_blind(solver, sol)
+        return sol
     nonstiff_rhs = None
     if isinstance(prob, SplitODEProblem) and solver == "kencarp4":
         # IMEX: the implicit part is f_stiff alone, the explicit part goes along separately.
@@ -408,6 +410,7 @@ def solve(
             return f_nonstiff(u, p, t)
 
     sol = Solution(_C.solve(native or rhs, state, span, opts, norm, jac_rhs, nonstiff_rhs))
+    _warn_time_blind(solver, sol)
     if sol.stats.nnonconverged:
         warnings.warn(
             f"{solver}: the {'Newton' if implicit_fixed else 'corrector'} iteration did not "
@@ -418,3 +421,16 @@ def solve(
             stacklevel=2,
         )
     return sol
+
+
+def _warn_time_blind(solver: str, sol: Solution) -> None:
+    """Warns when rodas5 solved an f that depends on t explicitly (see Stats.ntime_blind)."""
+    if sol.stats.ntime_blind:
+        warnings.warn(
+            f"{solver}: f depends on t explicitly (df/dt != 0 at {sol.stats.ntime_blind} of "
+            f"{sol.stats.njac} Jacobians), and rodas5's error estimate does not see that "
+            "dependence, so the steps are not controlled for it (u' = exp(-1000 t) ends 52% off "
+            "at any rtol); use rodas5p",
+            RuntimeWarning,
+            stacklevel=3,
+        )

@@ -49,7 +49,7 @@ struct Setup {
   int order;
 };
 
-// Step counts chosen so that errors stay well above the df/dt central difference's floor
+// Step counts chosen so that errors stay well above the df/dt difference quotient's floor
 // (~1e-11) and inside the asymptotic regime.
 const std::map<std::string, Setup>& end_time_setups() {
   static const std::map<std::string, Setup> setups = {
@@ -360,7 +360,7 @@ TEST(StiffSolve, BadJacobianShapeIsAClearError) {
 }
 
 // SolveOptions::autonomous: df/dt = 0 without its two evaluations of f per Jacobian. For an f
-// that ignores t the central difference is exactly 0, so the solution is the same to the bit.
+// that ignores t the difference quotient is exactly 0, so the solution is the same to the bit.
 TEST(StiffSolve, AutonomousSkipsTheTimeDerivative) {
   Dynamics f = [](double, const torch::Tensor& u) {
     return torch::stack({-1000.0 * u[0] + u[1] * u[1], u[0] - u[1]});
