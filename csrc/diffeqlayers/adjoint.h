@@ -46,7 +46,9 @@ using DynamicsVjp = std::function<bool(
 //    chains the vector-Jacobian products (with AdjointOptions::vjp, it reverses each step by
 //    hand through f's own products instead: no autograd graph). Equals diffeq_rd's gradient to
 //    rounding, storing one state per step (or fewer with checkpoints > 0) instead of the whole
-//    graph.
+//    graph. With a Rosenbrock forward solve (fresh Jacobian every step, so a step is a function
+//    of (t, u, h) alone) it replays each step from the forward's dense output, differentiating
+//    the Jacobian too; an ESDIRK forward solve is refused (its steps share Jacobians and LUs).
 struct AdjointOptions {
   std::string sensealg = "interpolating";
   // The backward solve (interpolating, backsolve): method and tolerances; empty / negative:

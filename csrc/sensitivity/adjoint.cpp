@@ -28,7 +28,9 @@
 #include "diffeqlayers/stiff.h"
 #include "integrate/interpolation.h"
 #include "integrate/tape.h"
+#include "solvers/esdirk.h"
 #include "solvers/jacobian.h"
+#include "solvers/stiff.h"
 
 namespace diffeqlayers {
 namespace {
@@ -551,9 +553,97 @@ torch::Tensor reverse_step_by_vjp(AdjointState& s, const std::vector<torch::Tens
   return lincomb(torch::Tensor(), uterms, std::vector<double>(uterms.size(), 1.0));
 }
 
+// Discrete with a Rosenbrock forward solve. A Rosenbrock step takes a fresh Jacobian at its own
+// start point, so the accepted step is a function of (t, u, h) alone: each is replayed from the
+// forward's dense output (which holds every step's start state) with the Jacobian's dependence
+// on u and the parameters recorded (track), and reversed by autograd, last to first. The save
+// rows are assigned to steps exactly as the forward loop did (stiff_loop.cpp): a row inside a
+// step comes from that step's interpolant, a row at a step's end is its end state.
+// Cost per step: the step's stages and one Jacobian again, plus the reverse pass through them,
+// which differentiates the Jacobian too (second derivatives of f, as diffeq_rd does).
+Grads backward_discrete_rosenbrock(AdjointState& s, const torch::Tensor& G) {
+  AdjointStats& stats = *s.stats;
+  const std::vector<size_t> gi = grad_params(s.params);
+  std::vector<torch::Tensor> wrt;
+  for (size_t i : gi) wrt.push_back(s.params[i]);
+  std::vector<torch::Tensor> gp;
+  for (const auto& w : wrt) gp.push_back(at::zeros_like(w));
+
+  const std::vector<DenseStep>& steps = s.fwd_dense->steps();
+  const auto nsteps = static_cast<int64_t>(steps.size());
+  const int dir = s.prep.t1 >= s.prep.t0 ? 1 : -1;
+  // rows[j + 1]: the rows step j produced (theta 1: its end state); rows[0]: rows at t0.
+  std::vector<std::vector<std::pair<int64_t, double>>> rows(static_cast<size_t>(nsteps + 1));
+  {
+    size_t r = 0;
+    const size_t nrows = s.out_t.size();
+    while (r < nrows && dir * (s.out_t[r] - s.prep.t0) <= 0) rows[0].emplace_back(r++, 1.0);
+    for (int64_t j = 0; j < nsteps && r < nrows; ++j) {
+      const DenseStep& st = steps[static_cast<size_t>(j)];
+      const double tnew = st.t0 + st.h;
+      auto& here = rows[static_cast<size_t>(j + 1)];
+      while (r < nrows && dir * (s.out_t[r] - tnew) < 0) {
+        here.emplace_back(r, (s.out_t[r] - st.t0) / st.h);
+        ++r;
+      }
+      if (r < nrows && s.out_t[r] == tnew) here.emplace_back(r++, 1.0);
+    }
+    TORCH_CHECK(r == nrows, "discrete adjoint: ", nrows - r,
+                " saved rows lie beyond the forward solve's steps");
+  }
+
+  const stiff::MethodInfo& info = stiff::method_info(s.options.method);
+  TORCH_CHECK(info.interpolant, "discrete adjoint: ", s.options.method,
+              " has no interpolant of its own");
+  Stats step_stats;
+  std::unique_ptr<stiff::Stepper> stepper =
+      stiff::make_stepper(s.options.method, s.fb, s.options, step_stats, /*track=*/true);
+  torch::Tensor lam = at::zeros(s.shape, s.out.options());
+  for (int64_t j = nsteps - 1; j >= 0; --j) {
+    const DenseStep& st = steps[static_cast<size_t>(j)];
+    std::vector<int64_t> inner;
+    std::vector<double> thetas;
+    if (G.defined())
+      for (const auto& [row, theta] : rows[static_cast<size_t>(j + 1)]) {
+        if (theta == 1.0) {
+          lam = lam + G[row];
+        } else {
+          inner.push_back(row);
+          thetas.push_back(theta);
+        }
+      }
+    at::AutoGradMode grad_on(true);
+    torch::Tensor ul = st.u0.detach().requires_grad_(true);
+    const int64_t nfe_before = step_stats.nfe;
+    stiff::StepResult r = stepper->step(st.t0, ul, st.h, /*new_point=*/true);
+    TORCH_CHECK(r.failure.empty(), "discrete adjoint: replaying the step at t=", st.t0,
+                ", dt=", st.h, " failed (", r.failure, ") where the forward solve took it");
+    stats.nfe += step_stats.nfe - nfe_before;
+    ++stats.replayed_steps;
+    std::vector<torch::Tensor> outs{r.unew}, gouts{lam};
+    if (!inner.empty()) {
+      DenseStep replayed{st.t0, st.h, ul, r.unew, r.dense_terms};
+      outs.push_back(interpolate_many(*info.interpolant, replayed, thetas));
+      gouts.push_back(G.index_select(0, torch::tensor(inner, torch::dtype(torch::kLong))));
+    }
+    std::vector<torch::Tensor> inputs{ul};
+    inputs.insert(inputs.end(), wrt.begin(), wrt.end());
+    std::vector<torch::Tensor> gr =
+        torch::autograd::grad(outs, inputs, gouts, /*retain_graph=*/false,
+                              /*create_graph=*/false, /*allow_unused=*/true);
+    lam = gr[0].defined() ? gr[0] : at::zeros_like(lam);
+    for (size_t i = 0; i < wrt.size(); ++i)
+      if (gr[i + 1].defined()) gp[i] = gp[i] + gr[i + 1];
+  }
+  if (G.defined())
+    for (const auto& [row, theta] : rows[0]) lam = lam + G[row];
+  return {lam, gp};
+}
+
 // Discrete: the solver's own steps replayed under autograd, last to first; or, for dynamics with
 // their own vector-Jacobian product, reversed by hand (reverse_step_by_vjp: no autograd graph).
 Grads backward_discrete(AdjointState& s, const torch::Tensor& G) {
+  if (s.prep.stiff) return backward_discrete_rosenbrock(s, G);
   AdjointStats& stats = *s.stats;
   const detail::Tape& tape = s.tape;
   const Tableau& tab = *s.prep.tab;
@@ -688,18 +778,25 @@ Solution solve_adjoint(const Dynamics& f, const torch::Tensor& u0, const torch::
   SolveOptions o = options;
   o.params.insert(o.params.end(), params.begin(), params.end());
   const detail::Prepared prep = detail::prepare(f, u0, tspan, o);
-  // A stiff forward solve: the interpolating adjoint, from the forward's dense output. The
-  // discrete adjoint replays explicit Runge-Kutta steps, and backsolve would integrate the
-  // stiff problem backwards (unstable).
+  // A stiff forward solve: the interpolating adjoint, from the forward's dense output; the
+  // discrete adjoint for the Rosenbrock methods, whose steps are functions of (t, u, h) alone.
+  // An ESDIRK step depends on Newton iterations with a Jacobian and factorization kept from
+  // earlier steps, so it cannot be replayed alone; backsolve would integrate the stiff problem
+  // backwards (unstable).
   TORCH_CHECK_VALUE(!prep.stiff || is_stiff_method(o.method), "the adjoints do not run the ",
                     is_adams_method(o.method) ? "Adams" : "fixed-step implicit", " method '",
                     o.method,
                     "' (the adaptive stiff methods run with sensealg='interpolating'); "
                     "use diffeq_rd with it");
-  TORCH_CHECK_VALUE(!prep.stiff || kind == Kind::Interpolating, "a stiff forward solve ('",
-                    o.method, "') runs with sensealg='interpolating' only, not '", adjoint.sensealg,
-                    "' (the discrete adjoint replays explicit Runge-Kutta steps; backsolve would "
-                    "solve the stiff problem backwards)");
+  const bool esdirk = prep.stiff && stiff::is_esdirk(o.method);
+  TORCH_CHECK_VALUE(
+      !prep.stiff || kind == Kind::Interpolating || (kind == Kind::Discrete && !esdirk),
+      "a stiff forward solve ('", o.method, "') runs with sensealg='interpolating'",
+      esdirk ? "" : " or 'discrete'", ", not '", adjoint.sensealg, "' (",
+      esdirk ? "an ESDIRK step depends on Newton iterations with a Jacobian kept "
+               "from earlier steps, so the discrete adjoint cannot replay it alone; "
+             : "",
+      "backsolve would solve the stiff problem backwards, which is unstable)");
   // A stiff backward solve needs the Jacobian of the adjoint system, built for the
   // interpolating adjoint's [lambda, g] (backsolve would need second derivatives of f too).
   TORCH_CHECK_VALUE(

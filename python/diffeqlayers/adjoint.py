@@ -111,7 +111,9 @@ def diffeq_adjoint(
       wrong where solving ``u`` backwards is unstable (Lorenz over long spans, stiff problems).
     * ``"discrete"``: replays the solver's accepted steps under autograd, last to first: the
       gradient of the discretisation, equal to :func:`diffeq_rd`'s to rounding, with one
-      stored state per step (or fewer with ``checkpoints``) instead of the whole graph.
+      stored state per step (or fewer with ``checkpoints``) instead of the whole graph. It
+      also takes a Rosenbrock forward solve (``rodas5``, ``rodas5p``, ``rosenbrock23``): each
+      step, with its fresh Jacobian, is replayed from the forward's dense output.
 
     Gradients reach ``u0`` (when it requires grad), the parameters, and the times (``tspan``
     entries and ``saveat`` tensors that require grad). The reduction must use ``sol.u`` (and
@@ -132,9 +134,10 @@ def diffeq_adjoint(
             components, batched into one where the graph allows). ``rodas5`` is refused here:
             its error estimate does not see an explicit dependence on t, and the adjoint system
             depends on t through u(t). A stiff forward solve (``rodas5``, ``kvaerno5``, ...)
-            runs with ``sensealg="interpolating"``: it keeps its whole dense output (every step
-            with its stages) in place of checkpoints, and its backward solve defaults to the
-            same method, ``rodas5p`` after ``rodas5``.
+            runs with ``sensealg="interpolating"`` (and, Rosenbrock only, ``"discrete"``): it
+            keeps its whole dense output (every step with its stages) in place of
+            checkpoints, and its backward solve defaults to the same method, ``rodas5p``
+            after ``rodas5``.
         seminorm: error control of the backward solve ignores the parameter-gradient channels
             (Kidger, Chen & Lyons 2021): fewer backward steps, same accuracy in practice.
         checkpoints: the most states the forward solve keeps (interpolating, discrete); 0 keeps
