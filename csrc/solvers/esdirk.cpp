@@ -191,8 +191,13 @@ class EsdirkStepper : public Stepper {
     if (new_point || !f0_.defined()) {
       jac_at_point_ = false;
       f0_ = torch::Tensor();
-      if (!J_.defined() || refresh_J_) take_jacobian(t, u);  // gives f0 too (without track)
-      if (!f0_.defined()) f0_ = eval(t, u, /*grad=*/track_);
+      const bool u_dual = is_dual(u);
+      // Gives f0 too (without track, and not for a dual u: J is taken at its primal).
+      if (!J_.defined() || refresh_J_) take_jacobian(t, u);
+      if (!f0_.defined()) f0_ = eval(t, u, /*grad=*/track_ || u_dual);
+      // Forward mode: u or the parameters carry tangents (see try_step's Newton correction).
+      dual_ = !track_ && (u_dual || is_dual(f0_));
+      if (dual_) host_ = false;
       g0_ = split_ ? eval_g(t, u) : torch::Tensor();
       if (host_) {
         uh_ = to_host(u);
@@ -227,7 +232,9 @@ class EsdirkStepper : public Stepper {
   torch::Tensor eval(double t, const torch::Tensor& z, bool grad) {
     if (grad) return eval_f(f_, t, z, stats_);
     at::NoGradGuard g;
-    return eval_f(f_, t, z.detach(), stats_);
+    // Primal values only: with dual parameters f's value carries a tangent, which the Newton
+    // iteration does not need (the correction in try_step gives the stage its tangent).
+    return eval_f(f_, t, z.detach(), stats_).detach();
   }
   torch::Tensor eval_g(double t, const torch::Tensor& z) {
     return detail::checked_eval(o_.nonstiff, t, z, stats_.nfe);
@@ -237,9 +244,9 @@ class EsdirkStepper : public Stepper {
   void take_jacobian(double t, const torch::Tensor& u) {
     PointDerivatives d = derivatives(f_, o_, t, u.detach(), /*track=*/false, stats_,
                                      /*with_ft=*/false);
-    J_ = d.J;
+    J_ = d.J.detach();  // the Newton matrix: primal values only
     if (host_) Jh_ = to_host(J_);
-    if (!track_) f0_ = d.f0.detach();
+    if (!track_ && !is_dual(u)) f0_ = d.dual ? d.f0 : d.f0.detach();
     jac_at_point_ = true;
     refresh_J_ = false;
     lu_hg_ = 0.0;  // refactor
@@ -391,12 +398,14 @@ class EsdirkStepper : public Stepper {
         eta_ = 1.0;
         return false;
       }
-      if (track_) {
-        // One differentiable Newton correction with the exact Jacobian at the converged z*.
+      if (track_ || dual_) {
+        // One differentiable Newton correction with the exact Jacobian at the converged z*: its
+        // derivative (reverse mode through the graph, or the tangent of dual values) is the
+        // implicit function theorem's, -W^-1 dG, since G(z*) = 0 to Newton's tolerance.
         PointDerivatives d = derivatives(f_, o_, ti, z, /*track=*/false, stats_,
                                          /*with_ft=*/false);
         LU exact;
-        if (!exact.factor(d.J, 1.0, -hg, stats_)) {
+        if (!exact.factor(d.J.detach(), 1.0, -hg, stats_)) {
           why = "the iteration matrix I - h gamma J(z) at a converged stage is singular";
           return false;
         }
@@ -509,6 +518,7 @@ class EsdirkStepper : public Stepper {
   const SolveOptions& o_;
   Stats& stats_;
   bool track_;
+  bool dual_ = false;  // forward mode: tangents on u or the parameters
   bool split_ = false;
   double kappa_ = 0.03;
   JacLayout layout_;   // n == 0 until the first step

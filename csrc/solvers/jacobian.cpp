@@ -220,20 +220,40 @@ bool batched_vjps(const torch::Tensor& out, const std::vector<torch::Tensor>& in
 namespace {
 
 // Reverse mode: row i of every block from one vector-Jacobian product with e_i.
+//
+// Dual tensors (forward mode: diffeq_fd, diffeq_jvp, a caller's forward-AD level): when u or the
+// parameters f reads carry tangents, J must carry its own tangent, d/de J(u + e du, p + e dp),
+// for the step's tangent to be the exact derivative of the discrete step. The reverse passes
+// give it: their backward formulas run on the dual values f saved, so each row comes out dual
+// (forward-over-reverse; no create_graph needed). Then nothing may be detached (detach drops the
+// tangent): f(t, u) is evaluated once more without recording, and the rows, computed without a
+// graph, are kept as they are.
 void reverse_jacobian(const Dynamics& f, double t, const torch::Tensor& u, const JacLayout& l,
                       bool track, Stats& stats, PointDerivatives& d) {
   // Record one evaluation of f on a variable that requires grad. When tracking and u is already
   // part of the graph, differentiate with respect to u itself so that J keeps its dependence on
-  // what u depends on.
-  torch::Tensor uv = (track && u.requires_grad()) ? u : u.detach().requires_grad_(true);
+  // what u depends on. A dual u stays dual: its primal becomes the variable.
+  // (wrt: what the rows differentiate; for a dual u, the leaf under its dual view.)
+  torch::Tensor uv, wrt;
+  if (track && u.requires_grad()) {
+    uv = wrt = u;
+  } else if (is_dual(u)) {
+    auto [primal, tangent] = at::_unpack_dual(u, /*level=*/0);
+    wrt = primal.detach().requires_grad_(true);
+    at::AutoGradMode enable(true);
+    uv = at::_make_dual(wrt, tangent, /*level=*/0);
+  } else {
+    uv = wrt = u.detach().requires_grad_(true);
+  }
   torch::Tensor fu;
   {
     at::AutoGradMode enable(true);
     fu = eval_f(f, t, uv, stats);
   }
+  d.dual = !track && (is_dual(u) || is_dual(fu));
   if (!fu.requires_grad()) {
     d.J = at::zeros({l.blocks, l.n, l.n}, u.options().requires_grad(false));  // f ignores u
-  } else if (torch::Tensor all; !track && batched_rows(fu, uv, l, all)) {
+  } else if (torch::Tensor all; !track && !d.dual && batched_rows(fu, wrt, l, all)) {
     d.J = all;
   } else {
     at::AutoGradMode enable(true);
@@ -246,18 +266,25 @@ void reverse_jacobian(const Dynamics& f, double t, const torch::Tensor& u, const
       torch::Tensor seed = eye.select(0, i);
       seed =
           l.blocks == 1 ? seed.view(fu.sizes()) : seed.expand({l.blocks, l.n}).reshape(fu.sizes());
-      auto g = torch::autograd::grad({fu}, {uv}, {seed}, /*retain_graph=*/i + 1 < l.n || track,
+      auto g = torch::autograd::grad({fu}, {wrt}, {seed}, /*retain_graph=*/i + 1 < l.n || track,
                                      /*create_graph=*/track, /*allow_unused=*/true);
       rows.push_back(g[0].defined() ? g[0].reshape({l.blocks, l.n})
                                     : at::zeros({l.blocks, l.n}, eye.options()));
     }
     d.J = at::stack(rows, 1);
   }
+  if (d.dual) {
+    at::NoGradGuard g;
+    d.f0 = eval_f(f, t, u, stats);
+    return;
+  }
   d.f0 = track ? fu : fu.detach();
   if (!track) d.J = d.J.detach();
 }
 
 }  // namespace
+
+bool is_dual(const torch::Tensor& x) { return x.defined() && x._fw_grad(/*level=*/0).defined(); }
 
 PointDerivatives derivatives(const Dynamics& f, const SolveOptions& o, double t,
                              const torch::Tensor& u, bool track, Stats& stats, bool with_ft,
@@ -268,11 +295,13 @@ PointDerivatives derivatives(const Dynamics& f, const SolveOptions& o, double t,
   stats.jac_blocks = l.blocks;
   if (o.jac) {
     d.f0 = eval_f(f, t, u, stats);
+    d.dual = !track && (is_dual(u) || is_dual(d.f0));
     if (track) {
       d.J = user_jacobian(o.jac, t, u, l);
     } else {
       at::NoGradGuard g;
-      d.J = user_jacobian(o.jac, t, u.detach(), l);
+      // Dual: the user's jac on the dual state, so that J carries its tangent.
+      d.J = user_jacobian(o.jac, t, d.dual ? u : u.detach(), l);
     }
   } else {
     TORCH_CHECK_VALUE(o.jac_mode == "auto" || o.jac_mode == "forward" || o.jac_mode == "reverse",
@@ -319,6 +348,9 @@ PointDerivatives derivatives(const Dynamics& f, const SolveOptions& o, double t,
     return lincomb(torch::Tensor(), {f1 - f0, f2 - f0}, {w1, w2}).reshape({-1});
   };
   if (track) {
+    d.ft = one_sided(u, d.f0);
+  } else if (d.dual) {
+    at::NoGradGuard g;
     d.ft = one_sided(u, d.f0);
   } else {
     at::NoGradGuard g;

@@ -34,7 +34,13 @@ struct PointDerivatives {
   torch::Tensor f0;  // f(t, u), shaped like u
   torch::Tensor J;   // [blocks, n, n], J[b][i][j] = d f_{b n + i} / d u_{b n + j}
   torch::Tensor ft;  // [blocks n], d f / d t
+  // u or f(t, u) carries a forward-mode tangent (and not `track`): f0, J and ft carry theirs
+  // (J's from forward-over-reverse), and must not be detached or taken to the host.
+  bool dual = false;
 };
+
+// x carries a forward-mode tangent at PyTorch's (single) forward-AD level.
+bool is_dual(const torch::Tensor& x);
 
 // With `track`, J and ft stay differentiable with respect to u and the parameters (so that
 // reverse mode through a step that uses them is exact for the discretisation); otherwise they

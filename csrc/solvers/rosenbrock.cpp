@@ -282,6 +282,7 @@ class RodasStepper : public Stepper {
     }
     if (new_point || !d_.J.defined()) {
       d_ = derivatives(f_, o_, t, u, track_, stats_, /*with_ft=*/true, /*allow_blocks=*/true, h);
+      if (d_.dual) host_ = false;  // the tangents live on the tensors
       if (host_) {
         uh_ = to_host(u);
         f0h_ = to_host(d_.f0);

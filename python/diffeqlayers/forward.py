@@ -189,10 +189,11 @@ def _prepare(
         raise TypeError(f"prob must be an ODEProblem, got {type(prob).__name__}")
     if not isinstance(solver, str):
         raise TypeError(f"solver must be a method name (str), got {type(solver).__name__}")
-    if solver in _C.stiff_methods() or solver in implicit_fixed_methods():
+    if solver in implicit_fixed_methods():
         raise NotImplementedError(
-            f"forward mode does not support the stiff method {solver!r} yet (its Jacobian is "
-            "built by reverse-mode autograd); use diffeq_rd"
+            f"forward mode does not support the fixed-step implicit method {solver!r} yet (its "
+            "iterations run on primal values); use diffeq_rd, or an adaptive stiff method "
+            "(rodas5p, kvaerno5, ...) with diffeq_fd"
         )
     state, span = remake(prob, p=p).resolve()
     u0_from_p = u0 is None and callable(prob.u0)
