@@ -553,6 +553,29 @@ torch::Tensor reverse_step_by_vjp(AdjointState& s, const std::vector<torch::Tens
   return lincomb(torch::Tensor(), uterms, std::vector<double>(uterms.size(), 1.0));
 }
 
+// Reverses one replayed step: the vector-Jacobian product of lam with its end state u1 plus,
+// where save rows lie inside the step (`inner`, interpolated into `inner_out`), of their
+// incoming gradients G[inner]. Returns lam at the step's start ul; adds into gp (one per wrt).
+torch::Tensor reverse_replayed_step(const torch::Tensor& ul, const torch::Tensor& u1,
+                                    const torch::Tensor& inner_out,
+                                    const std::vector<int64_t>& inner, const torch::Tensor& lam,
+                                    const torch::Tensor& G, const std::vector<torch::Tensor>& wrt,
+                                    std::vector<torch::Tensor>& gp) {
+  std::vector<torch::Tensor> outs{u1}, gouts{lam};
+  if (!inner.empty()) {
+    outs.push_back(inner_out);
+    gouts.push_back(G.index_select(0, torch::tensor(inner, torch::dtype(torch::kLong))));
+  }
+  std::vector<torch::Tensor> inputs{ul};
+  inputs.insert(inputs.end(), wrt.begin(), wrt.end());
+  std::vector<torch::Tensor> gr =
+      torch::autograd::grad(outs, inputs, gouts, /*retain_graph=*/false,
+                            /*create_graph=*/false, /*allow_unused=*/true);
+  for (size_t i = 0; i < wrt.size(); ++i)
+    if (gr[i + 1].defined()) gp[i] = gp[i] + gr[i + 1];
+  return gr[0].defined() ? gr[0] : at::zeros_like(lam);
+}
+
 // Discrete with a Rosenbrock forward solve. A Rosenbrock step takes a fresh Jacobian at its own
 // start point, so the accepted step is a function of (t, u, h) alone: each is replayed from the
 // forward's dense output (which holds every step's start state) with the Jacobian's dependence
@@ -620,20 +643,12 @@ Grads backward_discrete_rosenbrock(AdjointState& s, const torch::Tensor& G) {
                 ", dt=", st.h, " failed (", r.failure, ") where the forward solve took it");
     stats.nfe += step_stats.nfe - nfe_before;
     ++stats.replayed_steps;
-    std::vector<torch::Tensor> outs{r.unew}, gouts{lam};
+    torch::Tensor inner_out;
     if (!inner.empty()) {
       DenseStep replayed{st.t0, st.h, ul, r.unew, r.dense_terms};
-      outs.push_back(interpolate_many(*info.interpolant, replayed, thetas));
-      gouts.push_back(G.index_select(0, torch::tensor(inner, torch::dtype(torch::kLong))));
+      inner_out = interpolate_many(*info.interpolant, replayed, thetas);
     }
-    std::vector<torch::Tensor> inputs{ul};
-    inputs.insert(inputs.end(), wrt.begin(), wrt.end());
-    std::vector<torch::Tensor> gr =
-        torch::autograd::grad(outs, inputs, gouts, /*retain_graph=*/false,
-                              /*create_graph=*/false, /*allow_unused=*/true);
-    lam = gr[0].defined() ? gr[0] : at::zeros_like(lam);
-    for (size_t i = 0; i < wrt.size(); ++i)
-      if (gr[i + 1].defined()) gp[i] = gp[i] + gr[i + 1];
+    lam = reverse_replayed_step(ul, r.unew, inner_out, inner, lam, G, wrt, gp);
   }
   if (G.defined())
     for (const auto& [row, theta] : rows[0]) lam = lam + G[row];
@@ -693,19 +708,9 @@ Grads backward_discrete(AdjointState& s, const torch::Tensor& G) {
     DenseStep st =
         detail::replay_step(s.fb, tab, tape.t[ju], tape.h[ju], ul, !inner.empty(), stats.nfe);
     ++stats.replayed_steps;
-    std::vector<torch::Tensor> outs{st.u1}, gouts{lam};
-    if (!inner.empty()) {
-      outs.push_back(interpolate_many(tab, st, thetas));
-      gouts.push_back(G.index_select(0, torch::tensor(inner, torch::dtype(torch::kLong))));
-    }
-    std::vector<torch::Tensor> inputs{ul};
-    inputs.insert(inputs.end(), wrt.begin(), wrt.end());
-    std::vector<torch::Tensor> gr =
-        torch::autograd::grad(outs, inputs, gouts, /*retain_graph=*/false,
-                              /*create_graph=*/false, /*allow_unused=*/true);
-    lam = gr[0].defined() ? gr[0] : at::zeros_like(lam);
-    for (size_t i = 0; i < wrt.size(); ++i)
-      if (gr[i + 1].defined()) gp[i] = gp[i] + gr[i + 1];
+    const torch::Tensor inner_out =
+        inner.empty() ? torch::Tensor() : interpolate_many(tab, st, thetas);
+    lam = reverse_replayed_step(ul, st.u1, inner_out, inner, lam, G, wrt, gp);
     replay.release_from(j);
   }
   if (G.defined())

@@ -273,19 +273,6 @@ def test_forward_mode_equals_reverse_mode(method):
     assert torch.allclose(grads[1], grads[0], rtol=1e-10, atol=0), (method, grads)
 
 
-def test_forward_mode_through_rodas5p_passes_gradcheck():
-    p = torch.tensor([2.0, 0.5, 50.0], dtype=torch.float64, requires_grad=True)
-    u0 = torch.tensor([1.0, 0.3], dtype=torch.float64, requires_grad=True)
-    prob = dl.ODEProblem(stiff_pair, u0.detach(), (0.0, 0.3), p.detach())
-
-    def out(u0_, p_):
-        return dl.diffeq_fd(
-            p_, lambda s: s.u, prob, "rodas5p", u0=u0_, dt=0.05, adaptive=False, saveat=[0.3]
-        )
-
-    assert gradcheck(out, (u0, p), eps=1e-5, atol=1e-8, rtol=1e-6)
-
-
 def test_forward_mode_is_refused_for_the_fixed_step_implicit_methods():
     p = torch.tensor([2.0, 0.5, 50.0], dtype=torch.float64)
     prob = dl.ODEProblem(stiff_pair, torch.tensor([1.0, 0.3], dtype=torch.float64), (0.0, 0.3), p)
@@ -798,24 +785,20 @@ def test_discrete_adjoint_with_a_rosenbrock_forward_solve_is_reverse_mode(method
     assert torch.allclose(grads[1], grads[0], rtol=1e-11, atol=0), grads
 
 
-def test_discrete_adjoint_with_rodas5p_passes_gradcheck():
-    # Fixed steps, f reading t and p: the discrete adjoint against finite differences.
+@pytest.mark.parametrize("mode", ["fd", "discrete"])
+def test_forward_mode_and_discrete_adjoint_through_rodas5p_pass_gradcheck(mode):
+    # Fixed steps, f reading t and p: diffeq_fd and the discrete adjoint against finite
+    # differences.
     p = torch.tensor([2.0, 0.5, 50.0], dtype=torch.float64, requires_grad=True)
     u0 = torch.tensor([1.0, 0.3], dtype=torch.float64, requires_grad=True)
     prob = dl.ODEProblem(stiff_pair, u0.detach(), (0.0, 0.3), p.detach())
+    kw = dict(u0=None, dt=0.05, adaptive=False, saveat=[0.13, 0.3])
+    if mode == "discrete":
+        kw["sensealg"] = "discrete"
+    fn = dl.diffeq_fd if mode == "fd" else dl.diffeq_adjoint
 
     def out(u0_, p_):
-        return dl.diffeq_adjoint(
-            p_,
-            lambda s: s.u,
-            prob,
-            "rodas5p",
-            u0=u0_,
-            dt=0.05,
-            adaptive=False,
-            saveat=[0.13, 0.3],
-            sensealg="discrete",
-        )
+        return fn(p_, lambda s: s.u, prob, "rodas5p", **{**kw, "u0": u0_})
 
     assert gradcheck(out, (u0, p), eps=1e-5, atol=1e-8, rtol=1e-6)
 
