@@ -409,7 +409,8 @@ class EsdirkStepper : public Stepper {
           why = "the iteration matrix I - h gamma J(z) at a converged stage is singular";
           return false;
         }
-        torch::Tensor G = z - hg * eval(ti, z, /*grad=*/true) - psi;
+        // Dual: d.f0 is f(ti, z) with its tangent already (derivatives evaluates it for that).
+        torch::Tensor G = z - hg * (d.dual ? d.f0 : eval(ti, z, /*grad=*/true)) - psi;
         z = z - exact.solve(G);
       }
       k[i] = (z - psi) / hg;

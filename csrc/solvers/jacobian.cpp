@@ -349,12 +349,10 @@ PointDerivatives derivatives(const Dynamics& f, const SolveOptions& o, double t,
   };
   if (track) {
     d.ft = one_sided(u, d.f0);
-  } else if (d.dual) {
-    at::NoGradGuard g;
-    d.ft = one_sided(u, d.f0);
   } else {
     at::NoGradGuard g;
-    d.ft = one_sided(u.detach(), d.f0.detach());
+    // Dual values keep their tangents (detach would drop them).
+    d.ft = d.dual ? one_sided(u, d.f0) : one_sided(u.detach(), d.f0.detach());
   }
   return d;
 }
@@ -382,7 +380,7 @@ torch::Tensor LU::solve(const torch::Tensor& rhs) const {
 bool use_host(const torch::Tensor& u, const JacLayout& layout, bool track) {
   return !track && u.device().is_cpu() &&
          (u.scalar_type() == at::kDouble || u.scalar_type() == at::kFloat) &&
-         layout.n <= kHostMaxBlock && !u._fw_grad(/*level=*/0).defined();
+         layout.n <= kHostMaxBlock && !is_dual(u);
 }
 
 std::vector<double> to_host(const torch::Tensor& x) {
