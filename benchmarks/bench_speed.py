@@ -100,6 +100,20 @@ class Cube(nn.Module):
 # ----------------------------------------------------------------------------------------------
 
 
+def tensor_loop(fn: Callable[[], Any]) -> Callable[[], Any]:
+    """fn with the host loop off: the C++ MLP's solves run on tensors, as before the host loop
+    (csrc/integrate/host_rk.cpp), so that one run compares both."""
+
+    def run() -> Any:
+        _C._set_host_loop(False)
+        try:
+            return fn()
+        finally:
+            _C._set_host_loop(True)
+
+    return run
+
+
 def lotka_volterra_data(t: torch.Tensor) -> torch.Tensor:
     true = dl.ODEProblem(
         lambda u, p, t: torch.stack([1.5 * u[0] - u[0] * u[1], -3.0 * u[1] + u[0] * u[1]]),
@@ -164,6 +178,12 @@ def bench_training_step(repeats: int) -> list[dict[str, Any]]:
         ("diffeqlayers, C++ MLP", "tsit5", "rd", step_dl(mlp, mlp, "tsit5", "rd")),
         ("diffeqlayers, C++ MLP", "dopri5", "discrete", step_dl(mlp, mlp, "dopri5", "discrete")),
         ("diffeqlayers, C++ MLP", "tsit5", "discrete", step_dl(mlp, mlp, "tsit5", "discrete")),
+        (
+            "diffeqlayers, C++ MLP, tensor loop",
+            "tsit5",
+            "discrete",
+            tensor_loop(step_dl(mlp, mlp, "tsit5", "discrete")),
+        ),
         (
             "diffeqlayers, C++ MLP",
             "tsit5",
@@ -285,6 +305,14 @@ def bench_spiral(repeats: int) -> list[dict[str, Any]]:
     contenders: list[tuple[str, str, str, Callable[[], float]]] = []
     for mode in fns:
         contenders.append(("diffeqlayers, C++ MLP", "tsit5", mode, gradient(mlp, mlp, mode)))
+    contenders.append(
+        (
+            "diffeqlayers, C++ MLP, tensor loop",
+            "tsit5",
+            "discrete",
+            tensor_loop(gradient(mlp, mlp, "discrete")),
+        )
+    )
     for mode in ("rd", "interpolating"):
         contenders.append(("diffeqlayers, Python f", "tsit5", mode, gradient(f_py, net, mode)))
     contenders.append(("torchdiffeq", "dopri5", "reverse mode", tdq(False)))
@@ -511,7 +539,11 @@ def bench_overhead(repeats: int) -> list[dict[str, Any]]:
             def f_py(u: torch.Tensor, p: object, t: float, net: nn.Module = net) -> torch.Tensor:
                 return net(u)
 
-            for impl, f, module in (("Python f", f_py, net), ("C++ MLP", mlp, mlp)):
+            impls = [("Python f", f_py, net), ("C++ MLP", mlp, mlp)]
+            if not grad and not big:
+                # A no-grad solve of the small MLP runs on host arrays; the same on tensors.
+                impls.append(("C++ MLP, tensor loop", mlp, mlp))
+            for impl, f, module in impls:
                 prob = dl.ODEProblem(f, u0, span, module)
 
                 def solve(
@@ -523,6 +555,9 @@ def bench_overhead(repeats: int) -> list[dict[str, Any]]:
                 ) -> dl.Solution:
                     with torch.set_grad_enabled(grad):
                         return dl.solve(prob, method, saveat=t, **tol)
+
+                if impl.endswith("tensor loop"):
+                    solve = tensor_loop(solve)
 
                 nfe = solve().stats.nfe
                 (t_solve,) = median_times([solve], min(repeats, 5) if big else repeats)

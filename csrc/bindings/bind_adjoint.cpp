@@ -55,6 +55,7 @@ void bind_adjoint(py::module& m) {
       .def_readonly("nfe", &AdjointStats::nfe)
       .def_readonly("nvjp", &AdjointStats::nvjp)
       .def_readonly("nvjp_native", &AdjointStats::nvjp_native)
+      .def_readonly("host_loop", &AdjointStats::host_loop)
       .def_readonly("naccept", &AdjointStats::naccept)
       .def_readonly("nreject", &AdjointStats::nreject)
       .def_readonly("replayed_steps", &AdjointStats::replayed_steps)
@@ -78,7 +79,7 @@ void bind_adjoint(py::module& m) {
         if (!adjoint.vjp && py::isinstance<bindings::NativeDynamics>(f))
           adjoint.vjp = f.cast<const bindings::NativeDynamics&>().vjp;
         bool native = false;
-        Dynamics dyn = bindings::dynamics_from(std::move(f), &native);
+        Dynamics dyn = bindings::dynamics_from(std::move(f), &native, &options);
         // Native dynamics raise C++ exceptions only, which the engine transports as they are.
         if (!native) adjoint.backward_dynamics = backward_dynamics(dyn);
         if (!norm.is_none()) options.norm = bindings::python_norm(std::move(norm));

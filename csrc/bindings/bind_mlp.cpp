@@ -9,6 +9,7 @@
 
 #include "bindings/native_dynamics.h"
 #include "diffeqlayers/mlp.h"
+#include "integrate/host_rk.h"
 
 namespace py = pybind11;
 using namespace diffeqlayers;
@@ -60,12 +61,18 @@ void bind_mlp(py::module& m) {
       "mlp_dynamics",
       [](const MLPSpec& spec, std::vector<torch::Tensor> params) {
         DynamicsVjp vjp = mlp_vjp(spec, params);
+        std::shared_ptr<const HostDynamics> host = mlp_host(spec, params);
         return NativeDynamics{mlp_dynamics(spec, std::move(params)), "MLP" + spec.repr(),
-                              std::move(vjp)};
+                              std::move(vjp), std::move(host)};
       },
       py::arg("spec"), py::arg("params"),
       "Native dynamics f(t, u) = the MLP with these weights (the same tensors: gradients reach "
       "them); checked once here.");
+  // For benchmarks: whether solves may run on host arrays (SolveOptions::host; on by default),
+  // so that one build measures the host loop against the tensor loop.
+  m.def(
+      "_set_host_loop", [](bool on) { diffeqlayers::detail::set_host_loop_enabled(on); },
+      py::arg("on"));
   // For benchmarks: the mean seconds of one call of native dynamics, timed in C++ (n calls,
   // the GIL released), so that the Python call overhead is not counted as f's cost.
   m.def(

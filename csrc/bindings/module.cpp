@@ -61,7 +61,7 @@ using bindings::without_gil;
 Solution solve_py(py::object f, const torch::Tensor& u0, const torch::Tensor& tspan,
                   SolveOptions options, py::object norm, py::object jac, py::object nonstiff) {
   // A NativeDynamics (the built-in MLP) runs without the GIL for the whole solve.
-  Dynamics dyn = bindings::dynamics_from(std::move(f));
+  Dynamics dyn = bindings::dynamics_from(std::move(f), nullptr, &options);
   if (!norm.is_none()) options.norm = python_norm(std::move(norm));
   // The Jacobian of the stiff methods: a callable like f, called as jac(t, u).
   if (!jac.is_none()) options.jac = python_jacobian(std::move(jac));
@@ -140,6 +140,7 @@ PYBIND11_MODULE(_C, m) {
       .def_readonly("nlu", &Stats::nlu)
       .def_readonly("nnonconverged", &Stats::nnonconverged)
       .def_readonly("ntime_blind", &Stats::ntime_blind)
+      .def_readonly("host_loop", &Stats::host_loop)
       .def_readonly("jac_blocks", &Stats::jac_blocks)
       .def("__repr__", [](const Stats& s) {
         return "Stats(nfe=" + std::to_string(s.nfe) + ", naccept=" + std::to_string(s.naccept) +

@@ -4,6 +4,7 @@
 
 #include <torch/extension.h>
 
+#include <memory>
 #include <string>
 #include <utility>
 
@@ -18,15 +19,21 @@ struct NativeDynamics {
   Dynamics f;
   std::string what;  // for repr and error messages
   DynamicsVjp vjp;   // f's own vector-Jacobian product for the adjoints (empty: autograd's)
+  std::shared_ptr<const HostDynamics> host;  // f on host arrays (SolveOptions::host), or empty
 };
 
 Dynamics python_dynamics(py::object f);  // module.cpp
 
 // f as Dynamics: a NativeDynamics as itself, anything else as a Python callable f(t, u) that
-// takes the GIL per call. `native` is set to whether f was native.
-inline Dynamics dynamics_from(py::object f, bool* native = nullptr) {
+// takes the GIL per call. `native` is set to whether f was native; `options`, when given, gets
+// a native f's host functions.
+inline Dynamics dynamics_from(py::object f, bool* native = nullptr,
+                              SolveOptions* options = nullptr) {
   const bool is_native = py::isinstance<NativeDynamics>(f);
   if (native) *native = is_native;
+  // Its host functions, unless the options bring their own.
+  if (is_native && options != nullptr && !options->host)
+    options->host = f.cast<const NativeDynamics&>().host;
   if (is_native) return f.cast<const NativeDynamics&>().f;
   return python_dynamics(std::move(f));
 }

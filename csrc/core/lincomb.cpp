@@ -9,10 +9,13 @@
 #include <cstdlib>
 #include <string>
 
+#include "core/host_loops.h"
 #include "kernels/ops.h"
 
 namespace diffeqlayers {
 namespace {
+
+using detail::combine_loop;
 
 // sum_j w[j] * terms[j] as one loop over the elements, for contiguous CPU float/double terms of
 // one dtype and size; undefined otherwise. Every combination of the explicit solvers runs through
@@ -23,26 +26,7 @@ namespace {
 // bit from the ATen fallback below, whose add(a, b, alpha) fuses the multiply-add where the CPU
 // has FMA. One loop instead of one ATen op per term is what makes small states cheap: the
 // dispatcher and the allocation of every intermediate cost more than the arithmetic there.
-template <typename scalar_t>
-void combine_loop(scalar_t* out, const std::vector<const scalar_t*>& src,
-                  const std::vector<scalar_t>& w, int64_t begin, int64_t end) {
-  const scalar_t* t0 = src[0];
-  size_t j = 1;
-  if (src.size() > 1 && w[0] == scalar_t(1)) {
-    const scalar_t* t1 = src[1];
-    const scalar_t w1 = w[1];
-    for (int64_t m = begin; m < end; ++m) out[m] = t0[m] + w1 * t1[m];
-    j = 2;
-  } else {
-    const scalar_t w0 = w[0];
-    for (int64_t m = begin; m < end; ++m) out[m] = t0[m] * w0;
-  }
-  for (; j < src.size(); ++j) {
-    const scalar_t* tj = src[j];
-    const scalar_t wj = w[j];
-    for (int64_t m = begin; m < end; ++m) out[m] += wj * tj[m];
-  }
-}
+// (The loop is detail::combine_loop, core/host_loops.h, shared with the host loop of small solves.)
 
 // Whether combine_fused_into takes these terms and this output.
 bool fusable(at::TensorList terms, const torch::Tensor& out) {
@@ -254,12 +238,7 @@ bool all_finite(const torch::Tensor& t) {
       (dtype == at::kDouble || dtype == at::kFloat)) {
     bool ok = true;
     AT_DISPATCH_FLOATING_TYPES(dtype, "diffeqlayers_all_finite", [&] {
-      const scalar_t* x = t.const_data_ptr<scalar_t>();
-      const int64_t n = t.numel();
-      // x * 0 is NaN exactly where x is infinite or NaN, and NaN survives the sum.
-      scalar_t acc = 0;
-      for (int64_t i = 0; i < n; ++i) acc += x[i] * scalar_t(0);
-      ok = std::isfinite(static_cast<double>(acc));
+      ok = detail::all_finite_loop(t.const_data_ptr<scalar_t>(), t.numel());
     });
     return ok;
   }

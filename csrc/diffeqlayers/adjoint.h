@@ -81,6 +81,7 @@ struct AdjointStats {
   int64_t nreject = 0;         // rejected steps of the backward solves
   int64_t replayed_steps = 0;  // forward steps recomputed from checkpoints
   int64_t checkpoints = 0;     // states the forward solve kept
+  bool host_loop = false;      // discrete: the steps were reversed on host arrays (HostDynamics)
 };
 
 // solve(f, u0, tspan, options) whose saved states are differentiable by the adjoint method

@@ -10,6 +10,7 @@
 #include <torch/torch.h>
 
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -74,6 +75,12 @@ Dynamics mlp_dynamics(const MLPSpec& spec, std::vector<torch::Tensor> params);
 // tensors); elsewhere it returns false and autograd makes the product.
 DynamicsVjp mlp_vjp(const MLPSpec& spec, std::vector<torch::Tensor> params);
 
+// The MLP on host arrays (HostDynamics, for SolveOptions::host): the same host loops as
+// mlp_forward and mlp_vjp, bitwise; it applies where mlp_forward takes those loops (CPU
+// float/double, small evaluations) and the MLP maps the state to its own shape.
+std::shared_ptr<const HostDynamics> mlp_host(const MLPSpec& spec,
+                                             std::vector<torch::Tensor> params);
+
 struct MLPOptions {
   /* implicit */ MLPOptions(std::vector<int64_t> sizes) : sizes_(std::move(sizes)) {}
   TORCH_ARG(std::vector<int64_t>, sizes);
@@ -109,6 +116,8 @@ class MLPImpl : public torch::nn::Module {
   Dynamics dynamics() const;
   // mlp_vjp over these weights, for AdjointOptions::vjp.
   DynamicsVjp vjp() const;
+  // mlp_host over these weights, for SolveOptions::host.
+  std::shared_ptr<const HostDynamics> host() const;
 
   MLPOptions options;
 

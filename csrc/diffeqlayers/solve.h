@@ -51,6 +51,31 @@ struct ControllerOptions {
   static ControllerOptions PID() { return {0.49, -0.34, 0.1}; }
 };
 
+// The same dynamics on raw host arrays, for small solves on the CPU: a solve that records
+// nothing (inference, the adjoints' forward solves) then runs its whole loop on plain arrays, and
+// the discrete adjoint reverses its steps there, with no tensor op per stage. It must compute f
+// exactly as the Dynamics it accompanies does (bitwise: the host and tensor paths then take the
+// same steps). The built-in MLP supplies one (mlp_host in mlp.h); SolveOptions::host takes it.
+template <typename T>
+struct HostFunctions {
+  // y = f(t, u) for a state of n elements (contiguous, as the state tensor lays them out).
+  std::function<void(double t, int64_t n, const T* u, T* y)> f;
+  // fu = f(t, u), du = lambda^T df/du, and lambda^T df/dparams[i] added into dparams[i] for every
+  // entry that is not null (one entry per HostDynamics::params, laid out as that tensor).
+  std::function<void(double t, int64_t n, const T* u, const T* lambda, T* fu, T* du,
+                     const std::vector<T*>& dparams)>
+      vjp;
+};
+
+struct HostDynamics {
+  // Whether the host functions take this state (CPU, dtype, size). Checked once per solve.
+  std::function<bool(const torch::Tensor& u)> applies;
+  HostFunctions<float> f32;
+  HostFunctions<double> f64;
+  // Every tensor f reads: a solve that records a gradient for one of them runs on tensors.
+  std::vector<torch::Tensor> params;
+};
+
 struct SolveOptions {
   std::string method = "tsit5";
   double rtol = 1e-7;
@@ -105,6 +130,9 @@ struct SolveOptions {
   // explicitly (IMEX, its additive tableau pair; the Jacobian, jac included, is that of f alone);
   // every other method solves the sum. Empty: no split.
   Dynamics nonstiff;
+  // f on host arrays (see HostDynamics): explicit methods run on it when the solve records nothing,
+  // the state is small and on the CPU, and norm is the default; empty: always tensors.
+  std::shared_ptr<const HostDynamics> host;
 };
 
 enum class ReturnCode { Success, MaxIters, DtLessThanMin, Unstable };
@@ -126,6 +154,8 @@ struct Stats {
   // explicit dependence on t (rosenbrock.cpp), so such a solve's steps are not controlled for it
   // (Python warns; rodas5p is the method for such f).
   int64_t ntime_blind = 0;
+  // The loop ran on host arrays (SolveOptions::host; see its conditions there).
+  bool host_loop = false;
 };
 
 // A failed solve: the message names the cause, t and dt.

@@ -15,6 +15,8 @@
 #include "diffeqlayers/solve.h"
 #include "diffeqlayers/stiff.h"
 #include "integrate/buffer_pool.h"
+#include "integrate/explicit_loop.h"
+#include "integrate/host_rk.h"
 #include "integrate/tape.h"
 #include "kernels/ops.h"
 #include "solvers/stiff.h"
@@ -69,8 +71,7 @@ class Integrator {
   // The norm of a scaled error as a 0-d tensor (no host synchronisation): the user's, checked to
   // give one number, or the RMS norm.
   torch::Tensor norm_tensor(const torch::Tensor& scaled) const {
-    if (!o_.norm)
-      return at::linalg_vector_norm(scaled, 2) / std::sqrt(static_cast<double>(scaled.numel()));
+    if (!o_.norm) return detail::rms_norm(scaled);
     torch::Tensor n = o_.norm(scaled);
     TORCH_CHECK_VALUE(n.numel() == 1, "norm must return a scalar, got a tensor of shape ",
                       n.sizes());
@@ -127,19 +128,7 @@ class Integrator {
     const bool fsal = tab_.fsal();
     const bool want_every_step = saveat.empty();
 
-    // Stops the steps must land on: user tstops inside the span, then t1.
-    std::vector<double> stops;
-    for (double ts : o_.tstops)
-      if (dir * (ts - t0) > 0 && dir * (t1 - ts) > 0) stops.push_back(ts);
-    // An interpolant much less accurate than the method (cubic Hermite on dopri8's long steps)
-    // would spoil the save points: step onto them instead.
-    const int interp_order = tab_.has_dense() ? tab_.dense_order : 3;
-    if (adaptive && interp_order + 1 < tab_.order)
-      for (double ts : saveat)
-        if (dir * (ts - t0) > 0 && dir * (t1 - ts) > 0) stops.push_back(ts);
-    std::sort(stops.begin(), stops.end(), [&](double a, double b) { return dir * (a - b) < 0; });
-    stops.erase(std::unique(stops.begin(), stops.end()), stops.end());
-    stops.push_back(t1);
+    const std::vector<double> stops = detail::step_stops(o_, tab_, t0, t1, saveat);
     size_t stop_idx = 0;
 
     std::vector<double> out_t;
@@ -198,36 +187,16 @@ class Integrator {
 
     while (t != t1) {
       if (stats.naccept + stats.nreject >= o_.max_num_steps) {
-        return fail(ReturnCode::MaxIters, t, dir * h,
-                    "max_num_steps (" + std::to_string(o_.max_num_steps) +
-                        ") reached before the end of the span; raise max_num_steps, loosen the "
-                        "tolerances, or, if the problem is stiff, use a stiff solver",
-                    out_t, out_u, dense_steps);
+        return fail(ReturnCode::MaxIters, t, dir * h, detail::max_steps_why(o_), out_t, out_u,
+                    dense_steps);
       }
       if ((adaptive && (h < o_.dt_min || t + dir * h == t)) || !(h > 0)) {
         const bool unstable = stats.naccept + stats.nreject - last_nonfinite <= 50;
         return fail(unstable ? ReturnCode::Unstable : ReturnCode::DtLessThanMin, t, dir * h,
-                    unstable ? "the state became non-finite (NaN/Inf) and shrinking the "
-                               "step did not help"
-                             : "step size underflow (below dt_min=" + fmt(o_.dt_min) +
-                                   " or machine precision); the problem may be stiff "
-                                   "or have a singularity",
-                    out_t, out_u, dense_steps);
+                    detail::underflow_why(o_, unstable), out_t, out_u, dense_steps);
       }
-      const double stop = stops[stop_idx];
-      double tnew;
-      double hh;  // signed step actually taken
-      bool lands;
-      if (!adaptive) {
-        tnew = fixed_base + dir * h * static_cast<double>(fixed_n + 1);
-        lands = dir * (tnew - stop) >= -1e-12 * h;
-        if (lands) tnew = stop;
-        hh = tnew - t;
-      } else {
-        lands = h >= std::abs(stop - t) * (1 - 1e-12);
-        tnew = lands ? stop : t + dir * h;
-        hh = lands ? stop - t : dir * h;
-      }
+      const auto [tnew, hh, lands] =
+          detail::step_target(adaptive, t, h, dir, stops[stop_idx], fixed_base, fixed_n);
 
       k[0] = k1;
       torch::Tensor unew =
@@ -238,20 +207,11 @@ class Integrator {
         auto [err, finite] = step_error(u, unew, k, hh);
         finite = finite && std::isfinite(err);
         if (!finite) last_nonfinite = stats.naccept + stats.nreject;
-        accepted = finite && err <= 1.0;
-        const double factor = finite ? controller.propose(err, accepted)
-                                     : (controller.propose(1e10, false), o_.controller.factor_min);
+        accepted = detail::control_step(controller, o_, err, finite, hh, lands, h, h_next_);
         if (!accepted) {
           ++stats.nreject;
-          h = std::abs(hh) * factor;
           continue;
         }
-        const double h_unclipped = h;
-        h = std::min(std::abs(hh) * factor, o_.dt_max);
-        // A step clipped short to land on a stop says little about the step size the solution
-        // allows: when it wanted to grow, resume from the step proposed before clipping.
-        if (lands && factor >= 1.0) h = std::min(std::max(h, h_unclipped), o_.dt_max);
-        h_next_ = h;
       } else if (o_.check_finite) {
         if (!all_finite(unew))
           return fail(ReturnCode::Unstable, t, hh,
@@ -323,10 +283,7 @@ class Integrator {
   Solution fail(ReturnCode code, double t, double dt, const std::string& why,
                 std::vector<double>& out_t, std::vector<torch::Tensor>& out_u,
                 std::vector<DenseStep>& dense_steps) {
-    std::string msg = tab_.name + " failed (" + to_string(code) + ") at t=" + fmt(t) +
-                      ", dt=" + fmt(dt) + ": " + why + " [nfe=" + std::to_string(stats.nfe) +
-                      ", accepted=" + std::to_string(stats.naccept) +
-                      ", rejected=" + std::to_string(stats.nreject) + "]";
+    const std::string msg = detail::failure_message(tab_.name, code, t, dt, why, stats);
     if (o_.throw_on_failure) throw SolverError(code, t, dt, msg);
     return finish(code, msg, out_t, out_u, dense_steps, dt >= 0 ? 1 : -1, !o_.saveat.defined());
   }
@@ -422,6 +379,83 @@ std::vector<double> check_saveat(const torch::Tensor& saveat, double t0, double 
 
 namespace detail {
 
+std::vector<double> step_stops(const SolveOptions& o, const Tableau& tab, double t0, double t1,
+                               const std::vector<double>& saveat) {
+  const int dir = t1 > t0 ? 1 : -1;
+  std::vector<double> stops;
+  for (double ts : o.tstops)
+    if (dir * (ts - t0) > 0 && dir * (t1 - ts) > 0) stops.push_back(ts);
+  // An interpolant much less accurate than the method (cubic Hermite on dopri8's long steps)
+  // would spoil the save points: step onto them instead.
+  const int interp_order = tab.has_dense() ? tab.dense_order : 3;
+  if (tab.adaptive() && o.adaptive && interp_order + 1 < tab.order)
+    for (double ts : saveat)
+      if (dir * (ts - t0) > 0 && dir * (t1 - ts) > 0) stops.push_back(ts);
+  std::sort(stops.begin(), stops.end(), [&](double a, double b) { return dir * (a - b) < 0; });
+  stops.erase(std::unique(stops.begin(), stops.end()), stops.end());
+  stops.push_back(t1);
+  return stops;
+}
+
+StepTarget step_target(bool adaptive, double t, double h, int dir, double stop, double fixed_base,
+                       int64_t fixed_n) {
+  StepTarget s{};
+  if (!adaptive) {
+    // Fixed steps are placed at base + n * h, so that many steps do not accumulate rounding.
+    s.tnew = fixed_base + dir * h * static_cast<double>(fixed_n + 1);
+    s.lands = dir * (s.tnew - stop) >= -1e-12 * h;
+    if (s.lands) s.tnew = stop;
+    s.hh = s.tnew - t;
+  } else {
+    s.lands = h >= std::abs(stop - t) * (1 - 1e-12);
+    s.tnew = s.lands ? stop : t + dir * h;
+    s.hh = s.lands ? stop - t : dir * h;
+  }
+  return s;
+}
+
+bool control_step(StepController& controller, const SolveOptions& o, double err, bool finite,
+                  double hh, bool lands, double& h, double& h_next) {
+  const bool accepted = finite && err <= 1.0;
+  const double factor = finite ? controller.propose(err, accepted)
+                               : (controller.propose(1e10, false), o.controller.factor_min);
+  if (!accepted) {
+    h = std::abs(hh) * factor;
+    return false;
+  }
+  const double h_unclipped = h;
+  h = std::min(std::abs(hh) * factor, o.dt_max);
+  // A step clipped short to land on a stop says little about the step size the solution
+  // allows: when it wanted to grow, resume from the step proposed before clipping.
+  if (lands && factor >= 1.0) h = std::min(std::max(h, h_unclipped), o.dt_max);
+  h_next = h;
+  return true;
+}
+
+std::string max_steps_why(const SolveOptions& o) {
+  return "max_num_steps (" + std::to_string(o.max_num_steps) +
+         ") reached before the end of the span; raise max_num_steps, loosen the tolerances, or, "
+         "if the problem is stiff, use a stiff solver";
+}
+
+std::string underflow_why(const SolveOptions& o, bool unstable) {
+  return unstable ? "the state became non-finite (NaN/Inf) and shrinking the step did not help"
+                  : "step size underflow (below dt_min=" + fmt(o.dt_min) +
+                        " or machine precision); the problem may be stiff or have a singularity";
+}
+
+std::string failure_message(const std::string& method, ReturnCode code, double t, double dt,
+                            const std::string& why, const Stats& stats) {
+  return method + " failed (" + to_string(code) + ") at t=" + fmt(t) + ", dt=" + fmt(dt) + ": " +
+         why + " [nfe=" + std::to_string(stats.nfe) +
+         ", accepted=" + std::to_string(stats.naccept) +
+         ", rejected=" + std::to_string(stats.nreject) + "]";
+}
+
+torch::Tensor rms_norm(const torch::Tensor& x) {
+  return at::linalg_vector_norm(x, 2) / std::sqrt(static_cast<double>(x.numel()));
+}
+
 torch::Tensor checked_eval(const Dynamics& f, double t, const torch::Tensor& u, int64_t& nfe) {
   torch::Tensor out = f(t, u);
   ++nfe;
@@ -495,10 +529,10 @@ void Tape::record(double t0, double hh, const torch::Tensor& u, const torch::Ten
   const int64_t j = steps();
   t.push_back(t0);
   h.push_back(hh);
-  u_end = unew.detach();
+  if (unew.defined()) u_end = unew.detach();
   t_end = t0 + hh;
   if (!store_states) return;
-  if (j % stride == 0) checkpoints.emplace(j, u.detach());
+  if (keeps(j)) checkpoints.emplace(j, u.detach());
   if (cap > 0 && static_cast<int64_t>(checkpoints.size()) > cap) {
     stride *= 2;
     for (auto it = checkpoints.begin(); it != checkpoints.end();)
@@ -587,6 +621,10 @@ Solution integrate(const Dynamics& f, const torch::Tensor& u0, const Prepared& p
     TORCH_CHECK(tape == nullptr, "internal: the stiff methods keep no step tape");
     return stiff::solve_stiff(f, u0, prep.t0, prep.t1, prep.saveat, options);
   }
+  // Small CPU solves that record nothing, with dynamics on host arrays: the host loop, which
+  // takes the same steps (integrate/host_rk.h).
+  if (!bench_unfused() && host_loop_applies(options, u0))
+    return host_integrate(f, *prep.tab, options, u0, prep.t0, prep.t1, prep.saveat, tape);
   Integrator integ(f, *prep.tab, options, tape);
   return integ.run(u0, prep.t0, prep.t1, prep.saveat);
 }

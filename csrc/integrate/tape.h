@@ -43,7 +43,11 @@ struct Tape {
   double t_end = 0.0;
 
   int64_t steps() const { return static_cast<int64_t>(t.size()); }
-  // Records an accepted step from (t0, u) of signed size hh that ended in (t0 + hh, unew).
+  // Whether record() keeps the start state of the step with index j (the next one recorded when
+  // j == steps()): u may be left undefined otherwise.
+  bool keeps(int64_t j) const { return store_states && j % stride == 0; }
+  // Records an accepted step from (t0, u) of signed size hh that ended in (t0 + hh, unew). An
+  // undefined unew leaves u_end to the caller (who sets it once the loop ends).
   void record(double t0, double hh, const torch::Tensor& u, const torch::Tensor& unew);
 };
 

@@ -18,10 +18,13 @@
 #include <cmath>
 #include <limits>
 
+#include "core/host_loops.h"
 #include "core/lincomb.h"
 
 namespace diffeqlayers::kernels {
 namespace {
+
+using detail::error_sum_sq;
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
@@ -284,34 +287,6 @@ torch::Tensor error_norm_aten(at::TensorList ks, at::ArrayRef<double> weights, d
   return at::linalg_vector_norm(scaled, 2, std::nullopt, false, at::kDouble)
       .div_(std::sqrt(n))
       .to(y0.scalar_type());
-}
-
-// Sum over [begin, end) of s^2, s = e / (max(|y0|, |y1|) * rtol + atol) with e the combination
-// of the stages taken as combine_loop takes it (so e equals the solver's error estimate
-// bitwise), accumulated in double.
-template <typename scalar_t>
-double error_sum_sq(const std::vector<const scalar_t*>& k, const std::vector<scalar_t>& w,
-                    const scalar_t* y0, const scalar_t* y1, scalar_t atol, scalar_t rtol,
-                    int64_t begin, int64_t end) {
-  const size_t nk = k.size();
-  double acc = 0.0;
-  for (int64_t m = begin; m < end; ++m) {
-    scalar_t e;
-    size_t j = 1;
-    if (nk > 1 && w[0] == scalar_t(1)) {
-      e = k[0][m] + w[1] * k[1][m];
-      j = 2;
-    } else {
-      e = k[0][m] * w[0];
-    }
-    for (; j < nk; ++j) e += w[j] * k[j][m];
-    const scalar_t a0 = std::abs(y0[m]), a1 = std::abs(y1[m]);
-    // NaN propagates, as in at::maximum.
-    const scalar_t mx = std::isnan(a1) ? a1 : (a0 < a1 ? a1 : a0);
-    const double s = static_cast<double>(e / (mx * rtol + atol));
-    acc += s * s;
-  }
-  return acc;
 }
 
 bool error_fusable(at::TensorList ks, const torch::Tensor& y0, const torch::Tensor& y1) {

@@ -667,6 +667,48 @@ DynamicsVjp mlp_vjp(const MLPSpec& spec, std::vector<torch::Tensor> params) {
   };
 }
 
+namespace {
+
+template <typename T>
+HostFunctions<T> mlp_host_functions(const MLPSpec& spec, const std::vector<torch::Tensor>& params) {
+  HostFunctions<T> out;
+  // As host_forward without a kept workspace: row by row through one reused workspace row.
+  out.f = [spec, params](double t, int64_t n, const T* u, T* y) {
+    const int64_t n0 = spec.sizes[0];
+    const int64_t nout = spec.sizes.back();
+    std::vector<T> ws(static_cast<size_t>(workspace_row(spec)));
+    for (int64_t r = 0; r < n / n0; ++r)
+      host_forward_rows<T>(spec, params, t, u + r * n0, 1, y + r * nout, ws.data());
+  };
+  // As mlp_vjp: one forward keeping every row's activations, one backward.
+  out.vjp = [spec, params](double t, int64_t n, const T* u, const T* lambda, T* fu, T* du,
+                           const std::vector<T*>& dparams) {
+    const int64_t rows = n / spec.sizes[0];
+    std::vector<T> ws(static_cast<size_t>(rows * workspace_row(spec)));
+    host_forward_rows<T>(spec, params, t, u, rows, fu, ws.data());
+    host_backward_rows<T>(spec, params, u, ws.data(), lambda, rows, dparams, du);
+  };
+  return out;
+}
+
+}  // namespace
+
+std::shared_ptr<const HostDynamics> mlp_host(const MLPSpec& spec,
+                                             std::vector<torch::Tensor> params) {
+  spec.check();
+  spec.check_params(params);
+  auto host = std::make_shared<HostDynamics>();
+  host->applies = [spec, params](const torch::Tensor& u) {
+    return spec.sizes.back() == spec.sizes[0] && u.dim() >= 1 && u.size(-1) == spec.sizes[0] &&
+           u.scalar_type() == params[0].scalar_type() && u.is_contiguous() &&
+           host_loops_apply(spec, params, u);
+  };
+  host->f32 = mlp_host_functions<float>(spec, params);
+  host->f64 = mlp_host_functions<double>(spec, params);
+  host->params = std::move(params);
+  return host;
+}
+
 MLPImpl::MLPImpl(MLPOptions options_)
     : options(std::move(options_)),
       spec_(make_mlp_spec(options.sizes(), options.activation(), options.activations(),
@@ -703,6 +745,8 @@ torch::Tensor MLPImpl::forward_at(double t, const torch::Tensor& u) {
 Dynamics MLPImpl::dynamics() const { return mlp_dynamics(spec_, weights()); }
 
 DynamicsVjp MLPImpl::vjp() const { return mlp_vjp(spec_, weights()); }
+
+std::shared_ptr<const HostDynamics> MLPImpl::host() const { return mlp_host(spec_, weights()); }
 
 void MLPImpl::pretty_print(std::ostream& stream) const {
   stream << "diffeqlayers::MLP" << spec_.repr();

@@ -47,6 +47,8 @@ torch::Tensor NeuralODEImpl::forward(const torch::Tensor& x) {
   const torch::Tensor span =
       torch::tensor({options_.t0(), options_.t1()}, torch::dtype(torch::kFloat64));
   if (options_.sensealg() == "fd") return forward_fd(x, so, span, trajectory);
+  // The built-in MLP on host arrays, for solves that record nothing (inference, the adjoints).
+  if (mlp != nullptr) so.host = mlp->host();
   Solution sol;
   if (kind.empty()) {
     sol = solve(f, x, span, so);

@@ -26,6 +26,7 @@
 #include "core/lincomb.h"
 #include "diffeqlayers/adams.h"
 #include "diffeqlayers/stiff.h"
+#include "integrate/host_rk.h"
 #include "integrate/interpolation.h"
 #include "integrate/tape.h"
 #include "solvers/esdirk.h"
@@ -676,7 +677,14 @@ Grads backward_discrete(AdjointState& s, const torch::Tensor& G) {
                                                                    tape.saves[r].theta);
 
   Replay replay(s, stats);
-  torch::Tensor lam = at::zeros(s.shape, s.out.options());
+  torch::Tensor lam;
+  // Dynamics on host arrays: every step reversed by host loops (integrate/host_rk.h).
+  if (s.options.host &&
+      detail::host_discrete_backward(
+          *s.options.host, tab, tape, rows, [&](int64_t j) { return replay.state(j); },
+          [&](int64_t j) { replay.release_from(j); }, G, wrt, s.shape, lam, gp, stats))
+    return {lam, gp};
+  lam = at::zeros(s.shape, s.out.options());
   const bool by_vjp = static_cast<bool>(s.adjoint.vjp);
   for (int64_t j = nsteps - 1; j >= 0; --j) {
     std::vector<int64_t> inner;

@@ -34,15 +34,18 @@ class Solution:
     Attributes:
         t: the saved times, a float64 tensor of shape ``[n]``.
         u: the saved states, shape ``[n, *u0.shape]`` (time first, as in torchdiffeq).
-        stats: ``nfe`` (evaluations of f), ``naccept`` and ``nreject`` (steps).
+        stats: ``nfe`` (evaluations of f), ``naccept`` and ``nreject`` (steps); ``host_loop``:
+            the solve ran on plain host arrays (the built-in MLP on a small CPU state, recording
+            no gradient: inference and the adjoints' forward solves), not tensor ops.
         retcode: a :class:`diffeqlayers.ReturnCode`; ``Success`` unless the solve was asked not
             to raise on failure (``throw_on_failure=False``).
         message: why the solve failed, with ``t`` and ``dt``; empty on success.
         adjoint_stats: for a solve differentiated by an adjoint (:func:`diffeq_adjoint`), what
             its backward did (``nfe``, ``nvjp``, ``nvjp_native`` (products made by the
             dynamics' own vector-Jacobian product, the built-in MLP's, without autograd),
-            ``naccept``, ``nreject``, ``replayed_steps``, ``checkpoints``), filled in once
-            backward has run (``done``); otherwise None.
+            ``naccept``, ``nreject``, ``replayed_steps``, ``checkpoints``, ``host_loop``: the
+            discrete adjoint reversed the steps on host arrays), filled in once backward has
+            run (``done``); otherwise None.
         sample_stats: for a ``per_sample=True`` solve, each sample's steps
             (:class:`SampleStats`); otherwise None.
 
