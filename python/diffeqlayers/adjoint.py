@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
 from typing import Any, Optional
 
@@ -48,6 +49,11 @@ def _tolerance(name: str, value: Any) -> float:
     return float(value)
 
 
+@functools.lru_cache(maxsize=1)
+def _known_methods() -> frozenset[str]:
+    return frozenset(_C.methods()) | frozenset(_C.stiff_methods())
+
+
 def adjoint_options(
     sensealg: str = "interpolating",
     *,
@@ -64,7 +70,7 @@ def adjoint_options(
         )
     if adjoint_method is not None and not isinstance(adjoint_method, str):
         raise TypeError(f"adjoint_method must be a method name, got {adjoint_method!r}")
-    known = set(_C.methods()) | set(_C.stiff_methods())
+    known = _known_methods()
     if adjoint_method is not None and adjoint_method not in known:
         raise ValueError(f"unknown adjoint_method {adjoint_method!r}; available: {sorted(known)}")
     if isinstance(checkpoints, bool) or not isinstance(checkpoints, int) or checkpoints < 0:
@@ -168,10 +174,12 @@ def diffeq_adjoint(
         seminorm=seminorm,
         checkpoints=checkpoints,
     )
+    p_tensors = parameter_tensors(p)
     if adjoint_params is not None:
         params = checked_adjoint_params(adjoint_params)
     else:
-        params = _distinct(parameter_tensors(p))
-    prob = remake(prob, p=p)
-    sol = solve(prob, solver, u0=u0, _adjoint=(options, params), **solve_kwargs)
+        params = _distinct(p_tensors)
+    if p is not prob.p:
+        prob = remake(prob, p=p)
+    sol = solve(prob, solver, u0=u0, _adjoint=(options, params, p_tensors), **solve_kwargs)
     return reduction(sol)

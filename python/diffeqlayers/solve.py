@@ -73,6 +73,8 @@ def _positive_int(name: str, value: Any, low: int, high: Optional[int] = None) -
 
 def _span_tensor(tspan: Sequence[Any]) -> torch.Tensor:
     """(t0, t1) as a float64 tensor, keeping the graph of entries that require grad."""
+    if all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in tspan):
+        return torch.tensor([float(x) for x in tspan], dtype=torch.float64)
     parts = []
     for x in tspan:
         if isinstance(x, torch.Tensor):
@@ -163,7 +165,7 @@ def solve(
     max_order: Optional[int] = None,
     max_iters: Optional[int] = None,
     per_sample: bool = False,
-    _adjoint: Optional[tuple[_C.AdjointOptions, list[torch.Tensor]]] = None,
+    _adjoint: Optional[tuple[_C.AdjointOptions, list[torch.Tensor], list[torch.Tensor]]] = None,
 ) -> Solution:
     """Solve an :class:`ODEProblem`.
 
@@ -259,7 +261,8 @@ def solve(
             (``nfe``, each on the whole batch) and the steps summed over the samples;
             ``sol.sample_stats`` each sample's ``naccept`` and ``nreject`` and the number of
             loop ``iterations``.
-        _adjoint: private (:func:`diffeq_adjoint` passes its options and parameters here).
+        _adjoint: private: the adjoint's options and the parameters it differentiates
+            (:func:`diffeq_adjoint` adds the tensors in ``p``, which it has already listed).
 
     Returns:
         A :class:`Solution`: ``sol.t`` ``[n]``, ``sol.u`` ``[n, *u0.shape]``, ``sol.stats``.
@@ -308,7 +311,9 @@ def solve(
     opts.save_start = bool(save_start)
     opts.check_finite = bool(check_finite)
     opts.throw_on_failure = bool(throw_on_failure)
-    opts.params = parameter_tensors(prob.p)
+    # The tensors in p (checked for dtype and device against u0); diffeq_adjoint has them.
+    p_given = _adjoint is not None and len(_adjoint) > 2
+    opts.params = _adjoint[2] if p_given else parameter_tensors(prob.p)
 
     f, p = prob.f, prob.p
 
@@ -394,7 +399,7 @@ def solve(
         return Solution(raw, sample_stats=SampleStats(naccept, nreject, iterations))
 
     if _adjoint is not None:
-        options, params = _adjoint
+        options, params = _adjoint[0], _adjoint[1]
         sol = Solution(_C.solve_adjoint(native or rhs, state, span, params, opts, options, norm))
         _warn_time_blind(solver, sol)
         return sol
