@@ -1,8 +1,14 @@
 // Step-size control: the PID controller and Hairer & Wanner's automatic initial step.
 #include "control/controller.h"
 
+#include <ATen/Dispatch.h>
+
 #include <algorithm>
 #include <cmath>
+#include <vector>
+
+#include "core/lincomb.h"
+#include "integrate/explicit_loop.h"
 
 namespace diffeqlayers {
 
@@ -41,15 +47,82 @@ double StepController::propose(double err, bool accepted) {
   return factor;
 }
 
+namespace {
+
+// A plain contiguous CPU float/double tensor (no tangent, no wrapper), readable in place.
+bool host_readable(const torch::Tensor& x, at::ScalarType dtype) {
+  return x.device().is_cpu() && x.scalar_type() == dtype && x.is_contiguous() && plain_strided(x) &&
+         !x.is_neg() && !x.is_conj() && !x._fw_grad(/*level=*/0).defined();
+}
+
+// initial_step with the RMS norm by host loops (one pass per norm, no temporaries): the
+// quotients in the state's dtype, their squares summed in double. Returns 0 where it does not
+// apply (then the tensor ops run).
+template <typename T>
+double initial_step_rms_host(const Dynamics& f, double t0, const torch::Tensor& u0,
+                             const torch::Tensor& f0, int order, int direction, double span,
+                             double rtol, double atol, int64_t& nfe) {
+  const int64_t n = u0.numel();
+  const T* u = u0.const_data_ptr<T>();
+  const T* k0 = f0.const_data_ptr<T>();
+  std::vector<T> scale(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i)
+    scale[static_cast<size_t>(i)] = std::abs(u[i]) * static_cast<T>(rtol) + static_cast<T>(atol);
+  auto rms = [&](auto&& value) {
+    double acc = 0.0;
+    for (int64_t i = 0; i < n; ++i) {
+      const auto q = static_cast<double>(static_cast<T>(value(i) / scale[static_cast<size_t>(i)]));
+      acc += q * q;
+    }
+    return std::sqrt(acc / static_cast<double>(n));
+  };
+  const double d0 = rms([&](int64_t i) { return u[i]; });
+  const double d1 = rms([&](int64_t i) { return k0[i]; });
+  TORCH_CHECK_VALUE(std::isfinite(d0) && std::isfinite(d1),
+                    "the error norm of the initial state or of f(t0, u0) is not a finite, "
+                    "non-negative number (got ",
+                    d0, " and ", d1, "): check the norm");
+  const double h0 = initial_step_trial(d0, d1, span);
+  torch::Tensor u1 = at::empty_like(u0);
+  T* p1 = u1.mutable_data_ptr<T>();
+  const auto w = static_cast<T>(direction * h0);
+  for (int64_t i = 0; i < n; ++i) p1[i] = u[i] + w * k0[i];
+  // Detached: f may read parameters that carry tangents (forward mode).
+  const torch::Tensor k1 = f(t0 + direction * h0, u1).detach();
+  ++nfe;
+  if (!k1.defined() || k1.numel() != n || !host_readable(k1, u0.scalar_type())) return 0.0;
+  const T* pk = k1.const_data_ptr<T>();
+  const double d2 = rms([&](int64_t i) { return pk[i] - k0[i]; }) / h0;
+  return initial_step_final(h0, d1, d2, order, span);
+}
+
+}  // namespace
+
 double initial_step(const Dynamics& f, double t0, const torch::Tensor& u0, const torch::Tensor& f0,
                     int order, int direction, double span, double rtol, double atol,
                     const std::function<double(const torch::Tensor&)>& norm, int64_t& nfe) {
   at::NoGradGuard no_grad;
+  // Primal values only (detach drops autograd history and forward-mode tangents alike), so
+  // that a forward-mode solve starts with the step of the plain one.
   const torch::Tensor u = u0.detach();
   const torch::Tensor k0 = f0.detach();
+  const auto dtype = u.scalar_type();
+  if (!norm && (dtype == at::kFloat || dtype == at::kDouble) && host_readable(u, dtype) &&
+      host_readable(k0, dtype) && k0.numel() == u.numel()) {
+    double h = 0.0;
+    AT_DISPATCH_FLOATING_TYPES(dtype, "diffeqlayers_initial_step", [&] {
+      h = initial_step_rms_host<scalar_t>(f, t0, u, k0, order, direction, span, rtol, atol, nfe);
+    });
+    if (h > 0.0) return h;
+    --nfe;  // f's value did not suit the loops: the tensor ops below evaluate it again
+  }
+  const std::function<double(const torch::Tensor&)> rms = [](const torch::Tensor& x) {
+    return detail::rms_norm(x).item<double>();
+  };
+  const auto& nrm = norm ? norm : rms;
   const torch::Tensor scale = u.abs().mul_(rtol).add_(atol);
-  const double d0 = norm(u / scale);
-  const double d1 = norm(k0 / scale);
+  const double d0 = nrm(u / scale);
+  const double d1 = nrm(k0 / scale);
   TORCH_CHECK_VALUE(std::isfinite(d0) && std::isfinite(d1) && d0 >= 0 && d1 >= 0,
                     "the error norm of the initial state or of f(t0, u0) is not a finite, "
                     "non-negative number (got ",
@@ -58,7 +131,7 @@ double initial_step(const Dynamics& f, double t0, const torch::Tensor& u0, const
   const torch::Tensor u1 = at::add(u, k0, direction * h0);
   const torch::Tensor k1 = f(t0 + direction * h0, u1);
   ++nfe;
-  const double d2 = norm((k1.detach() - k0) / scale) / h0;
+  const double d2 = nrm((k1.detach() - k0) / scale) / h0;
   return initial_step_final(h0, d1, d2, order, span);
 }
 

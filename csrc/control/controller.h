@@ -24,7 +24,9 @@ class StepController {
 
 // The automatic initial step of Hairer, Norsett & Wanner, Solving ODEs I, II.4 (p. 169):
 // compares |u0|, |f0| and an estimate of the second derivative, all in the error norm.
-// Costs one evaluation of f. `f0` is f(t0, u0); `norm` returns the scaled error norm.
+// Costs one evaluation of f. `f0` is f(t0, u0); `norm` returns the scaled error norm, or is
+// empty for the RMS norm (then, for plain contiguous CPU states, computed by host loops: the
+// explicit tensor and host loops both take this path, so they start with the same step).
 double initial_step(const Dynamics& f, double t0, const torch::Tensor& u0, const torch::Tensor& f0,
                     int order, int direction, double span, double rtol, double atol,
                     const std::function<double(const torch::Tensor&)>& norm, int64_t& nfe);

@@ -176,9 +176,8 @@ Solution run(const HostFunctions<T>& hf, const Dynamics& f, const Tableau& tab,
     // The tensor loop's initial step, on views of the host arrays (its f evaluation included).
     torch::Tensor ut = torch::from_blob(u.data(), shape, opts);
     torch::Tensor kt = torch::from_blob(k(0), shape, opts);
-    h = initial_step(
-        f, t0, ut, kt, tab.order, dir, std::abs(t1 - t0), o.rtol, o.atol,
-        [](const torch::Tensor& x) { return rms_norm(x).template item<double>(); }, stats.nfe);
+    h = initial_step(f, t0, ut, kt, tab.order, dir, std::abs(t1 - t0), o.rtol, o.atol, {},
+                     stats.nfe);
   }
   h = std::min(h, o.dt_max);
 

@@ -170,9 +170,10 @@ class Integrator {
     } else if (o_.dt > 0) {
       h = o_.dt;
     } else {
-      h = initial_step(
-          f_, t0, u, k1, tab_.order, dir, std::abs(t1 - t0), o_.rtol, o_.atol,
-          [this](const torch::Tensor& x) { return norm(x); }, stats.nfe);
+      std::function<double(const torch::Tensor&)> nrm;  // empty: the RMS norm
+      if (o_.norm) nrm = [this](const torch::Tensor& x) { return norm(x); };
+      h = initial_step(f_, t0, u, k1, tab_.order, dir, std::abs(t1 - t0), o_.rtol, o_.atol, nrm,
+                       stats.nfe);
     }
     h = std::min(h, o_.dt_max);
 
