@@ -49,15 +49,14 @@ double StepController::propose(double err, bool accepted) {
 
 namespace {
 
-// A plain contiguous CPU float/double tensor (no tangent, no wrapper), readable in place.
+// A contiguous plain_cpu tensor (core/lincomb.h): readable in place.
 bool host_readable(const torch::Tensor& x, at::ScalarType dtype) {
-  return x.device().is_cpu() && x.scalar_type() == dtype && x.is_contiguous() && plain_strided(x) &&
-         !x.is_neg() && !x.is_conj() && !x._fw_grad(/*level=*/0).defined();
+  return plain_cpu(x, dtype) && x.is_contiguous();
 }
 
 // initial_step with the RMS norm by host loops (one pass per norm, no temporaries): the
-// quotients in the state's dtype, their squares summed in double. Returns 0 where it does not
-// apply (then the tensor ops run).
+// quotients in the state's dtype, their squares summed in double. An f(t0 + h0, u1) that the
+// loops cannot read (another layout or size) takes the tensor ops for its norm.
 template <typename T>
 double initial_step_rms_host(const Dynamics& f, double t0, const torch::Tensor& u0,
                              const torch::Tensor& f0, int order, int direction, double span,
@@ -90,9 +89,14 @@ double initial_step_rms_host(const Dynamics& f, double t0, const torch::Tensor& 
   // Detached: f may read parameters that carry tangents (forward mode).
   const torch::Tensor k1 = f(t0 + direction * h0, u1).detach();
   ++nfe;
-  if (!k1.defined() || k1.numel() != n || !host_readable(k1, u0.scalar_type())) return 0.0;
-  const T* pk = k1.const_data_ptr<T>();
-  const double d2 = rms([&](int64_t i) { return pk[i] - k0[i]; }) / h0;
+  double d2;
+  if (k1.numel() == n && host_readable(k1, u0.scalar_type())) {
+    const T* pk = k1.const_data_ptr<T>();
+    d2 = rms([&](int64_t i) { return pk[i] - k0[i]; }) / h0;
+  } else {
+    const torch::Tensor st = torch::from_blob(scale.data(), u0.sizes(), u0.options());
+    d2 = detail::rms_norm((k1 - f0) / st).item<double>() / h0;
+  }
   return initial_step_final(h0, d1, d2, order, span);
 }
 
@@ -113,8 +117,7 @@ double initial_step(const Dynamics& f, double t0, const torch::Tensor& u0, const
     AT_DISPATCH_FLOATING_TYPES(dtype, "diffeqlayers_initial_step", [&] {
       h = initial_step_rms_host<scalar_t>(f, t0, u, k0, order, direction, span, rtol, atol, nfe);
     });
-    if (h > 0.0) return h;
-    --nfe;  // f's value did not suit the loops: the tensor ops below evaluate it again
+    return h;
   }
   const std::function<double(const torch::Tensor&)> rms = [](const torch::Tensor& x) {
     return detail::rms_norm(x).item<double>();

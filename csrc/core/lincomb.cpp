@@ -133,6 +133,24 @@ bool plain_strided(const torch::Tensor& t) {
   return t.layout() == at::kStrided && !t.key_set().has_any(wrappers);
 }
 
+bool plain_cpu(const torch::Tensor& x, at::ScalarType dtype) {
+  return x.device().is_cpu() && x.scalar_type() == dtype && plain_strided(x) && !x.is_conj() &&
+         !x.is_neg() && !x._fw_grad(/*level=*/0).defined();
+}
+
+bool positions_by_identity(at::TensorList wrt, at::TensorList params, std::vector<int64_t>& which) {
+  which.assign(wrt.size(), -1);
+  std::vector<bool> taken(params.size(), false);
+  for (size_t i = 0; i < wrt.size(); ++i)
+    for (size_t j = 0; j < params.size(); ++j)
+      if (wrt[i].unsafeGetTensorImpl() == params[j].unsafeGetTensorImpl()) {
+        if (taken[j]) return false;
+        taken[j] = true;
+        which[i] = static_cast<int64_t>(j);
+      }
+  return true;
+}
+
 bool split_duals(const std::vector<torch::Tensor>& terms, SplitDuals& out, bool with_primals) {
   out.primals.clear();
   out.tangents.clear();

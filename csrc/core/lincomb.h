@@ -51,6 +51,15 @@ torch::Tensor make_dual(const torch::Tensor& primal, const torch::Tensor& tangen
 // in its dispatch keys: its data is its primal's, readable in place (variable_data(), data_ptr).
 bool plain_strided(const torch::Tensor& t);
 
+// A plain_strided CPU tensor of this dtype, not a lazily conjugated or negated view, carrying no
+// forward-mode tangent: its elements can be read (and written) in place by host loops.
+bool plain_cpu(const torch::Tensor& x, at::ScalarType dtype);
+
+// For each tensor of wrt, the position in params of the very same tensor (by identity), or -1.
+// Returns false, leaving which unspecified, when two entries of wrt are one tensor of params
+// (one accumulation buffer per tensor of params could not serve both).
+bool positions_by_identity(at::TensorList wrt, at::TensorList params, std::vector<int64_t>& which);
+
 // t without autograd history or tangents: t itself when it has none (no autograd metadata),
 // else t.detach(). Saves the detach's dispatch and view on the plain tensors of no-grad solves.
 inline torch::Tensor detached(const torch::Tensor& t) {

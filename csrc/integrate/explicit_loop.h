@@ -6,6 +6,7 @@
 #include <torch/types.h>
 
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -19,6 +20,12 @@ namespace diffeqlayers::detail {
 // steps (cubic Hermite on dopri8), the save times too.
 std::vector<double> step_stops(const SolveOptions& o, const Tableau& tab, double t0, double t1,
                                const std::vector<double>& saveat);
+
+// The first step size of an explicit loop: dt for fixed steps or when given, otherwise
+// initial_step's (norm: the error norm, empty for the RMS norm); at most dt_max. f0 = f(t0, u0).
+double first_step(const Dynamics& f, const Tableau& tab, const SolveOptions& o, double t0,
+                  double t1, const torch::Tensor& u0, const torch::Tensor& f0,
+                  const std::function<double(const torch::Tensor&)>& norm, int64_t& nfe);
 
 // Where the next step goes from t: to t + dir h (adaptive) or the next point of the fixed grid
 // base + dir h (n + 1), clipped to land on `stop` when it reaches it.

@@ -8,6 +8,7 @@
 #include <cstring>
 
 #include "core/host_loops.h"
+#include "core/lincomb.h"
 #include "integrate/explicit_loop.h"
 #include "integrate/interpolation.h"
 
@@ -169,17 +170,9 @@ Solution run(const HostFunctions<T>& hf, const Dynamics& f, const Tableau& tab,
     return fail(ReturnCode::Unstable, 0.0,
                 "the initial state or f(t0, u0) is not finite (NaN/Inf)");
 
-  double h;
-  if (!adaptive || o.dt > 0) {
-    h = o.dt;
-  } else {
-    // The tensor loop's initial step, on views of the host arrays (its f evaluation included).
-    torch::Tensor ut = torch::from_blob(u.data(), shape, opts);
-    torch::Tensor kt = torch::from_blob(k(0), shape, opts);
-    h = initial_step(f, t0, ut, kt, tab.order, dir, std::abs(t1 - t0), o.rtol, o.atol, {},
-                     stats.nfe);
-  }
-  h = std::min(h, o.dt_max);
+  // The tensor loop's first step, on views of the host arrays (its f evaluation included).
+  double h = first_step(f, tab, o, t0, t1, torch::from_blob(u.data(), shape, opts),
+                        torch::from_blob(k(0), shape, opts), {}, stats.nfe);
 
   StepController controller(o.controller, tab.controller_order());
   double fixed_base = t0;
@@ -364,26 +357,22 @@ class StepReverser {
       }
     }
     // u1bar = lam (+ Q_1 and, Hermite without FSAL, the u-product of f(t + h, u1) with Q_3).
+    const bool hermite = m > 0 && !own;
+    if (hermite && !tab.fsal()) {
+      comb_.stage(tmp_.data(), u, h, tab.b, k_.data(), ns_);
+      product(t + h, tmp_.data(), q_[3].data(), kbar_.data(), dparams);
+    }
     comb_.begin();
     comb_.add(lam.data(), 1.0);
-    if (m > 0 && !own) {
-      comb_.add(q_[1].data(), 1.0);
-      if (!tab.fsal()) {
-        comb_.stage(tmp_.data(), u, h, tab.b, k_.data(), ns_);
-        product(t + h, tmp_.data(), q_[3].data(), kbar_.data(), dparams);
-        comb_.begin();
-        comb_.add(lam.data(), 1.0);
-        comb_.add(q_[1].data(), 1.0);
-        comb_.add(kbar_.data(), 1.0);
-      }
-    }
+    if (hermite) comb_.add(q_[1].data(), 1.0);
+    if (hermite && !tab.fsal()) comb_.add(kbar_.data(), 1.0);
     comb_.into(u1bar_.data());
     std::vector<bool> have(ns_, false);
     for (size_t i = ns_; i-- > 0;) {
       comb_.begin();
       if (m > 0 && own) comb_.add(q_[i].data(), 1.0);
-      if (m > 0 && !own && i == 0) comb_.add(q_[2].data(), 1.0);
-      if (m > 0 && !own && tab.fsal() && i + 1 == ns_) comb_.add(q_[3].data(), 1.0);
+      if (hermite && i == 0) comb_.add(q_[2].data(), 1.0);
+      if (hermite && tab.fsal() && i + 1 == ns_) comb_.add(q_[3].data(), 1.0);
       if (tab.b[i] != 0.0) comb_.add(u1bar_.data(), h * tab.b[i]);
       for (size_t j = i + 1; j < ns_; ++j)
         if (have[j] && tab.a[j][i] != 0.0) comb_.add(ybar_[j].data(), h * tab.a[j][i]);
@@ -511,15 +500,8 @@ bool host_discrete_backward(const HostDynamics& host, const Tableau& tab, const 
   if (G.defined() && (G.scalar_type() != dtype || !G.device().is_cpu())) return false;
   // The host products write into one buffer per host tensor: each differentiated tensor must be
   // one of them at most once (a tensor f does not read gets zeros, as a reverse pass gives).
-  std::vector<int64_t> which(wrt.size(), -1);
-  std::vector<bool> taken(host.params.size(), false);
-  for (size_t i = 0; i < wrt.size(); ++i)
-    for (size_t j = 0; j < host.params.size(); ++j)
-      if (wrt[i].unsafeGetTensorImpl() == host.params[j].unsafeGetTensorImpl()) {
-        if (taken[j]) return false;
-        taken[j] = true;
-        which[i] = static_cast<int64_t>(j);
-      }
+  std::vector<int64_t> which;
+  if (!positions_by_identity(wrt, host.params, which)) return false;
   for (size_t i = 0; i < wrt.size(); ++i)
     if (which[i] >= 0 &&
         (gp[i].scalar_type() != dtype || !gp[i].is_contiguous() || !gp[i].device().is_cpu()))

@@ -164,18 +164,9 @@ class Integrator {
                     dense_steps);
     }
 
-    double h;
-    if (!adaptive) {
-      h = o_.dt;
-    } else if (o_.dt > 0) {
-      h = o_.dt;
-    } else {
-      std::function<double(const torch::Tensor&)> nrm;  // empty: the RMS norm
-      if (o_.norm) nrm = [this](const torch::Tensor& x) { return norm(x); };
-      h = initial_step(f_, t0, u, k1, tab_.order, dir, std::abs(t1 - t0), o_.rtol, o_.atol, nrm,
-                       stats.nfe);
-    }
-    h = std::min(h, o_.dt_max);
+    std::function<double(const torch::Tensor&)> nrm;  // empty: the RMS norm
+    if (o_.norm) nrm = [this](const torch::Tensor& x) { return norm(x); };
+    double h = detail::first_step(f_, tab_, o_, t0, t1, u, k1, nrm, stats.nfe);
 
     StepController controller(o_.controller, tab_.controller_order());
     // Fixed steps are placed at base + n * h, so that many steps do not accumulate rounding.
@@ -396,6 +387,16 @@ std::vector<double> step_stops(const SolveOptions& o, const Tableau& tab, double
   stops.erase(std::unique(stops.begin(), stops.end()), stops.end());
   stops.push_back(t1);
   return stops;
+}
+
+double first_step(const Dynamics& f, const Tableau& tab, const SolveOptions& o, double t0,
+                  double t1, const torch::Tensor& u0, const torch::Tensor& f0,
+                  const std::function<double(const torch::Tensor&)>& norm, int64_t& nfe) {
+  double h = o.dt;
+  if (tab.adaptive() && o.adaptive && !(o.dt > 0))
+    h = initial_step(f, t0, u0, f0, tab.order, t1 > t0 ? 1 : -1, std::abs(t1 - t0), o.rtol, o.atol,
+                     norm, nfe);
+  return std::min(h, o.dt_max);
 }
 
 StepTarget step_target(bool adaptive, double t, double h, int dir, double stop, double fixed_base,

@@ -85,13 +85,6 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& w, const torch
 // Multiply-adds of one evaluation above which BLAS beats the plain loops (and their one thread).
 constexpr int64_t kHostLoopMaxMacs = 16384;
 
-// A plain CPU tensor of this dtype (core/lincomb.h's plain_strided), not a lazily conjugated or
-// negated view and carrying no forward-mode tangent.
-bool plain_cpu(const torch::Tensor& x, at::ScalarType dtype) {
-  return x.device().is_cpu() && x.scalar_type() == dtype && plain_strided(x) && !x.is_conj() &&
-         !x.is_neg() && !x._fw_grad(/*level=*/0).defined();
-}
-
 // Whether host_forward takes this evaluation.
 bool host_loops_apply(const MLPSpec& spec, at::TensorList params, const torch::Tensor& u) {
   const auto dtype = u.scalar_type();
@@ -630,15 +623,12 @@ DynamicsVjp mlp_vjp(const MLPSpec& spec, std::vector<torch::Tensor> params) {
       return false;
     // Which weight each differentiated tensor is (by identity: these very tensors); the others
     // are not used by f, so their product is zero, as a reverse pass would leave it.
-    std::vector<int64_t> which(wrt.size(), -1);
+    // The same weight twice: left to autograd.
+    std::vector<int64_t> which;
+    if (!positions_by_identity(wrt, params, which)) return false;
     std::vector<bool> need_w(params.size(), false);
-    for (size_t i = 0; i < wrt.size(); ++i)
-      for (size_t j = 0; j < params.size(); ++j)
-        if (wrt[i].unsafeGetTensorImpl() == params[j].unsafeGetTensorImpl()) {
-          if (need_w[j]) return false;  // the same weight twice: left to autograd
-          which[i] = static_cast<int64_t>(j);
-          need_w[j] = true;
-        }
+    for (int64_t j : which)
+      if (j >= 0) need_w[static_cast<size_t>(j)] = true;
     // Accumulating (dp given): each buffer must be one the loops can add into.
     const bool accumulate = !dp.empty();
     std::vector<torch::Tensor> dparams(params.size());
