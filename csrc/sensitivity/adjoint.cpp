@@ -793,20 +793,21 @@ Solution solve_adjoint(const Dynamics& f, const torch::Tensor& u0, const torch::
   const detail::Prepared prep = detail::prepare(f, u0, tspan, o);
   // A stiff forward solve: the interpolating adjoint, from the forward's dense output; the
   // discrete adjoint for the Rosenbrock methods, whose steps are functions of (t, u, h) alone.
-  // An ESDIRK step depends on Newton iterations with a Jacobian and factorization kept from
-  // earlier steps, so it cannot be replayed alone; backsolve would integrate the stiff problem
+  // An ESDIRK or Radau step depends on Newton iterations with a Jacobian and factorization kept
+  // from earlier steps (and, for Radau, starting values from the step before), so it cannot be
+  // replayed alone; backsolve would integrate the stiff problem
   // backwards (unstable).
   TORCH_CHECK_VALUE(!prep.stiff || is_stiff_method(o.method), "the adjoints do not run the ",
                     is_adams_method(o.method) ? "Adams" : "fixed-step implicit", " method '",
                     o.method,
                     "' (the adaptive stiff methods run with sensealg='interpolating'); "
                     "use diffeq_rd with it");
-  const bool esdirk = prep.stiff && stiff::is_esdirk(o.method);
+  const bool esdirk = prep.stiff && (stiff::is_esdirk(o.method) || stiff::is_radau(o.method));
   TORCH_CHECK_VALUE(
       !prep.stiff || kind == Kind::Interpolating || (kind == Kind::Discrete && !esdirk),
       "a stiff forward solve ('", o.method, "') runs with sensealg='interpolating'",
       esdirk ? "" : " or 'discrete'", ", not '", adjoint.sensealg, "' (",
-      esdirk ? "an ESDIRK step depends on Newton iterations with a Jacobian kept "
+      esdirk ? "an ESDIRK or Radau step depends on Newton iterations with a Jacobian kept "
                "from earlier steps, so the discrete adjoint cannot replay it alone; "
              : "",
       "backsolve would solve the stiff problem backwards, which is unstable)");

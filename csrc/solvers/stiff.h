@@ -56,6 +56,12 @@ std::unique_ptr<Stepper> make_stepper(const std::string& name, const Dynamics& f
                                       const SolveOptions& o, Stats& stats, bool track);
 const MethodInfo& method_info(const std::string& name);
 
+// radau.cpp: the adaptive Radau IIA method of order 5 (radau5).
+bool is_radau(const std::string& name);
+const MethodInfo& radau_info(const std::string& name);
+std::unique_ptr<Stepper> make_radau(const std::string& name, const Dynamics& f,
+                                    const SolveOptions& o, Stats& stats, bool track);
+
 // Checks the options (as solve() does for explicit methods) and runs the stiff loop from
 // (t0, u) to t1. saveat is already checked and converted to doubles.
 Solution solve_stiff(const Dynamics& f, const torch::Tensor& u, double t0, double t1,

@@ -37,11 +37,11 @@ std::unique_ptr<Stepper> make_implicit_fixed(const std::string& name, const Dyna
 }  // namespace stiff
 
 bool is_stiff_method(const std::string& name) {
-  return stiff::is_rosenbrock(name) || stiff::is_esdirk(name);
+  return stiff::is_rosenbrock(name) || stiff::is_esdirk(name) || stiff::is_radau(name);
 }
 
 std::vector<std::string> stiff_methods() {
-  return {"kencarp4", "kvaerno5", "rodas5", "rodas5p", "rosenbrock23", "trbdf2"};
+  return {"kencarp4", "kvaerno5", "radau5", "rodas5", "rodas5p", "rosenbrock23", "trbdf2"};
 }
 
 namespace stiff {
@@ -51,6 +51,7 @@ const MethodInfo& method_info(const std::string& name) {
   if (is_implicit_fixed(name)) return implicit_fixed_info(name);
   TORCH_CHECK_VALUE(is_stiff_method(name), "unknown stiff method '", name, "'");
   if (is_esdirk(name)) return esdirk_tableau(name).info;
+  if (is_radau(name)) return radau_info(name);
   return rosenbrock_info(name);
 }
 
@@ -60,6 +61,7 @@ std::unique_ptr<Stepper> make_stepper(const std::string& name, const Dynamics& f
   if (is_implicit_fixed(name)) return make_implicit_fixed(name, f, o, stats, track);
   TORCH_CHECK_VALUE(is_stiff_method(name), "unknown stiff method '", name, "'");
   if (is_esdirk(name)) return make_esdirk(name, f, o, stats, track);
+  if (is_radau(name)) return make_radau(name, f, o, stats, track);
   return make_rosenbrock(name, f, o, stats, track);
 }
 
