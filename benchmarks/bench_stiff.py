@@ -1,6 +1,7 @@
-"""Stiff benchmark: diffeqlayers' stiff methods (ESDIRK kvaerno5, kencarp4, trbdf2 with Newton and
-Jacobian/LU reuse; Rosenbrock rodas5, rodas5p, rosenbrock23) against scipy.integrate.solve_ivp
-(Radau, BDF, LSODA) on two stiff problems, as a work-precision table, in one process run.
+"""Stiff benchmark: diffeqlayers' stiff methods (ESDIRK kvaerno5, kencarp4, trbdf2 and Radau IIA
+radau5 with Newton and Jacobian/LU reuse; Rosenbrock rodas5, rodas5p, rosenbrock23) against
+scipy.integrate.solve_ivp (Radau, BDF, LSODA) on two stiff problems, as a work-precision table, in
+one process run.
 
 1. ROBER (k1 = 0.04, k2 = 3e7, k3 = 1e4), u0 = (1, 0, 0), t in [0, 1e11]; error: the largest
    relative error of y1, y3 at t = 1e11 against the IVP Test Set reference (Mazzia & Magherini).
@@ -12,9 +13,11 @@ Every solver runs at the same tolerance levels (ROBER: rtol 1e-4, 1e-6, 1e-8 wit
 1e-4; Van der Pol: rtol = atol = 1e-4, 1e-6, 1e-8), float64, f in Python for both libraries.
 diffeqlayers gets f as a torch function of the state tensor (rober_t, vdp_t) and builds its
 Jacobians by autograd (reverse mode: one recorded evaluation of f, counted in nfe, and one
-reverse pass with the n seeds batched under vmap); kencarp4 and rodas5 run a second time with the
-exact Jacobian as a torch function (jac=, built from the same Python floats as scipy's), rows
-"(exact jac)". scipy runs twice per method: "scipy X" with a NumPy/Python-float f and the exact
+reverse pass with the n seeds batched under vmap); kencarp4, rodas5 and radau5 run a second time
+with the exact Jacobian as a torch function (jac=, built from the same Python floats as scipy's),
+rows "(exact jac)", and rodas5 and radau5 a third time with f as a TorchScript module of the same
+operations (RoberScript, VdpScript: called from C++, no Python per call), rows
+"(TorchScript f)". scipy runs twice per method: "scipy X" with a NumPy/Python-float f and the exact
 Jacobian (rober_np, rober_jac, ...), and "scipy X (torch f)" with the same torch f as
 diffeqlayers (ndarray -> torch.from_numpy -> f -> .numpy()) and an autograd Jacobian of it
 (torch.autograd.functional.jacobian, also one recorded f and n reverse passes), so that both
@@ -54,6 +57,7 @@ import torch
 from scipy.integrate import solve_ivp
 
 import diffeqlayers as dl
+from diffeqlayers.script import ScriptRhs
 
 K1, K2, K3 = 0.04, 3e7, 1e4
 ROBER_REF = np.array([0.2083340149701255e-07, 0.8333360770334713e-13, 0.9999999791665050])
@@ -84,6 +88,25 @@ def rober_jac(t, y):
 
 def vdp_t(u, p, t):
     return torch.stack([u[1], MU * ((1 - u[0] ** 2) * u[1] - u[0])])
+
+
+class RoberScript(torch.nn.Module):
+    """rober_t as a TorchScript module (the same operations): diffeqlayers calls it from C++."""
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        k1, k2, k3 = 0.04, 3e7, 1e4  # K1, K2, K3 (TorchScript reads no globals)
+        y1, y2, y3 = u[0], u[1], u[2]
+        return torch.stack(
+            [-k1 * y1 + k3 * y2 * y3, k1 * y1 - k3 * y2 * y3 - k2 * y2**2, k2 * y2**2]
+        )
+
+
+class VdpScript(torch.nn.Module):
+    """vdp_t as a TorchScript module (the same operations)."""
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        mu = 1e3  # MU
+        return torch.stack([u[1], mu * ((1 - u[0] ** 2) * u[1] - u[0])])
 
 
 def vdp_np(t, y):
@@ -144,8 +167,14 @@ def call_costs(prob):
     f_tw, jac_tw = torch_f_for_scipy(f_t), torch_jac_for_scipy(f_t)
     with torch.no_grad():
         torch_f = per_call(lambda: f_t(u, None, 0.0))
+        # The scripted f as the solve calls it, from C++: _time_dynamics times 50 calls there
+        # (wall clock, GIL released) and returns the mean; the median over 200 batches.
+        native = ScriptRhs(prob["f_script"]).native_dynamics()
+        dl._C._time_dynamics(native, 0.0, u, 200)
+        script_f = float(np.median([dl._C._time_dynamics(native, 0.0, u, 50) for _ in range(200)]))
     return {
         "torch f": torch_f,
+        "script f": script_f,
         "numpy f": per_call(lambda: np.asarray(f_np(0.0, y), dtype=float)),
         "torch f for scipy": per_call(lambda: np.asarray(f_tw(0.0, y), dtype=float)),
         "exact jac": per_call(lambda: np.asarray(jac_np(0.0, y), dtype=float)),
@@ -156,6 +185,7 @@ def call_costs(prob):
 PROBLEMS = {
     "ROBER": dict(
         f_t=rober_t,
+        f_script=torch.jit.script(RoberScript()),
         f_np=rober_np,
         jac=rober_jac,
         u0=[1.0, 0.0, 0.0],
@@ -165,6 +195,7 @@ PROBLEMS = {
     ),
     "Van der Pol mu=1e3": dict(
         f_t=vdp_t,
+        f_script=torch.jit.script(VdpScript()),
         f_np=vdp_np,
         jac=vdp_jac,
         u0=[2.0, 0.0],
@@ -173,10 +204,17 @@ PROBLEMS = {
         tols=[(1e-4, 1e-4), (1e-6, 1e-6), (1e-8, 1e-8)],
     ),
 }
-DL_METHODS = ["kvaerno5", "kencarp4", "trbdf2", "rodas5", "rodas5p", "rosenbrock23"]
+DL_METHODS = ["kvaerno5", "kencarp4", "trbdf2", "radau5", "rodas5", "rodas5p", "rosenbrock23"]
 # Also run with the exact Jacobian as a torch function (jac=), as scipy X gets it: no autograd.
-DL_EXACT_JAC = ["kencarp4", "rodas5"]
-DL_COLUMNS = DL_METHODS + [f"{m} (exact jac)" for m in DL_EXACT_JAC]
+DL_EXACT_JAC = ["kencarp4", "rodas5", "radau5"]
+# Also run with f as a TorchScript module of the same operations (called from C++, no Python per
+# call; autograd Jacobian).
+DL_SCRIPT = ["rodas5", "radau5"]
+DL_COLUMNS = (
+    DL_METHODS
+    + [f"{m} (exact jac)" for m in DL_EXACT_JAC]
+    + [f"{m} (TorchScript f)" for m in DL_SCRIPT]
+)
 SCIPY_METHODS = ["Radau", "BDF", "LSODA"]
 # scipy with its NumPy f and exact Jacobian, and with diffeqlayers' torch f and an autograd
 # Jacobian (the same f and the same kind of Jacobian diffeqlayers gets).
@@ -201,8 +239,9 @@ def exact_jac_t(jac):
     return jac_t
 
 
-def run_dl(name, prob, method, rtol, atol, exact_jac=False):
-    p = dl.ODEProblem(prob["f_t"], torch.tensor(prob["u0"], dtype=torch.float64), prob["span"])
+def run_dl(name, prob, method, rtol, atol, exact_jac=False, script=False):
+    f = prob["f_script"] if script else prob["f_t"]
+    p = dl.ODEProblem(f, torch.tensor(prob["u0"], dtype=torch.float64), prob["span"])
     with torch.no_grad():
         sol = dl.solve(
             p,
@@ -309,6 +348,14 @@ def main():
                     args.repeats,
                 )
                 add(name, rtol, f"diffeqlayers {method} (exact jac)", r, "torch f")
+            for method in DL_SCRIPT:
+                r = timed(
+                    lambda n=name, q=prob, m=method, r=rtol, a=atol: run_dl(
+                        n, q, m, r, a, script=True
+                    ),
+                    args.repeats,
+                )
+                add(name, rtol, f"diffeqlayers {method} (TorchScript f)", r, "script f")
             for variant in SCIPY_VARIANTS:
                 for method in SCIPY_METHODS:
                     r = timed(
@@ -350,7 +397,9 @@ def main():
         "f and one reverse pass with the n seeds batched under vmap; the recorded f counts in "
         "its nfe, scipy's njev evaluations do not count in its nfe), or, in the rows marked "
         "'(exact jac)', takes the exact Jacobian as a torch function (jac=, torch.tensor of "
-        "the same Python lists scipy gets), and is told that f is autonomous "
+        "the same Python lists scipy gets); rows marked '(TorchScript f)' get the same f as a "
+        "TorchScript module (torch.jit.script of the same operations, called from C++ without "
+        "Python) with autograd Jacobians. diffeqlayers is told that f is autonomous "
         "(autonomous=True: no df/dt evaluations).",
         "",
         "## Cost of one call",
@@ -362,13 +411,16 @@ def main():
         "function on a float64 tensor with grad mode off, as diffeqlayers calls f inside "
         "solve under no_grad (the C++ -> Python call itself not included). The scipy columns "
         "include solve_ivp's own wrapper (np.asarray(fun(t, y), dtype=float)) on the ndarray "
-        "state; the wrapped torch f enters and leaves no_grad on every call.",
+        "state; the wrapped torch f enters and leaves no_grad on every call. TorchScript f: the "
+        "same operations scripted, called from C++ as the solve calls it (50 calls timed in "
+        "C++ by wall clock, diffeqlayers._C._time_dynamics, per batch), under no_grad.",
         "",
-        "| problem | torch f [us] | NumPy f [us] | torch f wrapped for scipy [us] | "
-        "exact Jacobian [us] | autograd Jacobian for scipy [us] |",
-        "|---|---|---|---|---|---|",
+        "| problem | torch f [us] | TorchScript f from C++ [us] | NumPy f [us] | "
+        "torch f wrapped for scipy [us] | exact Jacobian [us] | "
+        "autograd Jacobian for scipy [us] |",
+        "|---|---|---|---|---|---|---|",
     ]
-    kinds = ["torch f", "numpy f", "torch f for scipy", "exact jac", "autograd jac"]
+    kinds = ["torch f", "script f", "numpy f", "torch f for scipy", "exact jac", "autograd jac"]
     for name, c in costs.items():
         cells = [
             f"{us(c[k])} ({us(costs_before[name][k])}, {us(costs_after[name][k])})" for k in kinds
@@ -379,7 +431,8 @@ def main():
         "## Work-precision",
         "",
         "f time = nfe x the cost of one call of that row's f (table above: torch f for "
-        "diffeqlayers, NumPy f for 'scipy X', the wrapped torch f for 'scipy X (torch f)'); "
+        "diffeqlayers, TorchScript f for its '(TorchScript f)' rows, NumPy f for 'scipy X', "
+        "the wrapped torch f for 'scipy X (torch f)'); "
         "solver time = time - f time, floored at 0: everything but the evaluations of f, "
         "Jacobians included (for scipy's autograd Jacobians all of their cost, for "
         "diffeqlayers' all but the recorded f).",
@@ -444,14 +497,19 @@ def main():
         "",
     ]
     lines += ratio_table("solver_time")
-    # The rows the notes discuss: rodas5 and scipy Radau, BDF (both f) at rtol 1e-6.
-    focus = ["diffeqlayers rodas5", "diffeqlayers rodas5 (exact jac)", "scipy Radau", "scipy BDF"]
-    focus += [f"{x} (torch f)" for x in focus[2:]]
+    # The rows the notes discuss: rodas5, radau5 and scipy Radau, BDF (both f) at rtol 1e-6.
+    focus = [
+        f"diffeqlayers {m}{v}"
+        for m in ["rodas5", "radau5"]
+        for v in ["", " (exact jac)", " (TorchScript f)"]
+    ]
+    focus += ["scipy Radau", "scipy BDF", "scipy Radau (torch f)", "scipy BDF (torch f)"]
     lines += [
         "",
         "## rtol 1e-6 in brief",
         "",
-        "rodas5 and scipy Radau, BDF at rtol 1e-6 (rows of the table above), with f's share "
+        "rodas5, radau5 and scipy Radau, BDF at rtol 1e-6 (rows of the table above), with f's "
+        "share "
         "of the time.",
         "",
         "| problem | solver | nfe | error | time [s] | f time [s] | solver time [s] | f share |",

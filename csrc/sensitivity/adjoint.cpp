@@ -577,15 +577,17 @@ torch::Tensor reverse_replayed_step(const torch::Tensor& ul, const torch::Tensor
   return gr[0].defined() ? gr[0] : at::zeros_like(lam);
 }
 
-// Discrete with a Rosenbrock forward solve. A Rosenbrock step takes a fresh Jacobian at its own
-// start point, so the accepted step is a function of (t, u, h) alone: each is replayed from the
-// forward's dense output (which holds every step's start state) with the Jacobian's dependence
-// on u and the parameters recorded (track), and reversed by autograd, last to first. The save
+// Discrete with a Rosenbrock or radau5 forward solve. A Rosenbrock step takes a fresh Jacobian at
+// its own start point, so the accepted step is a function of (t, u, h) alone: each is replayed
+// from the forward's dense output (which holds every step's start state) with the Jacobian's
+// dependence on u and the parameters recorded (track), and reversed by autograd, last to first.
+// A radau5 step is rebuilt from its converged stages, which its dense output holds, by the exact
+// Newton correction diffeq_rd's forward pass takes (Stepper::replay). The save
 // rows are assigned to steps exactly as the forward loop did (stiff_loop.cpp): a row inside a
 // step comes from that step's interpolant, a row at a step's end is its end state.
 // Cost per step: the step's stages and one Jacobian again, plus the reverse pass through them,
 // which differentiates the Jacobian too (second derivatives of f, as diffeq_rd does).
-Grads backward_discrete_rosenbrock(AdjointState& s, const torch::Tensor& G) {
+Grads backward_discrete_stiff(AdjointState& s, const torch::Tensor& G) {
   AdjointStats& stats = *s.stats;
   const std::vector<size_t> gi = grad_params(s.params);
   std::vector<torch::Tensor> wrt;
@@ -639,7 +641,7 @@ Grads backward_discrete_rosenbrock(AdjointState& s, const torch::Tensor& G) {
     at::AutoGradMode grad_on(true);
     torch::Tensor ul = st.u0.detach().requires_grad_(true);
     const int64_t nfe_before = step_stats.nfe;
-    stiff::StepResult r = stepper->step(st.t0, ul, st.h, /*new_point=*/true);
+    stiff::StepResult r = stepper->replay(st.t0, ul, st.h, st.k);
     TORCH_CHECK(r.failure.empty(), "discrete adjoint: replaying the step at t=", st.t0,
                 ", dt=", st.h, " failed (", r.failure, ") where the forward solve took it");
     stats.nfe += step_stats.nfe - nfe_before;
@@ -659,7 +661,7 @@ Grads backward_discrete_rosenbrock(AdjointState& s, const torch::Tensor& G) {
 // Discrete: the solver's own steps replayed under autograd, last to first; or, for dynamics with
 // their own vector-Jacobian product, reversed by hand (reverse_step_by_vjp: no autograd graph).
 Grads backward_discrete(AdjointState& s, const torch::Tensor& G) {
-  if (s.prep.stiff) return backward_discrete_rosenbrock(s, G);
+  if (s.prep.stiff) return backward_discrete_stiff(s, G);
   AdjointStats& stats = *s.stats;
   const detail::Tape& tape = s.tape;
   const Tableau& tab = *s.prep.tab;
@@ -792,22 +794,23 @@ Solution solve_adjoint(const Dynamics& f, const torch::Tensor& u0, const torch::
   o.params.insert(o.params.end(), params.begin(), params.end());
   const detail::Prepared prep = detail::prepare(f, u0, tspan, o);
   // A stiff forward solve: the interpolating adjoint, from the forward's dense output; the
-  // discrete adjoint for the Rosenbrock methods, whose steps are functions of (t, u, h) alone.
-  // An ESDIRK or Radau step depends on Newton iterations with a Jacobian and factorization kept
-  // from earlier steps (and, for Radau, starting values from the step before), so it cannot be
-  // replayed alone; backsolve would integrate the stiff problem
+  // discrete adjoint for the Rosenbrock methods, whose steps are functions of (t, u, h) alone, and
+  // radau5, whose steps are rebuilt from their converged stages.
+  // An ESDIRK step depends on Newton iterations with a Jacobian and factorization kept from
+  // earlier steps, so it cannot be replayed alone (radau5 keeps its converged stages in its dense
+  // output, from which the replay rebuilds them); backsolve would integrate the stiff problem
   // backwards (unstable).
   TORCH_CHECK_VALUE(!prep.stiff || is_stiff_method(o.method), "the adjoints do not run the ",
                     is_adams_method(o.method) ? "Adams" : "fixed-step implicit", " method '",
                     o.method,
                     "' (the adaptive stiff methods run with sensealg='interpolating'); "
                     "use diffeq_rd with it");
-  const bool esdirk = prep.stiff && (stiff::is_esdirk(o.method) || stiff::is_radau(o.method));
+  const bool esdirk = prep.stiff && stiff::is_esdirk(o.method);
   TORCH_CHECK_VALUE(
       !prep.stiff || kind == Kind::Interpolating || (kind == Kind::Discrete && !esdirk),
       "a stiff forward solve ('", o.method, "') runs with sensealg='interpolating'",
       esdirk ? "" : " or 'discrete'", ", not '", adjoint.sensealg, "' (",
-      esdirk ? "an ESDIRK or Radau step depends on Newton iterations with a Jacobian kept "
+      esdirk ? "an ESDIRK step depends on Newton iterations with a Jacobian kept "
                "from earlier steps, so the discrete adjoint cannot replay it alone; "
              : "",
       "backsolve would solve the stiff problem backwards, which is unstable)");

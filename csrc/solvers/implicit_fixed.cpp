@@ -18,7 +18,13 @@
 // evaluations of f per iteration, and s more at the end unless the tableau is stiffly accurate.
 //
 // Under grad mode the iterations are recorded by autograd (with `track`, J's own dependence on u
-// and the parameters too), so diffeq_rd differentiates the discrete solve.
+// and the parameters too), so diffeq_rd differentiates the discrete solve. Forward mode (dual u or
+// parameters: diffeq_fd, diffeq_jvp) iterates on primal values and then takes one exact Newton
+// correction (newton_correction, jacobian.h: s Jacobians, s evaluations of f and an LU of size
+// s n more per step, and s more evaluations for the new state unless stiffly accurate), whose
+// tangent is the implicit function theorem's for the converged stage equations: forward and
+// reverse mode then agree to the iteration's tolerance (reverse mode differentiates the
+// iteration as it ran), not to rounding, and so do their values.
 #include <cmath>
 #include <map>
 #include <memory>
@@ -123,13 +129,21 @@ class ImplicitRK : public Stepper {
     StepResult r;
     const int64_t s = static_cast<int64_t>(tab_.c.size());
     const int64_t n = u.numel();
+    // Forward mode (u or f's parameters carry tangents): the iteration runs on primal values and
+    // one exact Newton correction gives the stages their tangents (newton_correction).
+    const bool u_dual = !track_ && is_dual(u);
     // One dense Jacobian (the Kronecker product below needs the whole matrix); no df/dt (the
     // Newton iteration does not use it: two evaluations of f saved per step).
-    const PointDerivatives d =
-        derivatives(f_, o_, t, u, track_, stats_, /*with_ft=*/false, /*allow_blocks=*/false);
+    const PointDerivatives d = derivatives(f_, o_, t, u_dual ? u.detach() : u, track_, stats_,
+                                           /*with_ft=*/false, /*allow_blocks=*/false);
+    const bool dual = u_dual || d.dual;
     r.f0 = d.f0.reshape(u.sizes());
-    const torch::Tensor f0 = d.f0.reshape({-1});
-    const torch::Tensor uflat = u.reshape({-1});
+    const torch::Tensor f0 = dual ? d.f0.detach().reshape({-1}) : d.f0.reshape({-1});
+    const torch::Tensor uflat = dual ? u.detach().reshape({-1}) : u.reshape({-1});
+    auto eval = [&](double ti, const torch::Tensor& z) {
+      const torch::Tensor v = eval_f(f_, ti, z.reshape(u.sizes()), stats_).reshape({-1});
+      return dual ? v.detach() : v;
+    };
 
     std::vector<double> a_flat;
     for (const auto& row : tab_.a) a_flat.insert(a_flat.end(), row.begin(), row.end());
@@ -137,7 +151,7 @@ class ImplicitRK : public Stepper {
         torch::tensor(a_flat, torch::dtype(torch::kFloat64)).reshape({s, s}).to(u.options());
     // I - h (A x J): [s n, s n].
     LU lu;
-    if (!lu.factor(at::kron(A, d.J[0]).unsqueeze(0), 1.0, -h, stats_)) {
+    if (!lu.factor(at::kron(A, dual ? d.J[0].detach() : d.J[0]).unsqueeze(0), 1.0, -h, stats_)) {
       r.failure = "the Newton iteration matrix I - h (A x J) is singular";
       return r;
     }
@@ -155,10 +169,7 @@ class ImplicitRK : public Stepper {
     for (int64_t it = 0; it < o_.max_iters && !converged; ++it) {
       for (int64_t i = 0; i < s; ++i) {
         const size_t si = static_cast<size_t>(i);
-        F[si] = (i == 0 && tab_.explicit_first)
-                    ? f0
-                    : eval_f(f_, t + tab_.c[si] * h, (uflat + Z[si]).reshape(u.sizes()), stats_)
-                          .reshape({-1});
+        F[si] = (i == 0 && tab_.explicit_first) ? f0 : eval(t + tab_.c[si] * h, uflat + Z[si]);
       }
       std::vector<torch::Tensor> G;
       for (int64_t i = 0; i < s; ++i) {
@@ -178,6 +189,7 @@ class ImplicitRK : public Stepper {
       converged = norm < 1e-2;
     }
     if (!converged) ++stats_.nnonconverged;
+    if (dual) return dual_result(t, u, h, at::stack(Z), r);
     if (tab_.stiffly_accurate) {
       r.unew = (uflat + Z.back()).reshape(u.sizes());
     } else {
@@ -185,8 +197,7 @@ class ImplicitRK : public Stepper {
       for (int64_t i = 0; i < s; ++i) {
         const size_t si = static_cast<size_t>(i);
         if (i == 0 && tab_.explicit_first) continue;
-        F[si] = eval_f(f_, t + tab_.c[si] * h, (uflat + Z[si]).reshape(u.sizes()), stats_)
-                    .reshape({-1});
+        F[si] = eval(t + tab_.c[si] * h, uflat + Z[si]);
       }
       std::vector<double> w;
       for (double x : tab_.b) w.push_back(h * x);
@@ -196,6 +207,39 @@ class ImplicitRK : public Stepper {
   }
 
  private:
+  // Forward mode: the stages Zstar found on primal values take one exact Newton correction, whose
+  // tangent is the implicit function theorem's (the value moves by the squared iteration error);
+  // the new state and f(t, u) are then evaluated with their tangents.
+  StepResult& dual_result(double t, const torch::Tensor& u, double h, const torch::Tensor& Zstar,
+                          StepResult& r) {
+    std::string why;
+    const torch::Tensor Z = newton_correction(f_, o_, stats_, t, h, tab_.c, tab_.a, u, Zstar, why);
+    if (!Z.defined()) {
+      r = StepResult();
+      r.failure = why;
+      return r;
+    }
+    const auto s = static_cast<int64_t>(tab_.c.size());
+    const torch::Tensor uflat = u.reshape({-1});
+    r.f0 = eval_f(f_, t, u, stats_);
+    if (tab_.stiffly_accurate) {
+      r.unew = (uflat + Z[s - 1]).reshape(u.sizes());
+      return r;
+    }
+    std::vector<torch::Tensor> F;
+    std::vector<double> w;
+    for (int64_t i = 0; i < s; ++i) {
+      const size_t si = static_cast<size_t>(i);
+      F.push_back(i == 0 && tab_.explicit_first
+                      ? r.f0.reshape({-1})
+                      : eval_f(f_, t + tab_.c[si] * h, (uflat + Z[i]).reshape(u.sizes()), stats_)
+                            .reshape({-1}));
+      w.push_back(h * tab_.b[si]);
+    }
+    r.unew = lincomb(uflat, F, w).reshape(u.sizes());
+    return r;
+  }
+
   const ImplicitTableau& tab_;
   const Dynamics& f_;
   const SolveOptions& o_;

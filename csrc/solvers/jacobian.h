@@ -85,6 +85,21 @@ struct LU {
 bool batched_vjps(const torch::Tensor& out, const std::vector<torch::Tensor>& inputs,
                   const torch::Tensor& seeds, std::vector<torch::Tensor>& grads);
 
+// One differentiable Newton correction of the converged stage increments Zstar ([s, N] for the
+// flattened state, detached) of an implicit Runge-Kutta step (matrix A, nodes c) from (t, u):
+//   Z = Zstar - M^-1 G(Zstar),  G(Z) = Z - h (A x I) F(u + Z),  F_j = f(t + c_j h, u + Z_j),
+//   M = I - h (A x I) diag(J(u + Zstar_j))  (exact Jacobians at the stages, detached; blocks
+//   with SolveOptions::independent_batch).
+// Z's value is Zstar to within the squared Newton error; where u or f's parameters carry grad
+// (reverse mode) or forward-mode tangents, its derivative is the implicit function theorem's,
+// M^-1 (-dG), not that of the iteration that found Zstar. Stages whose column of A is zero cost
+// neither a Jacobian nor an evaluation. Cost: one Jacobian and one evaluation of f per stage, one
+// LU of size s n. Returns an undefined tensor (why set) when M is singular.
+torch::Tensor newton_correction(const Dynamics& f, const SolveOptions& o, Stats& stats, double t,
+                                double h, const std::vector<double>& c,
+                                const std::vector<std::vector<double>>& A, const torch::Tensor& u,
+                                const torch::Tensor& Zstar, std::string& why);
+
 // Small systems on the CPU without grad: the steppers do their stage algebra and linear algebra
 // on host doubles in plain loops, calling into ATen only to evaluate f. For states of a few
 // elements each ATen call (microseconds of dispatch, allocation and checks) costs far more than

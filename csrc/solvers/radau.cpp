@@ -37,8 +37,10 @@
 // when something upstream requires grad (or carries forward-mode tangents) the converged Z* then
 // takes ONE differentiable Newton correction Z = Z* - M^-1 G(Z*), G(Z) = Z - h (A x I) F(u + Z),
 // with the exact matrix M = I - h (A x I) diag(J(z_1*), J(z_2*), J(z_3*)) (detached): its
-// derivative is the implicit function theorem's. Cost under grad: three more Jacobians, one LU of
-// size 3n and three evaluations of f per step in the forward pass.
+// derivative is the implicit function theorem's (newton_correction, jacobian.h). Cost under grad:
+// three more Jacobians, one LU of size 3n and three evaluations of f per step in the forward
+// pass. The discrete adjoint replays each step from the forward solve's converged stages (its
+// dense output holds Z* / h) with the same correction (replay), so its gradient is diffeq_rd's.
 #include <algorithm>
 #include <array>
 #include <cmath>
@@ -88,6 +90,8 @@ struct Radau5 {
   Tableau interpolant;  // the collocation polynomial over dense_terms Z_i / h
   std::array<double, 3> c{}, e{};
   Mat3 A{}, T{}, Tinv{};
+  std::vector<double> c_vec;  // c and A as newton_correction takes them
+  std::vector<std::vector<double>> a_rows;
   double gamma = 0, alpha = 0, beta = 0;
 
   // L_j(theta): the collocation polynomial's weight of Z_j (L_j(c_i) = delta_ij, L_j(0) = 0).
@@ -106,6 +110,8 @@ const Radau5& radau5() {
             {(296.0 + 169.0 * s6) / 1800, (88.0 + 7.0 * s6) / 360, (-2.0 - 3.0 * s6) / 225},
             {(16.0 - s6) / 36, (16.0 + s6) / 36, 1.0 / 9}}};
     const Mat3 Ainv = inverse3(r.A);
+    r.c_vec.assign(r.c.begin(), r.c.end());
+    for (const auto& row : r.A) r.a_rows.emplace_back(row.begin(), row.end());
 
     // Eigenvalues and vectors of A^-1 (3 x 3 doubles, once).
     torch::Tensor Ai = torch::empty({3, 3}, torch::kFloat64);
@@ -189,6 +195,27 @@ class Radau5Stepper : public Stepper {
     kappa_ = o.rtol > 0 ? std::max(10.0 * eps / o.rtol, std::min(0.03, std::sqrt(o.rtol))) : 0.03;
   }
   const MethodInfo& info() const override { return m_.info; }
+
+  // The forward's converged stages are its dense terms times h (no correction without grad):
+  // the correction at them gives the step's value and derivative as diffeq_rd's forward pass did.
+  StepResult replay(double t, const torch::Tensor& u, double h,
+                    const std::vector<torch::Tensor>& dense_terms) override {
+    TORCH_CHECK(dense_terms.size() == 3, "radau5: a replayed step needs its 3 stages");
+    const int64_t N = u.numel();
+    std::vector<torch::Tensor> zs;
+    for (const auto& k : dense_terms) zs.push_back(k.detach().reshape({N}) * h);
+    StepResult r;
+    std::string why;
+    const torch::Tensor Z =
+        newton_correction(f_, o_, stats_, t, h, m_.c_vec, m_.a_rows, u, at::stack(zs), why);
+    if (!Z.defined()) {
+      r.failure = why;
+      return r;
+    }
+    r.unew = (u.reshape({N}) + Z[2]).reshape(u.sizes());
+    for (int i = 0; i < 3; ++i) r.dense_terms.push_back((Z[i] / h).reshape(u.sizes()));
+    return r;
+  }
 
   StepResult step(double t, const torch::Tensor& u, double h, bool new_point) override {
     if (!layout_.n) {
@@ -407,28 +434,8 @@ class Radau5Stepper : public Stepper {
     torch::Tensor Zc = Z;
     if (track_ || dual_) {
       // One differentiable Newton correction with the exact matrix at the converged stages.
-      std::vector<torch::Tensor> Js;
-      for (int i = 0; i < 3; ++i) {
-        PointDerivatives d = derivatives(f_, o_, t + m_.c[i] * h, (ud + Z[i]).reshape(u.sizes()),
-                                         /*track=*/false, stats_, /*with_ft=*/false);
-        Js.push_back(d.J.detach());
-      }
-      // K[b, i, a, j, c] = A_ij J_j[b, a, c]: the block b of (A x I) diag(J_j), [B, 3n, 3n].
-      const torch::Tensor K =
-          at::einsum("ij,jbac->biajc", {mat(m_.A, ud), at::stack(Js)}).reshape({B, 3 * n, 3 * n});
-      LU exact;
-      if (!exact.factor(K, 1.0, -h, stats_)) {
-        why = "the iteration matrix I - h (A x J) at the converged stages is singular";
-        return false;
-      }
-      const torch::Tensor uf = u.reshape({N});
-      std::vector<torch::Tensor> F;
-      for (int i = 0; i < 3; ++i)
-        F.push_back(eval(t + m_.c[i] * h, (uf + Z[i]).reshape(u.sizes()), true).reshape({N}));
-      const torch::Tensor G = Z - h * at::mm(mat(m_.A, ud), at::stack(F));
-      const torch::Tensor dZ =
-          exact.solve(G.view({3, B, n}).permute({1, 0, 2}).reshape({B, 3 * n}));
-      Zc = Z - dZ.view({B, 3, n}).permute({1, 0, 2}).reshape({3, N});
+      Zc = newton_correction(f_, o_, stats_, t, h, m_.c_vec, m_.a_rows, u, Z, why);
+      if (!Zc.defined()) return false;
     }
     r.unew = (u.reshape({N}) + Zc[2]).reshape(u.sizes());
     for (int i = 0; i < 3; ++i) r.dense_terms.push_back((Zc[i] / h).reshape(u.sizes()));

@@ -48,6 +48,13 @@ class Stepper {
   // One step of signed size h from (t, u). new_point is false when (t, u) is the point of the
   // previous call (a retry after a rejection): derivatives computed there may be reused.
   virtual StepResult step(double t, const torch::Tensor& u, double h, bool new_point) = 0;
+  // The discrete adjoint: the accepted step from (t, u) of size h again, differentiable, given
+  // the forward solve's dense_terms of that step. The default steps afresh (a Rosenbrock step is
+  // a function of (t, u, h) alone); radau5 rebuilds its stages from the forward's converged ones.
+  virtual StepResult replay(double t, const torch::Tensor& u, double h,
+                            const std::vector<torch::Tensor>& /*dense_terms*/) {
+    return step(t, u, h, /*new_point=*/true);
+  }
 };
 
 // The registered stepper for `name` (is_stiff_method(name) must hold). `track`: record the

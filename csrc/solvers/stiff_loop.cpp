@@ -361,14 +361,10 @@ Solution solve_stiff(const Dynamics& f, const torch::Tensor& u, double t0, doubl
                      const std::vector<double>& saveat, const SolveOptions& o) {
   const MethodInfo& m = method_info(o.method);
   check_options(o, m);
-  // Forward mode (dual tensors): the Rosenbrock and ESDIRK steppers carry the tangents through
-  // their Jacobians and Newton corrections (jacobian.h, PointDerivatives::dual); the fixed-step
-  // implicit methods iterate on primal values and would drop them.
-  TORCH_CHECK_NOT_IMPLEMENTED(!is_implicit_fixed(o.method) || !is_dual(u),
-                              "the fixed-step implicit method '", o.method,
-                              "' does not support forward mode (dual tensors, diffeq_fd / "
-                              "diffeq_jvp) yet; use reverse mode (diffeq_rd) or an adaptive stiff "
-                              "method (rodas5p, kvaerno5, ...)");
+  // Forward mode (dual tensors): the Rosenbrock steppers carry the tangents through their
+  // Jacobians (jacobian.h, PointDerivatives::dual); the ESDIRK, Radau and fixed-step implicit
+  // steppers iterate on primal values and give the stages their tangents by one exact Newton
+  // correction (newton_correction).
   Loop loop(f, o, m);
   return loop.run(u, t0, t1, saveat);
 }

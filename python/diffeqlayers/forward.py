@@ -12,7 +12,7 @@ import torch.autograd.forward_ad as fwAD
 from . import _C
 from .problem import ODEProblem, remake
 from .solution import Solution
-from .solve import implicit_fixed_methods, solve
+from .solve import solve
 
 __all__ = ["diffeq_fd", "diffeq_jvp"]
 
@@ -189,12 +189,6 @@ def _prepare(
         raise TypeError(f"prob must be an ODEProblem, got {type(prob).__name__}")
     if not isinstance(solver, str):
         raise TypeError(f"solver must be a method name (str), got {type(solver).__name__}")
-    if solver in implicit_fixed_methods():
-        raise NotImplementedError(
-            f"forward mode does not support the fixed-step implicit method {solver!r} yet (its "
-            "iterations run on primal values); use diffeq_rd, or an adaptive stiff method "
-            "(rodas5p, kvaerno5, ...) with diffeq_fd"
-        )
     state, span = remake(prob, p=p).resolve()
     u0_from_p = u0 is None and callable(prob.u0)
     if u0 is not None:

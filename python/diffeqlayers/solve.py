@@ -180,7 +180,7 @@ def solve(
             :func:`stiff_methods`) Rosenbrock ``rosenbrock23``, ``rodas5``, ``rodas5p`` and
             ESDIRK ``kvaerno5``, ``kencarp4``, ``trbdf2`` (on a :class:`SplitODEProblem`,
             ``kencarp4`` is IMEX: ``f_stiff`` implicit, ``f_nonstiff`` explicit; every other
-            method solves the sum); fixed-grid Adams (see :func:`adams_methods`)
+            method solves the sum), adaptive Radau IIA ``radau5``; fixed-grid Adams (see :func:`adams_methods`)
             ``explicit_adams``, ``implicit_adams``; fixed-step implicit Runge-Kutta (see
             :func:`implicit_fixed_methods`) ``implicit_euler``, ``implicit_midpoint``,
             ``trapezoid``, ``sdirk2``, ``fixed_trbdf2``, ``radauIIA3``, ``radauIIA5``, ``gl4``,

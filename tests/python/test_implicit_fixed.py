@@ -117,11 +117,6 @@ def test_odeint_names_and_options():
         dl.odeint(f, y0, t, method="gl4", options={"max_order": 4})
     with pytest.raises(NotImplementedError, match="gl4"):
         dl.odeint_adjoint(f, y0, t, method="gl4", adjoint_params=())
-    p = torch.tensor(1.0, dtype=F64, requires_grad=True)
-    with pytest.raises(NotImplementedError, match="forward mode"):
-        dl.diffeq_fd(
-            p, lambda s: s.u.sum(), dl.ODEProblem(growth, y0, (0.0, 1.0), p), "gl4", dt=0.1
-        )
     prob = dl.ODEProblem(growth, y0, (0.0, 1.0))
     with pytest.raises(ValueError, match="dt"):
         dl.solve(prob, "gl4")
@@ -129,3 +124,30 @@ def test_odeint_names_and_options():
         dl.solve(prob, "gl4", dt=0.1, max_iters=0)
     with pytest.warns(RuntimeWarning, match="Newton iteration did not converge"):
         dl.solve(prob, "gl4", dt=0.1, max_iters=1, rtol=1e-14, atol=1e-14)
+
+
+def stiff_growth(u, p, t):
+    """A stiff, non-linear f reading t and p: relaxation at rate p[1] towards a moving target."""
+    return torch.stack(
+        [p[0] * math.cos(t) * u[0] * (1 + 0.1 * u[1]), -p[1] * (u[1] - torch.sin(u[0]) - t)]
+    )
+
+
+@pytest.mark.parametrize("method", sorted(ORDERS))
+def test_forward_mode_matches_reverse_mode(method):
+    # diffeq_fd: the stages found on primal values take one exact Newton correction, whose tangent
+    # is the implicit function theorem's; diffeq_rd differentiates the iteration as it ran. With
+    # the iteration run to near rounding (tolerances 1e-13, up to 50 iterations) the two agree:
+    # measured at most 7.7e-14 relative over the methods (fixed_trbdf2). Save rows inside steps (the Hermite
+    # interpolant, with f(t, u) and f(t + h, u_new) carrying tangents) and at step ends.
+    p0 = torch.tensor([0.8, 30.0], dtype=F64)
+    y0 = torch.tensor([0.5, -0.3], dtype=F64)
+    prob = dl.ODEProblem(stiff_growth, y0, (0.0, 1.0), p0)
+    kw = dict(dt=0.1, saveat=[0.55, 1.0], rtol=1e-13, atol=1e-13, max_iters=50)
+    grads = []
+    for fn in [dl.diffeq_rd, dl.diffeq_fd]:
+        p = p0.clone().requires_grad_(True)
+        u0 = y0.clone().requires_grad_(True)
+        out = fn(p, lambda s: s.u.pow(2).sum(), prob, method, u0=u0, **kw)
+        grads.append(torch.cat(torch.autograd.grad(out, (u0, p))))
+    assert torch.allclose(grads[1], grads[0], rtol=1e-11, atol=0), grads

@@ -276,13 +276,6 @@ def test_forward_mode_equals_reverse_mode(method):
     assert torch.allclose(grads[1], grads[0], rtol=1e-10, atol=0), (method, grads)
 
 
-def test_forward_mode_is_refused_for_the_fixed_step_implicit_methods():
-    p = torch.tensor([2.0, 0.5, 50.0], dtype=torch.float64)
-    prob = dl.ODEProblem(stiff_pair, torch.tensor([1.0, 0.3], dtype=torch.float64), (0.0, 0.3), p)
-    with pytest.raises(NotImplementedError, match="forward mode"):
-        dl.diffeq_fd(p, lambda s: s.u[-1], prob, "radauIIA5", dt=0.1)
-
-
 # ---------------------------------------------------------------------------------------------
 # ESDIRK methods: Newton on each implicit stage, Jacobian and LU reused across steps.
 
@@ -756,7 +749,8 @@ def test_interpolating_adjoint_with_a_stiff_forward_solve(method):
     bound = 1e-4 if method == "trbdf2" else 2e-5
     assert ((g - g_exact) / g_exact).abs().max() < bound, (g, g_exact)
     # Backsolve would solve the stiff problem backwards; an ESDIRK step cannot be replayed alone.
-    refused = ["backsolve"] if method.startswith("rodas") else ["backsolve", "discrete"]
+    replayable = method.startswith("rodas") or method == "radau5"
+    refused = ["backsolve"] if replayable else ["backsolve", "discrete"]
     for sensealg in refused:
         with pytest.raises(ValueError, match="interpolating"):
             dl.diffeq_adjoint(
@@ -764,10 +758,12 @@ def test_interpolating_adjoint_with_a_stiff_forward_solve(method):
             )
 
 
-@pytest.mark.parametrize("method", ["rodas5", "rodas5p", "rosenbrock23"])
+@pytest.mark.parametrize("method", ["rodas5", "rodas5p", "rosenbrock23", "radau5"])
 def test_discrete_adjoint_with_a_rosenbrock_forward_solve_is_reverse_mode(method):
     # The discrete adjoint replays each Rosenbrock step (a function of t, u and h alone) under
-    # autograd: the gradient of the same discrete solve as diffeq_rd's, to rounding. Save rows
+    # autograd, and rebuilds each radau5 step from the forward's converged stages with the exact
+    # Newton correction diffeq_rd takes: the gradient of the same discrete solve as diffeq_rd's,
+    # to rounding. Save rows
     # at t0, inside steps (interpolated) and at the end; gradients for u0 and p.
     p0, u0, prob = STIFF_LINEAR_P, STIFF_LINEAR_U0, stiff_linear_problem()
     kw = dict(saveat=[0.0, 0.013, 0.5, 0.77, 1.0], rtol=1e-6, atol=1e-9)
@@ -785,7 +781,7 @@ def test_discrete_adjoint_with_a_rosenbrock_forward_solve_is_reverse_mode(method
         else:
             out = dl.diffeq_adjoint(p, loss, prob, method, u0=u, sensealg="discrete", **kw)
         grads.append(torch.cat(torch.autograd.grad(out, (u, p))))
-    # Measured 7.9e-14 (rosenbrock23) to 2.6e-12 (rodas5p) relative: the adjoint's forward solve
+    # Measured 7.9e-14 (rosenbrock23) to 2.6e-12 (rodas5p) relative, 1.0e-15 (radau5): the adjoint's forward solve
     # (no graph, host arithmetic for small systems) and diffeq_rd's round differently.
     assert torch.allclose(grads[1], grads[0], rtol=1e-11, atol=0), grads
 
@@ -1060,7 +1056,7 @@ def test_radau5_dense_output_between_the_steps():
     assert err < 1e-7, err
 
 
-def test_radau5_rd_and_fd_match_and_discrete_is_refused():
+def test_radau5_rd_and_fd_match():
     p0, prob = STIFF_LINEAR_P, stiff_linear_problem()
     kw = dict(saveat=[0.5, 1.0], rtol=1e-8, atol=1e-10)
 
@@ -1074,10 +1070,6 @@ def test_radau5_rd_and_fd_match_and_discrete_is_refused():
     # Same steps; the correction's derivative (the implicit function theorem's) in both modes:
     # measured 1.1e-15 relative.
     assert torch.allclose(grads[1], grads[0], rtol=1e-10, atol=0), grads
-    with pytest.raises(ValueError, match="Radau step depends on Newton"):
-        dl.diffeq_adjoint(
-            p0.clone().requires_grad_(True), loss, prob, "radau5", sensealg="discrete", **kw
-        )
 
 
 def test_radau5_backward_solve_for_the_interpolating_adjoint():

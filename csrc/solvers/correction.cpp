@@ -1,0 +1,78 @@
+// One differentiable Newton correction of an implicit Runge-Kutta step's converged stages
+// (solvers/jacobian.h, newton_correction): how radau5 and the fixed-step implicit methods give
+// their stages the implicit function theorem's derivative in reverse and forward mode.
+#include <string>
+#include <vector>
+
+#include "core/lincomb.h"
+#include "solvers/jacobian.h"
+
+namespace diffeqlayers {
+namespace stiff {
+
+torch::Tensor newton_correction(const Dynamics& f, const SolveOptions& o, Stats& stats, double t,
+                                double h, const std::vector<double>& c,
+                                const std::vector<std::vector<double>>& A, const torch::Tensor& u,
+                                const torch::Tensor& Zstar, std::string& why) {
+  const auto s = static_cast<int64_t>(c.size());
+  const int64_t N = u.numel();
+  const JacLayout l = jac_layout(o, u);
+  const int64_t B = l.blocks, n = l.n;
+  const torch::Tensor ud = u.detach().reshape({N});
+  std::vector<bool> used(static_cast<size_t>(s), false);  // column j of A is not zero
+  std::vector<double> a_flat;
+  for (int64_t i = 0; i < s; ++i)
+    for (int64_t j = 0; j < s; ++j) {
+      const double a = A[static_cast<size_t>(i)][static_cast<size_t>(j)];
+      a_flat.push_back(a);
+      if (a != 0.0) used[static_cast<size_t>(j)] = true;
+    }
+  // The exact Jacobians at the converged stages (primal values, detached).
+  std::vector<torch::Tensor> Js;
+  for (int64_t j = 0; j < s; ++j) {
+    if (!used[static_cast<size_t>(j)]) {
+      Js.push_back(at::zeros({B, n, n}, ud.options()));
+      continue;
+    }
+    const PointDerivatives d =
+        derivatives(f, o, t + c[static_cast<size_t>(j)] * h, (ud + Zstar[j]).reshape(u.sizes()),
+                    /*track=*/false, stats, /*with_ft=*/false);
+    Js.push_back(d.J.detach());
+  }
+  const torch::Tensor Am = torch::tensor(a_flat, torch::kFloat64).reshape({s, s}).to(ud.options());
+  // K[b, i, a, j, c] = A_ij J_j[b, a, c]: block b of (A x I) diag(J_1, ..., J_s), [B, s n, s n].
+  const torch::Tensor K =
+      at::einsum("ij,jbac->biajc", {Am, at::stack(Js)}).reshape({B, s * n, s * n});
+  LU exact;
+  if (!exact.factor(K, 1.0, -h, stats)) {
+    why = "the iteration matrix I - h (A x J) at the converged stages is singular";
+    return torch::Tensor();
+  }
+  // G(Z*) with u (and f's parameters) carrying grad or tangents.
+  const torch::Tensor uf = u.reshape({N});
+  std::vector<torch::Tensor> F(static_cast<size_t>(s));
+  for (int64_t j = 0; j < s; ++j)
+    if (used[static_cast<size_t>(j)])
+      F[static_cast<size_t>(j)] =
+          eval_f(f, t + c[static_cast<size_t>(j)] * h, (uf + Zstar[j]).reshape(u.sizes()), stats)
+              .reshape({N});
+  std::vector<torch::Tensor> G;
+  for (int64_t i = 0; i < s; ++i) {
+    std::vector<torch::Tensor> terms;
+    std::vector<double> w;
+    for (int64_t j = 0; j < s; ++j) {
+      const double a = A[static_cast<size_t>(i)][static_cast<size_t>(j)];
+      if (a != 0.0) {
+        terms.push_back(F[static_cast<size_t>(j)]);
+        w.push_back(-h * a);
+      }
+    }
+    G.push_back(terms.empty() ? Zstar[i] : lincomb(Zstar[i], terms, w));  // row of A zero
+  }
+  const torch::Tensor dZ =
+      exact.solve(at::stack(G).view({s, B, n}).permute({1, 0, 2}).reshape({B, s * n}));
+  return Zstar - dZ.view({B, s, n}).permute({1, 0, 2}).reshape({s, N});
+}
+
+}  // namespace stiff
+}  // namespace diffeqlayers
