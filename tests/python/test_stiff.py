@@ -781,8 +781,9 @@ def test_discrete_adjoint_with_a_rosenbrock_forward_solve_is_reverse_mode(method
         else:
             out = dl.diffeq_adjoint(p, loss, prob, method, u0=u, sensealg="discrete", **kw)
         grads.append(torch.cat(torch.autograd.grad(out, (u, p))))
-    # Measured 7.9e-14 (rosenbrock23) to 2.6e-12 (rodas5p) relative, 1.0e-15 (radau5): the adjoint's forward solve
-    # (no graph, host arithmetic for small systems) and diffeq_rd's round differently.
+    # Measured 7.9e-14 (rosenbrock23) to 2.6e-12 (rodas5p) relative, 1.0e-15 (radau5): the
+    # adjoint's forward solve (no graph, host arithmetic for small systems) and diffeq_rd's round
+    # differently.
     assert torch.allclose(grads[1], grads[0], rtol=1e-11, atol=0), grads
 
 
