@@ -30,7 +30,8 @@ def methods() -> list[str]:
 def stiff_methods() -> list[str]:
     """Names of the stiff methods: Rosenbrock ``rosenbrock23``, ``rodas5``, ``rodas5p``; ESDIRK
     (Newton on each implicit stage) ``kvaerno5``, ``kencarp4`` (IMEX on a
-    :class:`SplitODEProblem`), ``trbdf2``."""
+    :class:`SplitODEProblem`), ``trbdf2``; Radau IIA ``radau5`` (order 5, its three coupled
+    stages by Newton on Hairer & Wanner's transformed system)."""
     return list(_C.stiff_methods())
 
 
@@ -180,11 +181,11 @@ def solve(
             :func:`stiff_methods`) Rosenbrock ``rosenbrock23``, ``rodas5``, ``rodas5p`` and
             ESDIRK ``kvaerno5``, ``kencarp4``, ``trbdf2`` (on a :class:`SplitODEProblem`,
             ``kencarp4`` is IMEX: ``f_stiff`` implicit, ``f_nonstiff`` explicit; every other
-            method solves the sum), adaptive Radau IIA ``radau5``; fixed-grid Adams (see :func:`adams_methods`)
-            ``explicit_adams``, ``implicit_adams``; fixed-step implicit Runge-Kutta (see
-            :func:`implicit_fixed_methods`) ``implicit_euler``, ``implicit_midpoint``,
-            ``trapezoid``, ``sdirk2``, ``fixed_trbdf2``, ``radauIIA3``, ``radauIIA5``, ``gl4``,
-            ``gl6``.
+            method solves the sum), adaptive Radau IIA ``radau5``; fixed-grid Adams (see
+            :func:`adams_methods`) ``explicit_adams``, ``implicit_adams``; fixed-step implicit
+            Runge-Kutta (see :func:`implicit_fixed_methods`) ``implicit_euler``,
+            ``implicit_midpoint``, ``trapezoid``, ``sdirk2``, ``fixed_trbdf2``, ``radauIIA3``,
+            ``radauIIA5``, ``gl4``, ``gl6``.
         saveat: where to save: a spacing (``0.1`` saves at t0, t0 + 0.1, ..., t1), or times
             (a sequence or 1-D tensor, strictly monotone along the span, possibly requiring
             grad). None saves every step.
@@ -230,7 +231,7 @@ def solve(
             ``[B n, B n]`` matrix (``stats.jac_blocks`` is ``B``); a ``jac`` must then return
             the blocks ``[B, n, n]``. Declaring it for coupled samples drops the coupling from
             the Jacobian: wrong results for the Rosenbrock methods, slow Newton for the ESDIRK
-            ones.
+            and Radau ones.
         max_order: Adams methods only: the highest order the step history may reach, 1 to 12
             (default 12, torchdiffeq's): the first two steps are 3/8-rule RK4, then
             Adams-Bashforth of order 3, 4, ... up to ``max_order - 1``; below 4, every step is
