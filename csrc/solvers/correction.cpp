@@ -1,6 +1,8 @@
-// One differentiable Newton correction of an implicit Runge-Kutta step's converged stages
-// (solvers/jacobian.h, newton_correction): how radau5 and the fixed-step implicit methods give
-// their stages the implicit function theorem's derivative in reverse and forward mode.
+// Newton helpers shared by the implicit steppers (solvers/jacobian.h): the rate test of the
+// simplified iteration, and the one differentiable Newton correction of an implicit Runge-Kutta
+// step's converged stages by which radau5 and the fixed-step implicit methods give their stages
+// the implicit function theorem's derivative in reverse and forward mode.
+#include <cmath>
 #include <string>
 #include <vector>
 
@@ -9,6 +11,21 @@
 
 namespace diffeqlayers {
 namespace stiff {
+
+bool newton_rate_ok(int it, double nd, double prev, int max_updates, double kappa, bool fixed,
+                    double& theta, std::string& why) {
+  theta = prev > 0 ? nd / prev : 0.0;
+  if (theta >= 0.99) {
+    why = "the Newton iteration diverged (contraction " + fmt(theta) + ")";
+    return false;
+  }
+  if (!fixed && it < max_updates - 1 &&
+      std::pow(theta, max_updates - 1 - it) / (1.0 - theta) * nd > kappa) {
+    why = "the Newton iteration converges too slowly (contraction " + fmt(theta) + ")";
+    return false;
+  }
+  return true;
+}
 
 torch::Tensor newton_correction(const Dynamics& f, const SolveOptions& o, Stats& stats, double t,
                                 double h, const std::vector<double>& c,

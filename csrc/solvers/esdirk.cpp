@@ -42,7 +42,6 @@ constexpr int kMaxNewton = 10;      // iterations per stage
 constexpr double kRefactor = 0.2;   // refactor W when |h gamma / (h' gamma) - 1| exceeds this
 constexpr double kSlowTheta = 0.1;  // a contraction rate above this refreshes J next step
 constexpr double kKappa = 0.05;     // Newton tolerance, in units of the error test
-constexpr double kDiverged = 0.99;  // a contraction rate above this is divergence
 
 std::vector<double> row_plus_gamma(const std::vector<double>& a, double gamma) {
   std::vector<double> r = a;
@@ -273,19 +272,11 @@ class EsdirkStepper : public Stepper {
       return -1;
     }
     if (it > 0) {
-      const double theta = prev > 0 ? nd / prev : 0.0;
+      double theta = 0.0;
+      const bool ok = newton_rate_ok(it, nd, prev, max_newton_, kappa_, fixed_, theta, why);
       theta_max_ = std::max(theta_max_, theta);
-      if (theta >= kDiverged) {
-        why = "the Newton iteration diverged (contraction " + fmt(theta) + ")";
-        return -1;
-      }
+      if (!ok) return -1;
       eta_ = theta / (1.0 - theta);
-      // Predicted not to converge within the remaining iterations.
-      if (!fixed_ && it < max_newton_ - 1 &&
-          std::pow(theta, max_newton_ - 1 - it) / (1.0 - theta) * nd > kappa_) {
-        why = "the Newton iteration converges too slowly (contraction " + fmt(theta) + ")";
-        return -1;
-      }
     }
     // The first update of a stage is judged by itself: the rate carried over from earlier
     // stages says little about this stage's predictor, and an unconverged stiff component

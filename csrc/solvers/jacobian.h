@@ -100,6 +100,13 @@ torch::Tensor newton_correction(const Dynamics& f, const SolveOptions& o, Stats&
                                 const std::vector<std::vector<double>>& A, const torch::Tensor& u,
                                 const torch::Tensor& Zstar, std::string& why);
 
+// The rate test of a simplified Newton iteration (Hairer & Wanner II, IV.8) after update `it` > 0
+// with scaled norm nd, the previous update's norm prev: theta = nd / prev. Fails (false, why set)
+// on divergence (theta >= 0.99) and, unless `fixed` (fixed steps have no smaller step to fall
+// back on), when the updates left (max_updates - 1 - it) are predicted to miss kappa.
+bool newton_rate_ok(int it, double nd, double prev, int max_updates, double kappa, bool fixed,
+                    double& theta, std::string& why);
+
 // Small systems on the CPU without grad: the steppers do their stage algebra and linear algebra
 // on host doubles in plain loops, calling into ATen only to evaluate f. For states of a few
 // elements each ATen call (microseconds of dispatch, allocation and checks) costs far more than

@@ -59,7 +59,6 @@ namespace {
 using Mat3 = std::array<std::array<double, 3>, 3>;
 
 constexpr int kMaxNewton = 7;        // HW's NIT
-constexpr double kDiverged = 0.99;   // a contraction rate above this is divergence
 constexpr double kFastTheta = 1e-3;  // HW's THET: a slower rate refreshes J
 
 Mat3 inverse3(const Mat3& m) {
@@ -336,17 +335,8 @@ class Radau5Stepper : public Stepper {
       return -1;
     }
     if (it > 0) {
-      theta_ = prev > 0 ? nd / prev : 0.0;
-      if (theta_ >= kDiverged) {
-        why = "the Newton iteration diverged (contraction " + fmt(theta_) + ")";
-        return -1;
-      }
+      if (!newton_rate_ok(it, nd, prev, max_newton_, kappa_, fixed_, theta_, why)) return -1;
       eta_ = theta_ / (1.0 - theta_);
-      if (!fixed_ && it < max_newton_ - 1 &&
-          std::pow(theta_, max_newton_ - 1 - it) / (1.0 - theta_) * nd > kappa_) {
-        why = "the Newton iteration converges too slowly (contraction " + fmt(theta_) + ")";
-        return -1;
-      }
     }
     prev = std::max(nd, std::numeric_limits<double>::min());
     return (nd == 0.0 || eta_ * nd <= kappa_) ? 1 : 0;
