@@ -15,7 +15,7 @@ diffeqlayers gets f as a torch function of the state tensor (rober_t, vdp_t) and
 Jacobians by autograd (reverse mode: one recorded evaluation of f, counted in nfe, and one
 reverse pass with the n seeds batched under vmap); kencarp4, rodas5 and radau5 run a second time
 with the exact Jacobian as a torch function (jac=, built from the same Python floats as scipy's),
-rows "(exact jac)", and rodas5 and radau5 a third time with f as a TorchScript module of the same
+rows "(exact jac)", and rodas5, rodas5p and radau5 with f as a TorchScript module of the same
 operations (RoberScript, VdpScript: called from C++, no Python per call), rows
 "(TorchScript f)". scipy runs twice per method: "scipy X" with a NumPy/Python-float f and the exact
 Jacobian (rober_np, rober_jac, ...), and "scipy X (torch f)" with the same torch f as
@@ -209,7 +209,7 @@ DL_METHODS = ["kvaerno5", "kencarp4", "trbdf2", "radau5", "rodas5", "rodas5p", "
 DL_EXACT_JAC = ["kencarp4", "rodas5", "radau5"]
 # Also run with f as a TorchScript module of the same operations (called from C++, no Python per
 # call; autograd Jacobian).
-DL_SCRIPT = ["rodas5", "radau5"]
+DL_SCRIPT = ["rodas5", "rodas5p", "radau5"]
 DL_COLUMNS = (
     DL_METHODS
     + [f"{m} (exact jac)" for m in DL_EXACT_JAC]

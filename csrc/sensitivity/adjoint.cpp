@@ -577,12 +577,13 @@ torch::Tensor reverse_replayed_step(const torch::Tensor& ul, const torch::Tensor
   return gr[0].defined() ? gr[0] : at::zeros_like(lam);
 }
 
-// Discrete with a Rosenbrock or radau5 forward solve. A Rosenbrock step takes a fresh Jacobian at
-// its own start point, so the accepted step is a function of (t, u, h) alone: each is replayed
-// from the forward's dense output (which holds every step's start state) with the Jacobian's
-// dependence on u and the parameters recorded (track), and reversed by autograd, last to first.
-// A radau5 step is rebuilt from its converged stages, which its dense output holds, by the exact
-// Newton correction diffeq_rd's forward pass takes (Stepper::replay). The save
+// Discrete with a stiff forward solve. A Rosenbrock step takes a fresh Jacobian at its own start
+// point, so the accepted step is a function of (t, u, h) alone: each is replayed from the
+// forward's dense output (which holds every step's start state) with the Jacobian's dependence
+// on u and the parameters recorded (track), and reversed by autograd, last to first. A radau5 or
+// ESDIRK step (Newton with Jacobians kept across steps) is rebuilt from the converged stages the
+// dense output holds (SolveOptions::keep_stages for kvaerno5, trbdf2) by the exact Newton
+// corrections diffeq_rd's forward pass takes (Stepper::replay). The save
 // rows are assigned to steps exactly as the forward loop did (stiff_loop.cpp): a row inside a
 // step comes from that step's interpolant, a row at a step's end is its end state.
 // Cost per step: the step's stages and one Jacobian again, plus the reverse pass through them,
@@ -619,8 +620,15 @@ Grads backward_discrete_stiff(AdjointState& s, const torch::Tensor& G) {
   }
 
   const stiff::MethodInfo& info = stiff::method_info(s.options.method);
-  TORCH_CHECK(info.interpolant, "discrete adjoint: ", s.options.method,
-              " has no interpolant of its own");
+  // kvaerno5 and trbdf2 interpolate save rows inside a step with the cubic Hermite interpolant on
+  // f at both ends (a Tableau without dense coefficients), as the forward loop did.
+  static const Tableau hermite = [] {
+    Tableau t;
+    t.name = "hermite";
+    t.order = 3;
+    return t;
+  }();
+  const Tableau& interp = info.interpolant ? *info.interpolant : hermite;
   Stats step_stats;
   std::unique_ptr<stiff::Stepper> stepper =
       stiff::make_stepper(s.options.method, s.fb, s.options, step_stats, /*track=*/true);
@@ -648,8 +656,13 @@ Grads backward_discrete_stiff(AdjointState& s, const torch::Tensor& G) {
     ++stats.replayed_steps;
     torch::Tensor inner_out;
     if (!inner.empty()) {
-      DenseStep replayed{st.t0, st.h, ul, r.unew, r.dense_terms};
-      inner_out = interpolate_many(*info.interpolant, replayed, thetas);
+      std::vector<torch::Tensor> k = r.dense_terms;
+      if (!info.interpolant) {
+        k = {r.f0, stiff::eval_f(s.fb, st.t0 + st.h, r.unew, step_stats)};
+        stats.nfe += 1;
+      }
+      DenseStep replayed{st.t0, st.h, ul, r.unew, k};
+      inner_out = interpolate_many(interp, replayed, thetas);
     }
     lam = reverse_replayed_step(ul, r.unew, inner_out, inner, lam, G, wrt, gp);
   }
@@ -742,6 +755,7 @@ struct AdjointFunction : public torch::autograd::Function<AdjointFunction> {
     if (s.prep.stiff) {
       SolveOptions o = s.options;
       o.dense = true;
+      o.keep_stages = s.kind == Kind::Discrete;  // the ESDIRK replay rebuilds steps from them
       sol = detail::integrate(s.f, u0, s.prep, o, nullptr);
       s.fwd_dense = sol.dense;
       sol.dense = nullptr;
@@ -794,25 +808,25 @@ Solution solve_adjoint(const Dynamics& f, const torch::Tensor& u0, const torch::
   o.params.insert(o.params.end(), params.begin(), params.end());
   const detail::Prepared prep = detail::prepare(f, u0, tspan, o);
   // A stiff forward solve: the interpolating adjoint, from the forward's dense output; the
-  // discrete adjoint for the Rosenbrock methods, whose steps are functions of (t, u, h) alone, and
-  // radau5, whose steps are rebuilt from their converged stages.
-  // An ESDIRK step depends on Newton iterations with a Jacobian and factorization kept from
-  // earlier steps, so it cannot be replayed alone (radau5 keeps its converged stages in its dense
-  // output, from which the replay rebuilds them); backsolve would integrate the stiff problem
-  // backwards (unstable).
+  // discrete adjoint, which replays each step (Rosenbrock: a function of (t, u, h) alone; radau5
+  // and ESDIRK: rebuilt from their converged stages).
+  // The discrete adjoint replays each step of a stiff forward solve (Stepper::replay): a
+  // Rosenbrock step afresh, a Newton method's (ESDIRK, radau5) from the converged stages the
+  // forward kept. A split (IMEX kencarp4) step's stages mix f_stiff and f_nonstiff and are not
+  // replayed. Backsolve would integrate the stiff problem backwards (unstable).
   TORCH_CHECK_VALUE(!prep.stiff || is_stiff_method(o.method), "the adjoints do not run the ",
                     is_adams_method(o.method) ? "Adams" : "fixed-step implicit", " method '",
                     o.method,
                     "' (the adaptive stiff methods run with sensealg='interpolating'); "
                     "use diffeq_rd with it");
-  const bool esdirk = prep.stiff && stiff::is_esdirk(o.method);
+  const bool imex = prep.stiff && stiff::is_esdirk(o.method) && static_cast<bool>(o.nonstiff);
   TORCH_CHECK_VALUE(
-      !prep.stiff || kind == Kind::Interpolating || (kind == Kind::Discrete && !esdirk),
+      !prep.stiff || kind == Kind::Interpolating || (kind == Kind::Discrete && !imex),
       "a stiff forward solve ('", o.method, "') runs with sensealg='interpolating'",
-      esdirk ? "" : " or 'discrete'", ", not '", adjoint.sensealg, "' (",
-      esdirk ? "an ESDIRK step depends on Newton iterations with a Jacobian kept "
-               "from earlier steps, so the discrete adjoint cannot replay it alone; "
-             : "",
+      imex ? "" : " or 'discrete'", ", not '", adjoint.sensealg, "' (",
+      imex ? "a split (IMEX) step's stages mix f_stiff and f_nonstiff, so the discrete adjoint "
+             "cannot replay it; "
+           : "",
       "backsolve would solve the stiff problem backwards, which is unstable)");
   // A stiff backward solve needs the Jacobian of the adjoint system, built for the
   // interpolating adjoint's [lambda, g] (backsolve would need second derivatives of f too).

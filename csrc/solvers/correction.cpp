@@ -88,7 +88,10 @@ torch::Tensor newton_correction(const Dynamics& f, const SolveOptions& o, Stats&
   }
   const torch::Tensor dZ =
       exact.solve(at::stack(G).view({s, B, n}).permute({1, 0, 2}).reshape({B, s * n}));
-  return Zstar - dZ.view({B, s, n}).permute({1, 0, 2}).reshape({s, N});
+  // Value Zstar exactly (a solve that records takes the same values as one that does not), the
+  // correction's derivative.
+  const torch::Tensor Z = Zstar - dZ.view({B, s, n}).permute({1, 0, 2}).reshape({s, N});
+  return Zstar.detach() + (Z - Z.detach());
 }
 
 }  // namespace stiff

@@ -15,9 +15,11 @@
 // Gradients (diffeq_rd): the Newton iterations run without grad on detached values. When
 // something upstream requires grad, each stage then takes ONE differentiable Newton correction
 //   z = z* - W*^-1 (z* - h gamma f(t_i, z*) - psi_i),   W* = I - h gamma J(z*)  (exact, detached)
-// from the converged z*. Its value is z* to within the (squared) Newton error, and its derivative
-// with respect to psi_i and the parameters of f is W*^-1 (d psi_i + h gamma df/dp) -- the
-// implicit-function-theorem derivative of the stage equation, not that of the iteration. Cost
+// from the converged z*, taken as z* + (z - z.detach()): its value is z* itself (so a solve that
+// records takes the same steps and values as one that does not, and the discrete adjoint's replay
+// from the kept stages is the same map), and its derivative with respect to psi_i and the
+// parameters of f is W*^-1 (d psi_i + h gamma df/dp) -- the implicit-function-theorem
+// derivative of the stage equation, not that of the iteration. Cost
 // under grad: one more Jacobian (n reverse passes through f), one LU and one evaluation of f per
 // implicit stage in the forward pass; backward is one pair of triangular solves and one
 // vector-Jacobian product of f per stage, with no second-order terms.
@@ -181,6 +183,34 @@ class EsdirkStepper : public Stepper {
                         : kKappa;
   }
   const MethodInfo& info() const override { return m_.info; }
+
+  // The discrete adjoint: the step again from the stage derivatives k_1..k_s the forward solve
+  // kept (kencarp4: its dense terms; kvaerno5, trbdf2: after the Hermite interpolant's two f
+  // values, SolveOptions::keep_stages), each stage taking the exact Newton correction diffeq_rd's
+  // forward pass takes, so the step's derivative is diffeq_rd's.
+  StepResult replay(double t, const torch::Tensor& u, double h,
+                    const std::vector<torch::Tensor>& kept) override {
+    TORCH_CHECK(!split_, m_.info.name, ": a split (IMEX) step cannot be replayed");
+    const size_t offset = m_.interpolant.dense.empty() ? 2 : 0;
+    TORCH_CHECK(kept.size() == offset + m_.stages(), m_.info.name,
+                ": the forward solve kept no stages to replay the step from");
+    const std::vector<torch::Tensor> stages(kept.begin() + static_cast<std::ptrdiff_t>(offset),
+                                            kept.end());
+    if (!layout_.n) layout_ = jac_layout(o_, u);
+    host_ = false;
+    dual_ = false;
+    f0_ = eval(t, u, /*grad=*/true);
+    given_ = &stages;
+    StepResult r;
+    std::string why;
+    const bool ok = try_step(t, u, h, r, why);
+    given_ = nullptr;
+    if (!ok) {
+      r = StepResult();
+      r.failure = why;
+    }
+    return r;
+  }
 
   StepResult step(double t, const torch::Tensor& u, double h, bool new_point) override {
     if (!layout_.n) {
@@ -350,7 +380,7 @@ class EsdirkStepper : public Stepper {
 
   bool try_step(double t, const torch::Tensor& u, double h, StepResult& r, std::string& why) {
     const double hg = h * m_.gamma;
-    if (!ensure_lu(hg)) {
+    if (!given_ && !ensure_lu(hg)) {
       why = "the iteration matrix I - h gamma J is singular";
       return false;
     }
@@ -385,7 +415,20 @@ class EsdirkStepper : public Stepper {
       // extrapolations (psi + h gamma k_{i-1}) start far off on ROBER and Van der Pol and make
       // Newton fail or crawl at large steps; the previous stage is robust there.
       z = i == 1 ? u.detach() : z.detach();
-      if (!newton(ti, hg, psid, z, why)) {
+      if (given_) {
+        // replay(): the forward's converged stage, z_i = psi_i + h gamma k_i from its own k's.
+        at::NoGradGuard g;
+        std::vector<torch::Tensor> kept;
+        std::vector<double> wk;
+        for (size_t j = 0; j < i; ++j)
+          if (m_.a[i][j] != 0.0) {
+            kept.push_back((*given_)[j]);
+            wk.push_back(h * m_.a[i][j]);
+          }
+        kept.push_back((*given_)[i]);
+        wk.push_back(hg);
+        z = lincomb(u.detach(), kept, wk);
+      } else if (!newton(ti, hg, psid, z, why)) {
         eta_ = 1.0;
         return false;
       }
@@ -402,7 +445,12 @@ class EsdirkStepper : public Stepper {
         }
         // Dual: d.f0 is f(ti, z) with its tangent already (derivatives evaluates it for that).
         torch::Tensor G = z - hg * (d.dual ? d.f0 : eval(ti, z, /*grad=*/true)) - psi;
-        z = z - exact.solve(G);
+        // Value z* exactly (the solve's values do not depend on whether it records), the
+        // correction's derivative.
+        // (The tensor Newton iteration evaluates f on z as it is: with dual parameters z* carries
+        // the iteration's tangent, which zc's cancels and the value must not bring back.)
+        const torch::Tensor zc = z - exact.solve(G);
+        z = z.detach() + (zc - zc.detach());
       }
       k[i] = (z - psi) / hg;
       if (split_) gk[i] = eval_g(ti, z);
@@ -422,7 +470,7 @@ class EsdirkStepper : public Stepper {
       // Stiffly accurate without an explicit part: u_new is the last stage itself.
       r.unew = split_ ? lincomb(u, terms, w) : z;
     }
-    {
+    if (!given_) {
       at::NoGradGuard g;
       std::vector<torch::Tensor> terms;
       std::vector<double> w;
@@ -438,6 +486,7 @@ class EsdirkStepper : public Stepper {
     }
     r.f0 = kk[0];
     if (!m_.interpolant.dense.empty()) r.dense_terms = kk;
+    if (o_.keep_stages && !split_) r.stages = kk;
     return true;
   }
 
@@ -502,6 +551,13 @@ class EsdirkStepper : public Stepper {
       r.dense_terms.reserve(s);
       for (size_t j = 0; j < s; ++j) r.dense_terms.push_back(from_host(k[j].data(), u));
     }
+    if (o_.keep_stages && !split_) {
+      if (!r.dense_terms.empty()) {
+        r.stages = r.dense_terms;
+      } else {
+        for (size_t j = 0; j < s; ++j) r.stages.push_back(from_host(k[j].data(), u));
+      }
+    }
     return true;
   }
 
@@ -531,6 +587,7 @@ class EsdirkStepper : public Stepper {
   bool force_refactor_ = false;
   bool fixed_ = false;
   int max_newton_ = kMaxNewton;
+  const std::vector<torch::Tensor>* given_ = nullptr;  // replay(): the forward's stages
 };
 
 }  // namespace

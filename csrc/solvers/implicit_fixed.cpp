@@ -23,8 +23,8 @@
 // correction (newton_correction, jacobian.h: s Jacobians, s evaluations of f and an LU of size
 // s n more per step, and s more evaluations for the new state unless stiffly accurate), whose
 // tangent is the implicit function theorem's for the converged stage equations: forward and
-// reverse mode then agree to the iteration's tolerance (reverse mode differentiates the
-// iteration as it ran), not to rounding, and so do their values.
+// reverse mode agree to the iteration's tolerance (reverse mode differentiates the iteration as
+// it ran), not to rounding; their values are the iteration's in both.
 #include <cmath>
 #include <map>
 #include <memory>
@@ -208,7 +208,7 @@ class ImplicitRK : public Stepper {
 
  private:
   // Forward mode: the stages Zstar found on primal values take one exact Newton correction, whose
-  // tangent is the implicit function theorem's (the value moves by the squared iteration error);
+  // tangent is the implicit function theorem's (the values stay the iteration's);
   // the new state and f(t, u) are then evaluated with their tangents.
   StepResult& dual_result(double t, const torch::Tensor& u, double h, const torch::Tensor& Zstar,
                           StepResult& r) {

@@ -90,9 +90,10 @@ bool batched_vjps(const torch::Tensor& out, const std::vector<torch::Tensor>& in
 //   Z = Zstar - M^-1 G(Zstar),  G(Z) = Z - h (A x I) F(u + Z),  F_j = f(t + c_j h, u + Z_j),
 //   M = I - h (A x I) diag(J(u + Zstar_j))  (exact Jacobians at the stages, detached; blocks
 //   with SolveOptions::independent_batch).
-// Z's value is Zstar to within the squared Newton error; where u or f's parameters carry grad
-// (reverse mode) or forward-mode tangents, its derivative is the implicit function theorem's,
-// M^-1 (-dG), not that of the iteration that found Zstar. Stages whose column of A is zero cost
+// Returned as Zstar + (Z - Z.detach()): its value is Zstar itself (a solve that records takes the
+// values of one that does not); where u or f's parameters carry grad (reverse mode) or
+// forward-mode tangents, its derivative is the implicit function theorem's, M^-1 (-dG), not that
+// of the iteration that found Zstar. Stages whose column of A is zero cost
 // neither a Jacobian nor an evaluation. Cost: one Jacobian and one evaluation of f per stage, one
 // LU of size s n. Returns an undefined tensor (why set) when M is singular.
 torch::Tensor newton_correction(const Dynamics& f, const SolveOptions& o, Stats& stats, double t,

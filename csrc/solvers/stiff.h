@@ -38,6 +38,9 @@ struct StepResult {
   torch::Tensor err;                       // local error estimate (undefined: none)
   std::vector<torch::Tensor> dense_terms;  // what info().interpolant weighs
   torch::Tensor f0;                        // f(t, u), for the Hermite interpolant
+  // ESDIRK: the stage derivatives k_i of the step (k_1 = f(t, u)), from which replay() rebuilds
+  // it (SolveOptions::keep_stages).
+  std::vector<torch::Tensor> stages;
   std::string failure;  // non-empty: the step could not be computed; the loop shrinks dt
 };
 
@@ -49,10 +52,11 @@ class Stepper {
   // previous call (a retry after a rejection): derivatives computed there may be reused.
   virtual StepResult step(double t, const torch::Tensor& u, double h, bool new_point) = 0;
   // The discrete adjoint: the accepted step from (t, u) of size h again, differentiable, given
-  // the forward solve's dense_terms of that step. The default steps afresh (a Rosenbrock step is
-  // a function of (t, u, h) alone); radau5 rebuilds its stages from the forward's converged ones.
+  // what the forward solve kept of that step (DenseStep::k). The default steps afresh (a
+  // Rosenbrock step is a function of (t, u, h) alone); radau5 and the ESDIRK methods rebuild
+  // their stages from the forward's converged ones.
   virtual StepResult replay(double t, const torch::Tensor& u, double h,
-                            const std::vector<torch::Tensor>& /*dense_terms*/) {
+                            const std::vector<torch::Tensor>& /*kept*/) {
     return step(t, u, h, /*new_point=*/true);
   }
 };

@@ -120,8 +120,9 @@ def diffeq_adjoint(
       stored state per step (or fewer with ``checkpoints``) instead of the whole graph. It
       also takes a Rosenbrock forward solve (``rodas5``, ``rodas5p``, ``rosenbrock23``): each
       step, with its fresh Jacobian, is replayed from the forward's dense output; and a
-      ``radau5`` one: each step is rebuilt from the converged stages its dense output keeps,
-      by the exact Newton correction :func:`diffeq_rd` takes.
+      ``radau5`` or ESDIRK one (``kvaerno5``, ``kencarp4``, ``trbdf2``): each step is rebuilt
+      from the converged stages the forward solve keeps, by the exact Newton corrections
+      :func:`diffeq_rd` takes.
 
     Gradients reach ``u0`` (when it requires grad), the parameters, and the times (``tspan``
     entries and ``saveat`` tensors that require grad). The reduction must use ``sol.u`` (and
@@ -137,17 +138,15 @@ def diffeq_adjoint(
         adjoint_rtol, adjoint_atol: tolerances of the backward solve (default: the forward's).
         adjoint_method: method of the backward solve (default: the forward's). A stiff
             method (``rodas5p``, ``rosenbrock23``, ``kvaerno5``, ``kencarp4``, ``trbdf2``,
-            ``radau5``)
-            solves the adjoint of a stiff problem with ``sensealg="interpolating"``; the
-            Jacobian of the adjoint system comes from autograd (the reverse passes of f's
-            components, batched into one where the graph allows). ``rodas5`` is refused here:
-            its error estimate does not see an explicit dependence on t, and the adjoint system
-            depends on t through u(t). A stiff forward solve (``rodas5``, ``kvaerno5``, ...)
-            runs with ``sensealg="interpolating"`` (and, Rosenbrock and ``radau5`` only,
-            ``"discrete"``): it
-            keeps its whole dense output (every step with its stages) in place of
-            checkpoints, and its backward solve defaults to the same method, ``rodas5p``
-            after ``rodas5``.
+            ``radau5``) solves the adjoint of a stiff problem with
+            ``sensealg="interpolating"``; the Jacobian of the adjoint system comes from autograd
+            (the reverse passes of f's components, batched into one where the graph allows).
+            ``rodas5`` is refused here: its error estimate does not see an explicit dependence
+            on t, and the adjoint system depends on t through u(t). A stiff forward solve
+            (``rodas5``, ``kvaerno5``, ...) runs with ``sensealg="interpolating"`` or
+            ``"discrete"``: it keeps its whole dense output (every step with its stages) in
+            place of checkpoints, and its backward solve defaults to the same method,
+            ``rodas5p`` after ``rodas5``.
         seminorm: error control of the backward solve ignores the parameter-gradient channels
             (Kidger, Chen & Lyons 2021): fewer backward steps, same accuracy in practice.
         checkpoints: the most states the forward solve keeps (interpolating, discrete); 0 keeps
