@@ -329,7 +329,9 @@ class EsdirkStepper : public Stepper {
     eta_ = std::pow(std::max(eta_, std::numeric_limits<double>::epsilon()), 0.8);
     double prev = 0.0;
     for (int it = 0; it < max_newton_; ++it) {
-      torch::Tensor fz = eval_f(f_, ti, z, stats_);
+      // Primal values (eval detaches): with dual parameters f's value carries a tangent, which
+      // the iteration does not need (the correction gives the stage its tangent).
+      torch::Tensor fz = eval(ti, z, /*grad=*/false);
       torch::Tensor G = z - hg * fz - psi;
       torch::Tensor dz = lu_.solve(G).neg_();
       z = z + dz;
@@ -447,8 +449,6 @@ class EsdirkStepper : public Stepper {
         torch::Tensor G = z - hg * (d.dual ? d.f0 : eval(ti, z, /*grad=*/true)) - psi;
         // Value z* exactly (the solve's values do not depend on whether it records), the
         // correction's derivative.
-        // (The tensor Newton iteration evaluates f on z as it is: with dual parameters z* carries
-        // the iteration's tangent, which zc's cancels and the value must not bring back.)
         const torch::Tensor zc = z - exact.solve(G);
         z = z.detach() + (zc - zc.detach());
       }
