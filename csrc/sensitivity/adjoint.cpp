@@ -621,14 +621,8 @@ Grads backward_discrete_stiff(AdjointState& s, const torch::Tensor& G) {
 
   const stiff::MethodInfo& info = stiff::method_info(s.options.method);
   // kvaerno5 and trbdf2 interpolate save rows inside a step with the cubic Hermite interpolant on
-  // f at both ends (a Tableau without dense coefficients), as the forward loop did.
-  static const Tableau hermite = [] {
-    Tableau t;
-    t.name = "hermite";
-    t.order = 3;
-    return t;
-  }();
-  const Tableau& interp = info.interpolant ? *info.interpolant : hermite;
+  // f at both ends, as the forward loop did.
+  const Tableau& interp = info.interpolant ? *info.interpolant : stiff::hermite();
   Stats step_stats;
   std::unique_ptr<stiff::Stepper> stepper =
       stiff::make_stepper(s.options.method, s.fb, s.options, step_stats, /*track=*/true);
@@ -808,12 +802,10 @@ Solution solve_adjoint(const Dynamics& f, const torch::Tensor& u0, const torch::
   o.params.insert(o.params.end(), params.begin(), params.end());
   const detail::Prepared prep = detail::prepare(f, u0, tspan, o);
   // A stiff forward solve: the interpolating adjoint, from the forward's dense output; the
-  // discrete adjoint, which replays each step (Rosenbrock: a function of (t, u, h) alone; radau5
-  // and ESDIRK: rebuilt from their converged stages).
-  // The discrete adjoint replays each step of a stiff forward solve (Stepper::replay): a
-  // Rosenbrock step afresh, a Newton method's (ESDIRK, radau5) from the converged stages the
-  // forward kept. A split (IMEX kencarp4) step's stages mix f_stiff and f_nonstiff and are not
-  // replayed. Backsolve would integrate the stiff problem backwards (unstable).
+  // discrete adjoint, which replays each step (Stepper::replay): a Rosenbrock step afresh, a
+  // Newton method's (ESDIRK, radau5) from the converged stages the forward kept. A split (IMEX
+  // kencarp4) step's stages mix f_stiff and f_nonstiff and are not replayed. Backsolve would
+  // integrate the stiff problem backwards (unstable).
   TORCH_CHECK_VALUE(!prep.stiff || is_stiff_method(o.method), "the adjoints do not run the ",
                     is_adams_method(o.method) ? "Adams" : "fixed-step implicit", " method '",
                     o.method,

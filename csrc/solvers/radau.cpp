@@ -363,16 +363,6 @@ class Radau5Stepper : public Stepper {
     return r.to(like.options().requires_grad(false));
   }
 
-  double scaled_norm(const torch::Tensor& err, const torch::Tensor& u,
-                     const torch::Tensor& unew) const {
-    const torch::Tensor scale =
-        at::maximum(u.detach().abs(), unew.detach().abs()).mul_(o_.rtol).add_(o_.atol);
-    const torch::Tensor x = err / scale;
-    if (o_.norm) return o_.norm(x).item<double>();
-    return at::linalg_vector_norm(x, 2).item<double>() /
-           std::sqrt(static_cast<double>(std::max<int64_t>(x.numel(), 1)));
-  }
-
   bool try_step(double t, const torch::Tensor& u, double h, bool recheck, StepResult& r,
                 std::string& why) {
     if (!ensure_lu(h)) {
@@ -437,7 +427,7 @@ class Radau5Stepper : public Stepper {
       const double back = m_.gamma / lu_h_;
       torch::Tensor err = lu1_.solve(f0_.reshape({N}) * ge + ez) * back;
       const torch::Tensor unew = r.unew.detach().reshape({N});
-      if (recheck && scaled_norm(err, ud, unew) > 1.0) {
+      if (recheck && step_error(o_, ud, unew, err).first > 1.0) {
         const torch::Tensor f1 = eval(t, (ud + err).reshape(u.sizes()), false).reshape({N});
         err = lu1_.solve(f1 * ge + ez) * back;
       }
@@ -536,23 +526,10 @@ class Radau5Stepper : public Stepper {
         for (double& x : err) x *= back;
       };
       filtered(f0h_);
-      if (recheck && !o_.norm) {
-        double ss = 0.0;
-        for (size_t q = 0; q < N; ++q) {
-          const double s =
-              err[q] / (std::max(std::abs(uh_[q]), std::abs(unew[q])) * o_.rtol + o_.atol);
-          ss += s * s;
-        }
-        if (N && std::sqrt(ss / static_cast<double>(N)) > 1.0) {
-          for (size_t q = 0; q < N; ++q) z[q] = uh_[q] + err[q];
-          filtered(to_host(eval_f(f_, t, from_host(z.data(), u), stats_)));
-        }
-      } else if (recheck) {
-        const torch::Tensor e = from_host(err.data(), u);
-        if (scaled_norm(e, u, r.unew) > 1.0) {
-          for (size_t q = 0; q < N; ++q) z[q] = uh_[q] + err[q];
-          filtered(to_host(eval_f(f_, t, from_host(z.data(), u), stats_)));
-        }
+      // The loop's own error test (once per solve and after rejections: tensors are fine).
+      if (recheck && step_error(o_, u, r.unew, from_host(err.data(), u)).first > 1.0) {
+        for (size_t q = 0; q < N; ++q) z[q] = uh_[q] + err[q];
+        filtered(to_host(eval_f(f_, t, from_host(z.data(), u), stats_)));
       }
       r.err = from_host(err.data(), u);
     }

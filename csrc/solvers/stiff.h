@@ -5,6 +5,7 @@
 
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "diffeqlayers/solve.h"
@@ -38,8 +39,8 @@ struct StepResult {
   torch::Tensor err;                       // local error estimate (undefined: none)
   std::vector<torch::Tensor> dense_terms;  // what info().interpolant weighs
   torch::Tensor f0;                        // f(t, u), for the Hermite interpolant
-  // ESDIRK: the stage derivatives k_i of the step (k_1 = f(t, u)), from which replay() rebuilds
-  // it (SolveOptions::keep_stages).
+  // kvaerno5, trbdf2 with SolveOptions::keep_stages: the stage derivatives k_i of the step
+  // (k_1 = f(t, u)), from which replay() rebuilds it.
   std::vector<torch::Tensor> stages;
   std::string failure;  // non-empty: the step could not be computed; the loop shrinks dt
 };
@@ -72,6 +73,15 @@ bool is_radau(const std::string& name);
 const MethodInfo& radau_info(const std::string& name);
 std::unique_ptr<Stepper> make_radau(const std::string& name, const Dynamics& f,
                                     const SolveOptions& o, Stats& stats, bool track);
+
+// The cubic Hermite interpolant (a Tableau without dense coefficients) on [u0, u1, f0, f1], for
+// the methods without an interpolant of their own.
+const Tableau& hermite();
+
+// The adaptive loop's error test: the norm (SolveOptions::norm, default RMS) of err scaled by
+// atol + rtol max(|u|, |u_new|), and whether u_new is finite (or check_finite is off).
+std::pair<double, bool> step_error(const SolveOptions& o, const torch::Tensor& u,
+                                   const torch::Tensor& unew, const torch::Tensor& err);
 
 // Checks the options (as solve() does for explicit methods) and runs the stiff loop from
 // (t0, u) to t1. saveat is already checked and converted to doubles.

@@ -65,9 +65,6 @@ std::unique_ptr<Stepper> make_stepper(const std::string& name, const Dynamics& f
   return make_rosenbrock(name, f, o, stats, track);
 }
 
-namespace {
-
-// The cubic Hermite interpolant (dense empty) for methods without their own.
 const Tableau& hermite() {
   static const Tableau tab = [] {
     Tableau t;
@@ -77,6 +74,47 @@ const Tableau& hermite() {
   }();
   return tab;
 }
+
+namespace {
+
+// States up to this many elements take the error norm's host loop.
+constexpr int64_t kHostNorm = 1 << 16;
+
+torch::Tensor norm_tensor(const SolveOptions& o, const torch::Tensor& scaled) {
+  if (!o.norm)
+    return at::linalg_vector_norm(scaled, 2) / std::sqrt(static_cast<double>(scaled.numel()));
+  torch::Tensor n = o.norm(scaled);
+  TORCH_CHECK_VALUE(n.numel() == 1, "norm must return a scalar, got a tensor of shape ", n.sizes());
+  return n.reshape({});
+}
+
+}  // namespace
+
+std::pair<double, bool> step_error(const SolveOptions& o, const torch::Tensor& u,
+                                   const torch::Tensor& unew, const torch::Tensor& err) {
+  at::NoGradGuard no_grad;
+  if (!o.norm && u.device().is_cpu() && u.numel() <= kHostNorm &&
+      (u.scalar_type() == at::kDouble || u.scalar_type() == at::kFloat)) {
+    // Small CPU states: the RMS norm in a loop (a dozen ATen calls cost more than the sums).
+    const std::vector<double> a = to_host(u), b = to_host(unew), e = to_host(err);
+    double ss = 0.0, total = 0.0;
+    for (size_t i = 0; i < a.size(); ++i) {
+      const double q = e[i] / (std::max(std::abs(a[i]), std::abs(b[i])) * o.rtol + o.atol);
+      ss += q * q;
+      total += b[i];
+    }
+    const double n = a.empty() ? 0.0 : std::sqrt(ss / static_cast<double>(a.size()));
+    return {n, !o.check_finite || std::isfinite(total)};
+  }
+  torch::Tensor ud = u.detach(), und = unew.detach();
+  torch::Tensor scale = at::maximum(ud.abs(), und.abs()).mul_(o.rtol).add_(o.atol);
+  torch::Tensor n = norm_tensor(o, err.detach() / scale);
+  torch::Tensor both = at::stack({n.to(at::kDouble), und.sum().to(at::kDouble)}).cpu();
+  const double* v = both.data_ptr<double>();
+  return {v[0], !o.check_finite || std::isfinite(v[1])};
+}
+
+namespace {
 
 void check_options(const SolveOptions& o, const MethodInfo& m) {
   const bool adaptive = m.adaptive() && o.adaptive;
@@ -98,46 +136,9 @@ void check_options(const SolveOptions& o, const MethodInfo& m) {
   for (double ts : o.tstops) TORCH_CHECK_VALUE(std::isfinite(ts), "tstops holds a non-finite time");
 }
 
-// States up to this many elements take the error norm's host loop.
-constexpr int64_t kHostNorm = 1 << 16;
-
 class Loop {
  public:
   Loop(const Dynamics& f, const SolveOptions& o, const MethodInfo& m) : f_(f), o_(o), m_(m) {}
-
-  torch::Tensor norm_tensor(const torch::Tensor& scaled) const {
-    if (!o_.norm)
-      return at::linalg_vector_norm(scaled, 2) / std::sqrt(static_cast<double>(scaled.numel()));
-    torch::Tensor n = o_.norm(scaled);
-    TORCH_CHECK_VALUE(n.numel() == 1, "norm must return a scalar, got a tensor of shape ",
-                      n.sizes());
-    return n.reshape({});
-  }
-
-  // Scaled error norm and finiteness of u_new, with one host synchronisation.
-  std::pair<double, bool> step_error(const torch::Tensor& u, const torch::Tensor& unew,
-                                     const torch::Tensor& err) {
-    at::NoGradGuard no_grad;
-    if (!o_.norm && u.device().is_cpu() && u.numel() <= kHostNorm &&
-        (u.scalar_type() == at::kDouble || u.scalar_type() == at::kFloat)) {
-      // Small CPU states: the RMS norm in a loop (a dozen ATen calls cost more than the sums).
-      const std::vector<double> a = to_host(u), b = to_host(unew), e = to_host(err);
-      double ss = 0.0, total = 0.0;
-      for (size_t i = 0; i < a.size(); ++i) {
-        const double q = e[i] / (std::max(std::abs(a[i]), std::abs(b[i])) * o_.rtol + o_.atol);
-        ss += q * q;
-        total += b[i];
-      }
-      const double n = a.empty() ? 0.0 : std::sqrt(ss / static_cast<double>(a.size()));
-      return {n, !o_.check_finite || std::isfinite(total)};
-    }
-    torch::Tensor ud = u.detach(), und = unew.detach();
-    torch::Tensor scale = at::maximum(ud.abs(), und.abs()).mul_(o_.rtol).add_(o_.atol);
-    torch::Tensor n = norm_tensor(err.detach() / scale);
-    torch::Tensor both = at::stack({n.to(at::kDouble), und.sum().to(at::kDouble)}).cpu();
-    const double* v = both.data_ptr<double>();
-    return {v[0], !o_.check_finite || std::isfinite(v[1])};
-  }
 
   Solution run(torch::Tensor u, double t0, double t1, const std::vector<double>& saveat) {
     state_shape_ = u.sizes().vec();
@@ -197,7 +198,7 @@ class Loop {
                     dense_steps);
       h = initial_step(
           f_, t0, u, f0, m_.order, dir, std::abs(t1 - t0), o_.rtol, o_.atol,
-          [this](const torch::Tensor& x) { return norm_tensor(x).item<double>(); }, stats.nfe);
+          [this](const torch::Tensor& x) { return norm_tensor(o_, x).item<double>(); }, stats.nfe);
     }
     h = std::min(h, o_.dt_max);
 
@@ -257,7 +258,7 @@ class Loop {
       }
 
       if (adaptive) {
-        auto [err, finite] = step_error(u, r.unew, r.err);
+        auto [err, finite] = step_error(o_, u, r.unew, r.err);
         finite = finite && std::isfinite(err);
         if (!finite) last_nonfinite = stats.naccept + stats.nreject;
         const bool accepted = finite && err <= 1.0;
