@@ -258,6 +258,10 @@ class EsdirkStepper : public Stepper {
   }
 
  private:
+  // The stages for replay() beside the Hermite interpolant's values (kencarp4's dense terms are
+  // its stages already; a split step is not replayed).
+  bool keeps_stages() const { return o_.keep_stages && !split_ && m_.interpolant.dense.empty(); }
+
   torch::Tensor eval(double t, const torch::Tensor& z, bool grad) {
     if (grad) return eval_f(f_, t, z, stats_);
     at::NoGradGuard g;
@@ -486,7 +490,7 @@ class EsdirkStepper : public Stepper {
     }
     r.f0 = kk[0];
     if (!m_.interpolant.dense.empty()) r.dense_terms = kk;
-    if (o_.keep_stages && !split_) r.stages = kk;
+    if (keeps_stages()) r.stages = kk;
     return true;
   }
 
@@ -551,13 +555,8 @@ class EsdirkStepper : public Stepper {
       r.dense_terms.reserve(s);
       for (size_t j = 0; j < s; ++j) r.dense_terms.push_back(from_host(k[j].data(), u));
     }
-    if (o_.keep_stages && !split_) {
-      if (!r.dense_terms.empty()) {
-        r.stages = r.dense_terms;
-      } else {
-        for (size_t j = 0; j < s; ++j) r.stages.push_back(from_host(k[j].data(), u));
-      }
-    }
+    if (keeps_stages())
+      for (size_t j = 0; j < s; ++j) r.stages.push_back(from_host(k[j].data(), u));
     return true;
   }
 
