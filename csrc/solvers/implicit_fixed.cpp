@@ -136,10 +136,10 @@ class ImplicitRK : public Stepper {
     // Newton iteration does not use it: two evaluations of f saved per step).
     const PointDerivatives d = derivatives(f_, o_, t, u_dual ? u.detach() : u, track_, stats_,
                                            /*with_ft=*/false, /*allow_blocks=*/false);
-    const bool dual = u_dual || d.dual;
+    bool dual = u_dual || d.dual;
     r.f0 = d.f0.reshape(u.sizes());
-    const torch::Tensor f0 = dual ? d.f0.detach().reshape({-1}) : d.f0.reshape({-1});
-    const torch::Tensor uflat = dual ? u.detach().reshape({-1}) : u.reshape({-1});
+    torch::Tensor f0 = dual ? d.f0.detach().reshape({-1}) : d.f0.reshape({-1});
+    torch::Tensor uflat = dual ? u.detach().reshape({-1}) : u.reshape({-1});
     auto eval = [&](double ti, const torch::Tensor& z) {
       const torch::Tensor v = eval_f(f_, ti, z.reshape(u.sizes()), stats_).reshape({-1});
       return dual ? v.detach() : v;
@@ -189,7 +189,25 @@ class ImplicitRK : public Stepper {
       converged = norm < 1e-2;
     }
     if (!converged) ++stats_.nnonconverged;
-    if (dual) return dual_result(t, u, h, at::stack(Z), r);
+    if (dual) {
+      // Forward mode: the stages found on primal values take one exact Newton correction, whose
+      // tangent is the implicit function theorem's (the values stay the iteration's); the new
+      // state below is then built from them and from f evaluated with its tangents.
+      std::string why;
+      const torch::Tensor Zc =
+          newton_correction(f_, o_, stats_, t, h, tab_.c, tab_.a, u, at::stack(Z), why);
+      if (!Zc.defined()) {
+        r = StepResult();
+        r.failure = why;
+        return r;
+      }
+      Z = Zc.unbind(0);
+      uflat = u.reshape({-1});
+      r.f0 = eval_f(f_, t, u, stats_);
+      f0 = r.f0.reshape({-1});
+      if (tab_.explicit_first) F[0] = f0;
+      dual = false;  // eval keeps the tangents from here on
+    }
     if (tab_.stiffly_accurate) {
       r.unew = (uflat + Z.back()).reshape(u.sizes());
     } else {
@@ -207,39 +225,6 @@ class ImplicitRK : public Stepper {
   }
 
  private:
-  // Forward mode: the stages Zstar found on primal values take one exact Newton correction, whose
-  // tangent is the implicit function theorem's (the values stay the iteration's);
-  // the new state and f(t, u) are then evaluated with their tangents.
-  StepResult& dual_result(double t, const torch::Tensor& u, double h, const torch::Tensor& Zstar,
-                          StepResult& r) {
-    std::string why;
-    const torch::Tensor Z = newton_correction(f_, o_, stats_, t, h, tab_.c, tab_.a, u, Zstar, why);
-    if (!Z.defined()) {
-      r = StepResult();
-      r.failure = why;
-      return r;
-    }
-    const auto s = static_cast<int64_t>(tab_.c.size());
-    const torch::Tensor uflat = u.reshape({-1});
-    r.f0 = eval_f(f_, t, u, stats_);
-    if (tab_.stiffly_accurate) {
-      r.unew = (uflat + Z[s - 1]).reshape(u.sizes());
-      return r;
-    }
-    std::vector<torch::Tensor> F;
-    std::vector<double> w;
-    for (int64_t i = 0; i < s; ++i) {
-      const size_t si = static_cast<size_t>(i);
-      F.push_back(i == 0 && tab_.explicit_first
-                      ? r.f0.reshape({-1})
-                      : eval_f(f_, t + tab_.c[si] * h, (uflat + Z[i]).reshape(u.sizes()), stats_)
-                            .reshape({-1}));
-      w.push_back(h * tab_.b[si]);
-    }
-    r.unew = lincomb(uflat, F, w).reshape(u.sizes());
-    return r;
-  }
-
   const ImplicitTableau& tab_;
   const Dynamics& f_;
   const SolveOptions& o_;
