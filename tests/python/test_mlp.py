@@ -89,6 +89,47 @@ def test_forward_equals_the_sequential_twin(activation):
             torch.testing.assert_close(mlp(x), twin(x), rtol=1e-13, atol=1e-13)
 
 
+def test_float32_tanh_of_the_host_loops_is_correctly_rounded_to_half_an_ulp():
+    # Small float32 evaluations run as host loops with their own vectorizable tanh
+    # (csrc/layers/mlp.cpp, tanh_float). Identity weights make the MLP's output tanh(x) itself
+    # (each sum is x * 1 plus exact zeros), which is compared with tanh in float64.
+    n = 32
+    mlp = dl.MLP([n, n, n], "tanh")
+    with torch.no_grad():
+        for lin in mlp.layers:
+            lin.weight.copy_(torch.eye(n))
+            lin.bias.zero_()
+    torch.manual_seed(0)
+    magnitudes = torch.cat(
+        [
+            torch.logspace(-45, 1.5, 20000, dtype=torch.float64),  # subnormals to 30
+            torch.rand(20000, dtype=torch.float64) * 12,
+        ]
+    ).float()
+    x = torch.cat([magnitudes, -magnitudes])
+    # (No infinities: the identity's zeros would make them NaN in the sums.)
+    special = torch.tensor([0.0, -0.0, 2.0**-12, -(2.0**-12), 9.0, 9.1, 20.0, 1e30, -1e30])
+    x = torch.cat([x, special])
+    x = torch.cat([x, torch.zeros((-len(x)) % n)]).reshape(-1, 1, n)
+    with torch.no_grad():
+        y = torch.cat([mlp(row) for row in x]).flatten()
+    x = x.flatten()
+    exact = torch.tanh(x.double())
+    ulp = (
+        torch.finfo(torch.float32).eps
+        * exact.abs()
+        .float()
+        .clamp_min(torch.finfo(torch.float32).tiny)
+        .double()
+        .log2()
+        .floor()
+        .exp2()
+    )
+    err = (y.double() - exact).abs() / ulp.clamp_min(2.0**-149)
+    assert err.max().item() <= 0.5 + 1e-9, x[err.argmax()].item()
+    assert torch.isnan(mlp(torch.full((n,), float("nan")))).all()
+
+
 def test_names_state_dict_round_trip_and_copies():
     mlp = dl.MLP([2, 8, 2], "relu", input_power=3)
     assert [n for n, _ in mlp.named_parameters()] == [
