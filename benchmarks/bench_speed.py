@@ -427,12 +427,55 @@ def diffrax_gradients(repeats: int, threads: int) -> list[dict[str, Any]]:
                         loss=float(value),
                     )
                 )
+            # The same gradient here (C++ MLP, discrete adjoint) in the same round-robin, so that
+            # the ratio does not depend on how the machine's speed moved between sections.
+            prob = dl.ODEProblem(mlp, u0, (0.0, t1), mlp)
+            box: dict[str, dl.Solution] = {}
+
+            def keep(sol: dl.Solution, box: dict[str, dl.Solution] = box) -> torch.Tensor:
+                box["sol"] = sol
+                return sol.u
+
+            def ours(method: str = method, prob: dl.ODEProblem = prob, keep: Any = keep) -> float:
+                mlp.zero_grad()
+                pred = dl.diffeq_adjoint(
+                    mlp, keep, prob, method, saveat=t, sensealg="discrete", **tol
+                )
+                r = (pred - data) ** 2
+                loss = r.mean() if loss_kind == "mean" else r.sum()
+                loss.backward()
+                return loss.item()
+
+            value = ours()
+            st = box["sol"].stats
+            fns.append(ours)
+            meta.append(
+                dict(
+                    lib="diffeqlayers, C++ MLP",
+                    method=method,
+                    mode="discrete",
+                    nfe=f"{st.naccept + st.nreject} steps, nfe {st.nfe}",
+                    loss=value,
+                )
+            )
         cold = median_times(fns, repeats)
         for m, seconds, warm in zip(meta, cold, warm_times(fns, cold, repeats)):
             m["time"] = seconds
             m["warm"] = warm
             m["case"] = name
             rows.append(m)
+        # Ratios to diffrax's discrete adjoint (RecursiveCheckpointAdjoint) of the same method.
+        for m in rows:
+            if m["case"] != name:
+                continue
+            ref = next(
+                r
+                for r in rows
+                if r["case"] == name
+                and r["method"] == m["method"]
+                and r["mode"].startswith("RecursiveCheckpointAdjoint")
+            )
+            m["ratio"] = (m["time"] / ref["time"], m["warm"] / ref["warm"])
         return rows
 
     torch.manual_seed(0)
@@ -752,16 +795,21 @@ def diffrax_table(jax_rows: list[dict[str, Any]]) -> list[str]:
         f"{diffrax.__version__} (CPU, jit-compiled, float32)",
         "",
         "Training step and spiral as in 1. and 2. (diffrax's PID controller with its "
-        "defaults at the same rtol/atol; its steps differ from ours). Compare with the "
-        "C++ MLP rows above. time and warm as in 2.",
+        "defaults at the same rtol/atol; its steps differ from ours). diffeqlayers' discrete "
+        "adjoint with the C++ MLP runs again here, in the same round-robin as diffrax (the "
+        "machine's speed drifts between sections); ratio: time over diffrax's "
+        "RecursiveCheckpointAdjoint with the same method, call by call / warm (below 1: "
+        "faster than diffrax). time and warm as in 2.",
         "",
-        "| case | method | adjoint | steps | time (ms) | warm (ms) | loss |",
-        "|---|---|---|---:|---:|---:|---:|",
+        "| case | library | method | adjoint | steps | time (ms) | warm (ms) | ratio | loss |",
+        "|---|---|---|---|---|---:|---:|---:|---:|",
     ]
     for r in jax_rows:
+        cold, warm = r["ratio"]
         lines.append(
-            f"| {r['case']} | {r['method']} | {r['mode']} | {r['nfe']} | "
-            f"{r['time'] * 1e3:.3f} | {r['warm'] * 1e3:.3f} | {r['loss']:.4f} |"
+            f"| {r['case']} | {r['lib']} | {r['method']} | {r['mode']} | {r['nfe']} | "
+            f"{r['time'] * 1e3:.3f} | {r['warm'] * 1e3:.3f} | {cold:.2f} / {warm:.2f} | "
+            f"{r['loss']:.4f} |"
         )
     return lines
 
