@@ -186,6 +186,7 @@ Solution run(const HostFunctions<T>& hf, const Dynamics& f, const Tableau& tab,
   std::vector<T> we;
   const auto nw = static_cast<int64_t>(num_weights(tab));
   std::vector<double> thetas;
+  std::vector<T> wt;  // interpolation weights in T
 
   while (t != t1) {
     if (stats.naccept + stats.nreject >= o.max_num_steps)
@@ -271,8 +272,11 @@ Solution run(const HostFunctions<T>& hf, const Dynamics& f, const Tableau& tab,
         std::vector<double> w(static_cast<size_t>(m * nw));
         for (int64_t r = 0; r < m; ++r)
           interpolation_weights(tab, thetas[static_cast<size_t>(r)], hh, w.data() + r * nw);
-        const torch::Tensor W =
-            torch::from_blob(w.data(), {m, nw}, torch::dtype(torch::kFloat64)).to(opts);
+        // The weights rounded to T here, as the tensor loop's .to(dtype) rounds them, without a
+        // conversion op per step.
+        wt.resize(w.size());
+        for (size_t e = 0; e < w.size(); ++e) wt[e] = static_cast<T>(w[e]);
+        const torch::Tensor W = torch::from_blob(wt.data(), {m, nw}, opts);
         const T* terms = kb;
         if (!tab.has_dense()) {
           const T* basis[4] = {u.data(), unew.data(), k(0), knew};
