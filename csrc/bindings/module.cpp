@@ -18,9 +18,13 @@ namespace diffeqlayers::bindings {
 Dynamics python_dynamics(py::object f) {
   auto holder = std::make_shared<PyHolder>(std::move(f));
   return [holder](double t, const torch::Tensor& u) -> torch::Tensor {
-    const std::string at = "t=" + std::to_string(t);
-    return call_python([&] { return returned_tensor(holder->obj(t, u), "f", " (at " + at + ")"); },
-                       "raised by the dynamics f at " + at);
+    return call_python(
+        [&] {
+          py::object out = holder->obj(t, u);
+          if (THPVariable_Check(out.ptr())) return THPVariable_Unpack(out.ptr());
+          return returned_tensor(out, "f", " (at t=" + std::to_string(t) + ")");
+        },
+        [t] { return "raised by the dynamics f at t=" + std::to_string(t); });
   };
 }
 

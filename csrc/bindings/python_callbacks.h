@@ -11,6 +11,7 @@
 
 #include <exception>
 #include <string>
+#include <type_traits>
 #include <utility>
 
 #include "diffeqlayers/solve.h"
@@ -39,16 +40,23 @@ struct PythonErrorPending : std::exception {
 
 // Runs `body` (which calls into Python) with the GIL taken; a Python exception it raises is
 // left set, with `note` added to it when non-empty, and PythonErrorPending is thrown instead.
-template <typename Body>
-auto call_python(Body&& body, const std::string& note = {}) -> decltype(body()) {
+// `note` is a string or a callable returning one, called only when there is an error (callbacks
+// run once per evaluation of f: formatting the time each call cost more than nothing).
+template <typename Body, typename Note = std::string>
+auto call_python(Body&& body, Note&& note = {}) -> decltype(body()) {
   py::gil_scoped_acquire gil;
   try {
     return body();
   } catch (py::error_already_set& e) {
     py::object value = e.value();
-    if (!note.empty() && value && py::hasattr(value, "add_note")) {
+    std::string text;
+    if constexpr (std::is_invocable_v<Note>)
+      text = note();
+    else
+      text = note;
+    if (!text.empty() && value && py::hasattr(value, "add_note")) {
       try {
-        value.attr("add_note")(note);
+        value.attr("add_note")(text);
       } catch (py::error_already_set&) {
         // A note is a courtesy; never replace the user's exception with our own failure.
       }
