@@ -303,23 +303,7 @@ class Integrator {
 };
 
 void check_options(const SolveOptions& o, const Tableau& tab) {
-  const bool adaptive = tab.adaptive() && o.adaptive;
-  TORCH_CHECK_VALUE(std::isfinite(o.rtol) && o.rtol >= 0,
-                    "rtol must be a non-negative number, got ", o.rtol);
-  TORCH_CHECK_VALUE(std::isfinite(o.atol) && o.atol >= 0,
-                    "atol must be a non-negative number, got ", o.atol);
-  TORCH_CHECK_VALUE(!adaptive || o.rtol > 0 || o.atol > 0,
-                    "rtol and atol are both zero: an adaptive solve needs a positive tolerance");
-  TORCH_CHECK_VALUE(std::isfinite(o.dt) && o.dt >= 0,
-                    "dt must be a positive number (its sign follows tspan), got ", o.dt);
-  TORCH_CHECK_VALUE(adaptive || o.dt > 0, "method '", tab.name,
-                    "' takes fixed steps: give a step size dt > 0");
-  TORCH_CHECK_VALUE(o.dt_min >= 0, "dt_min must be non-negative, got ", o.dt_min);
-  TORCH_CHECK_VALUE(o.dt_max > 0, "dt_max must be positive, got ", o.dt_max);
-  TORCH_CHECK_VALUE(o.dt_min <= o.dt_max, "dt_min (", o.dt_min, ") exceeds dt_max (", o.dt_max,
-                    ")");
-  TORCH_CHECK_VALUE(o.max_num_steps > 0, "max_num_steps must be positive, got ", o.max_num_steps);
-  for (double ts : o.tstops) TORCH_CHECK_VALUE(std::isfinite(ts), "tstops holds a non-finite time");
+  detail::check_step_options(o, tab.adaptive() && o.adaptive, tab.name);
 }
 
 void check_state(const torch::Tensor& u0, const SolveOptions& o) {
@@ -540,6 +524,25 @@ void Tape::record(double t0, double hh, const torch::Tensor& u, const torch::Ten
     for (auto it = checkpoints.begin(); it != checkpoints.end();)
       it = it->first % stride != 0 ? checkpoints.erase(it) : std::next(it);
   }
+}
+
+void check_step_options(const SolveOptions& o, bool adaptive, const std::string& method) {
+  TORCH_CHECK_VALUE(std::isfinite(o.rtol) && o.rtol >= 0,
+                    "rtol must be a non-negative number, got ", o.rtol);
+  TORCH_CHECK_VALUE(std::isfinite(o.atol) && o.atol >= 0,
+                    "atol must be a non-negative number, got ", o.atol);
+  TORCH_CHECK_VALUE(!adaptive || o.rtol > 0 || o.atol > 0,
+                    "rtol and atol are both zero: an adaptive solve needs a positive tolerance");
+  TORCH_CHECK_VALUE(std::isfinite(o.dt) && o.dt >= 0,
+                    "dt must be a positive number (its sign follows tspan), got ", o.dt);
+  TORCH_CHECK_VALUE(adaptive || o.dt > 0, "method '", method,
+                    "' takes fixed steps: give a step size dt > 0");
+  TORCH_CHECK_VALUE(o.dt_min >= 0, "dt_min must be non-negative, got ", o.dt_min);
+  TORCH_CHECK_VALUE(o.dt_max > 0, "dt_max must be positive, got ", o.dt_max);
+  TORCH_CHECK_VALUE(o.dt_min <= o.dt_max, "dt_min (", o.dt_min, ") exceeds dt_max (", o.dt_max,
+                    ")");
+  TORCH_CHECK_VALUE(o.max_num_steps > 0, "max_num_steps must be positive, got ", o.max_num_steps);
+  for (double ts : o.tstops) TORCH_CHECK_VALUE(std::isfinite(ts), "tstops holds a non-finite time");
 }
 
 Prepared prepare(const Dynamics& f, const torch::Tensor& u0, const torch::Tensor& tspan,

@@ -90,6 +90,10 @@ struct Prepared {
 Prepared prepare(const Dynamics& f, const torch::Tensor& u0, const torch::Tensor& tspan,
                  const SolveOptions& options);
 
+// The options every loop checks (tolerances, dt and its bounds, max_num_steps, tstops), for a
+// method that steps adaptively or not; raises ValueError naming the option.
+void check_step_options(const SolveOptions& o, bool adaptive, const std::string& method);
+
 // Runs `core` from the (checked) problem, attaching the exact-flow time terms that give
 // gradients with respect to tspan and saveat: u0 - (t0 - t0.detach()) f(t0, u0) goes in, and
 // each saved row gets + (t_i - t_i.detach()) f(t_i, u_i). `core` receives that start state.
