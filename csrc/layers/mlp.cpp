@@ -250,6 +250,19 @@ LoopDims loop_dims(const MLPSpec& spec) {
           spec.sizes.back(),   spec.input_power};
 }
 
+// z[o + j] = sum_k W[o + j, k] a[k] (+ b[o + j]) for the B outputs from o (W row-major, `in`
+// columns): each summed over k in order from 0, then + b, as a plain loop over one output.
+template <int B, typename T>
+inline void affine_outputs(const T* W, const T* b, const T* a, int64_t in, int64_t o, T* z) {
+  T s[B] = {};
+  const T* Wo = W + o * in;
+  for (int64_t k = 0; k < in; ++k) {
+    const T ak = a[k];
+    for (int j = 0; j < B; ++j) s[j] += Wo[j * in + k] * ak;
+  }
+  for (int j = 0; j < B; ++j) z[o + j] = b ? s[j] + b[o + j] : s[j];
+}
+
 template <typename T>
 void host_forward_rows(const MLPSpec& spec, at::TensorList params, double t, const T* u,
                        int64_t rows, T* y, T* ws) {
@@ -268,44 +281,12 @@ void host_forward_rows(const MLPSpec& spec, at::TensorList params, double t, con
       const int64_t in = spec.in_features(i);
       const int64_t m = spec.sizes[static_cast<size_t>(i + 1)];
       T* z = i + 1 < L ? next : y + r * out;
-      // z = W a (+ b), each output summed over k in order from 0 and then + b, four (then two)
-      // outputs at a time: independent chains of additions instead of one after the other.
+      // z = W a (+ b): four (then two, then one) outputs at a time, as independent chains of
+      // additions instead of one after the other.
       int64_t o = 0;
-      for (; o + 4 <= m; o += 4) {
-        const T* W0 = W + o * in;
-        const T* W1 = W0 + in;
-        const T* W2 = W1 + in;
-        const T* W3 = W2 + in;
-        T s0 = T(0), s1 = T(0), s2 = T(0), s3 = T(0);
-        for (int64_t k = 0; k < in; ++k) {
-          const T ak = a[k];
-          s0 += W0[k] * ak;
-          s1 += W1[k] * ak;
-          s2 += W2[k] * ak;
-          s3 += W3[k] * ak;
-        }
-        z[o] = b ? s0 + b[o] : s0;
-        z[o + 1] = b ? s1 + b[o + 1] : s1;
-        z[o + 2] = b ? s2 + b[o + 2] : s2;
-        z[o + 3] = b ? s3 + b[o + 3] : s3;
-      }
-      for (; o + 2 <= m; o += 2) {
-        const T* W0 = W + o * in;
-        const T* W1 = W0 + in;
-        T s0 = T(0), s1 = T(0);
-        for (int64_t k = 0; k < in; ++k) {
-          s0 += W0[k] * a[k];
-          s1 += W1[k] * a[k];
-        }
-        z[o] = b ? s0 + b[o] : s0;
-        z[o + 1] = b ? s1 + b[o + 1] : s1;
-      }
-      for (; o < m; ++o) {
-        const T* Wo = W + o * in;
-        T s = T(0);
-        for (int64_t k = 0; k < in; ++k) s += Wo[k] * a[k];
-        z[o] = b ? s + b[o] : s;
-      }
+      for (; o + 4 <= m; o += 4) affine_outputs<4>(W, b, a, in, o, z);
+      for (; o + 2 <= m; o += 2) affine_outputs<2>(W, b, a, in, o, z);
+      for (; o < m; ++o) affine_outputs<1>(W, b, a, in, o, z);
       if (i + 1 < L) {
         const Activation act = spec.activations[static_cast<size_t>(i)];
         T* h = z + m;
