@@ -15,27 +15,34 @@ using namespace diffeqlayers;
 
 namespace diffeqlayers::bindings {
 
-Dynamics python_dynamics(py::object f) {
-  auto holder = std::make_shared<PyHolder>(std::move(f));
-  return [holder](double t, const torch::Tensor& u) -> torch::Tensor {
+namespace {
+
+// A Python callable g(t, u) -> tensor (the dynamics f, a Jacobian jac) as a C++ function; `who`
+// names it in a TypeError for a non-tensor result, `what` in the note added to an exception it
+// raises. Both messages, with t, are formatted only when needed: g runs once per evaluation.
+std::function<torch::Tensor(double, const torch::Tensor&)> python_of_t_u(py::object g,
+                                                                         const char* who,
+                                                                         const char* what) {
+  auto holder = std::make_shared<PyHolder>(std::move(g));
+  return [holder, who, what](double t, const torch::Tensor& u) -> torch::Tensor {
     return call_python(
         [&] {
           py::object out = holder->obj(t, u);
           if (THPVariable_Check(out.ptr())) return THPVariable_Unpack(out.ptr());
-          return returned_tensor(out, "f", " (at t=" + std::to_string(t) + ")");
+          return returned_tensor(out, who, " (at t=" + std::to_string(t) + ")");
         },
-        [t] { return "raised by the dynamics f at t=" + std::to_string(t); });
+        [t, what] { return std::string("raised by ") + what + " at t=" + std::to_string(t); });
   };
 }
 
+}  // namespace
+
+Dynamics python_dynamics(py::object f) {
+  return python_of_t_u(std::move(f), "f", "the dynamics f");
+}
+
 Jacobian python_jacobian(py::object jac) {
-  auto holder = std::make_shared<PyHolder>(std::move(jac));
-  return [holder](double t, const torch::Tensor& u) -> torch::Tensor {
-    const std::string at = "t=" + std::to_string(t);
-    return call_python(
-        [&] { return returned_tensor(holder->obj(t, u), "jac", " (at " + at + ")"); },
-        "raised by the Jacobian jac at " + at);
-  };
+  return python_of_t_u(std::move(jac), "jac", "the Jacobian jac");
 }
 
 ErrorNorm python_norm(py::object norm) {

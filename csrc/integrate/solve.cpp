@@ -302,10 +302,6 @@ class Integrator {
   torch::TensorOptions state_options_;
 };
 
-void check_options(const SolveOptions& o, const Tableau& tab) {
-  detail::check_step_options(o, tab.adaptive() && o.adaptive, tab.name);
-}
-
 void check_state(const torch::Tensor& u0, const SolveOptions& o) {
   TORCH_CHECK_TYPE(u0.defined(), "u0 is undefined");
   TORCH_CHECK_TYPE(u0.scalar_type() == at::kFloat || u0.scalar_type() == at::kDouble,
@@ -565,7 +561,7 @@ Prepared prepare(const Dynamics& f, const torch::Tensor& u0, const torch::Tensor
                stiff::is_implicit_fixed(options.method);
   if (!prep.stiff) {
     prep.tab = &tableau(options.method);
-    check_options(options, *prep.tab);
+    check_step_options(options, prep.tab->adaptive() && options.adaptive, prep.tab->name);
   }
   prep.saveat = check_saveat(options.saveat, prep.t0, prep.t1);
   return prep;

@@ -116,10 +116,6 @@ std::pair<double, bool> step_error(const SolveOptions& o, const torch::Tensor& u
 
 namespace {
 
-void check_options(const SolveOptions& o, const MethodInfo& m) {
-  detail::check_step_options(o, m.adaptive() && o.adaptive, m.name);
-}
-
 class Loop {
  public:
   Loop(const Dynamics& f, const SolveOptions& o, const MethodInfo& m) : f_(f), o_(o), m_(m) {}
@@ -347,7 +343,7 @@ class Loop {
 Solution solve_stiff(const Dynamics& f, const torch::Tensor& u, double t0, double t1,
                      const std::vector<double>& saveat, const SolveOptions& o) {
   const MethodInfo& m = method_info(o.method);
-  check_options(o, m);
+  detail::check_step_options(o, m.adaptive() && o.adaptive, m.name);
   // Forward mode (dual tensors): the Rosenbrock steppers carry the tangents through their
   // Jacobians (jacobian.h, PointDerivatives::dual); the ESDIRK, Radau and fixed-step implicit
   // steppers iterate on primal values and give the stages their tangents by one exact Newton
