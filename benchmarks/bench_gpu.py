@@ -149,7 +149,6 @@ def bench_vdp(batch: int, repeats: int) -> list[dict[str, Any]]:
         timer.seconds, timer.calls = 0.0, 0
         fn()
         iters, nfe = out["iters"]
-        timer.seconds, timer.calls = 0.0, 0
         total = medians([fn], repeats)[0]
         # One more run for the time in f (medians() ran the function repeats + 1 times).
         timer.seconds, timer.calls = 0.0, 0
