@@ -46,15 +46,18 @@ torch::Tensor newton_correction(const Dynamics& f, const SolveOptions& o, Stats&
     }
   // The exact Jacobians at the converged stages (primal values, detached).
   std::vector<torch::Tensor> Js;
-  for (int64_t j = 0; j < s; ++j) {
-    if (!used[static_cast<size_t>(j)]) {
-      Js.push_back(at::zeros({B, n, n}, ud.options()));
-      continue;
+  {
+    PrimalOnly primal;
+    for (int64_t j = 0; j < s; ++j) {
+      if (!used[static_cast<size_t>(j)]) {
+        Js.push_back(at::zeros({B, n, n}, ud.options()));
+        continue;
+      }
+      const PointDerivatives d =
+          derivatives(f, o, t + c[static_cast<size_t>(j)] * h, (ud + Zstar[j]).reshape(u.sizes()),
+                      /*track=*/false, stats, /*with_ft=*/false);
+      Js.push_back(d.J.detach());
     }
-    const PointDerivatives d =
-        derivatives(f, o, t + c[static_cast<size_t>(j)] * h, (ud + Zstar[j]).reshape(u.sizes()),
-                    /*track=*/false, stats, /*with_ft=*/false);
-    Js.push_back(d.J.detach());
   }
   const torch::Tensor Am = torch::tensor(a_flat, torch::kFloat64).reshape({s, s}).to(ud.options());
   // K[b, i, a, j, c] = A_ij J_j[b, a, c]: block b of (A x I) diag(J_1, ..., J_s), [B, s n, s n].

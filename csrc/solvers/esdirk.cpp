@@ -29,6 +29,7 @@
 #include <cmath>
 #include <limits>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -223,7 +224,9 @@ class EsdirkStepper : public Stepper {
       const bool u_dual = is_dual(u);
       // Gives f0 too (without track, and not for a dual u: J is taken at its primal).
       if (!J_.defined() || refresh_J_) take_jacobian(t, u);
-      if (!f0_.defined()) f0_ = eval(t, u, /*grad=*/track_ || u_dual);
+      // (dual_ is the previous point's here: once tangents are known to flow, f0 is evaluated
+      // with them, the Jacobian without.)
+      if (!f0_.defined()) f0_ = eval(t, u, /*grad=*/track_ || u_dual || dual_);
       // Forward mode: u or the parameters carry tangents (see try_step's Newton correction).
       dual_ = !track_ && (u_dual || is_dual(f0_));
       if (dual_) host_ = false;
@@ -265,21 +268,27 @@ class EsdirkStepper : public Stepper {
   torch::Tensor eval(double t, const torch::Tensor& z, bool grad) {
     if (grad) return eval_f(f_, t, z, stats_);
     at::NoGradGuard g;
-    // Primal values only: with dual parameters f's value carries a tangent, which the Newton
-    // iteration does not need (the correction in try_step gives the stage its tangent).
+    // Primal values only: with dual parameters f's value would carry a tangent, which the
+    // Newton iteration does not need (the correction in try_step gives the stage its tangent).
+    PrimalOnly primal;
     return eval_f(f_, t, z.detach(), stats_).detach();
   }
   torch::Tensor eval_g(double t, const torch::Tensor& z) {
     return detail::checked_eval(o_.nonstiff, t, z, stats_.nfe);
   }
 
-  // J at (t, u), detached; refactoring follows.
+  // J at (t, u), detached; refactoring follows. Gives f0 too, except where tangents are known to
+  // flow (dual_, from an earlier point): J is then taken on primal values only (PrimalOnly; the
+  // Newton matrix needs no tangent) and step() evaluates f0 with its tangent. The first point's
+  // Jacobian finds out, from f's value, whether the parameters carry tangents.
   void take_jacobian(double t, const torch::Tensor& u) {
+    std::optional<PrimalOnly> primal;
+    if (dual_) primal.emplace();
     PointDerivatives d = derivatives(f_, o_, t, u.detach(), /*track=*/false, stats_,
                                      /*with_ft=*/false);
     J_ = d.J.detach();  // the Newton matrix: primal values only
     if (host_) Jh_ = to_host(J_);
-    if (!track_ && !is_dual(u)) f0_ = d.dual ? d.f0 : d.f0.detach();
+    if (!track_ && !is_dual(u) && !dual_) f0_ = d.dual ? d.f0 : d.f0.detach();
     jac_at_point_ = true;
     refresh_J_ = false;
     lu_hg_ = 0.0;  // refactor
@@ -442,15 +451,19 @@ class EsdirkStepper : public Stepper {
         // One differentiable Newton correction with the exact Jacobian at the converged z*: its
         // derivative (reverse mode through the graph, or the tangent of dual values) is the
         // implicit function theorem's, -W^-1 dG, since G(z*) = 0 to Newton's tolerance.
-        PointDerivatives d = derivatives(f_, o_, ti, z, /*track=*/false, stats_,
-                                         /*with_ft=*/false);
+        // J on primal values (its tangent would not be used: forward-over-reverse per row
+        // made forward mode through ESDIRK 10-15x diffeq_rd's time), f with its tangent.
+        PointDerivatives d;
+        {
+          PrimalOnly primal;
+          d = derivatives(f_, o_, ti, z, /*track=*/false, stats_, /*with_ft=*/false);
+        }
         LU exact;
         if (!exact.factor(d.J.detach(), 1.0, -hg, stats_)) {
           why = "the iteration matrix I - h gamma J(z) at a converged stage is singular";
           return false;
         }
-        // Dual: d.f0 is f(ti, z) with its tangent already (derivatives evaluates it for that).
-        torch::Tensor G = z - hg * (d.dual ? d.f0 : eval(ti, z, /*grad=*/true)) - psi;
+        torch::Tensor G = z - hg * eval(ti, z, /*grad=*/true) - psi;
         // Value z* exactly (the solve's values do not depend on whether it records), the
         // correction's derivative.
         const torch::Tensor zc = z - exact.solve(G);

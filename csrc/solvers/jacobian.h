@@ -42,6 +42,16 @@ struct PointDerivatives {
 // x carries a forward-mode tangent at PyTorch's (single) forward-AD level.
 bool is_dual(const torch::Tensor& x);
 
+// Forward-mode tangents switched off for the scope (c10::AutoFwGradMode): nothing computed in it
+// carries one, even where u or f's parameters are dual, and is_dual() is false in it. For what
+// needs primal values only (the Newton iteration's evaluations and matrices, the Jacobian of an
+// exact Newton correction): a Jacobian then costs one batched reverse pass, as without
+// tangents, instead of forward-over-reverse per row, and an evaluation propagates no tangents
+// only to drop them.
+struct PrimalOnly {
+  c10::AutoFwGradMode off{false};
+};
+
 // With `track`, J and ft stay differentiable with respect to u and the parameters (so that
 // reverse mode through a step that uses them is exact for the discretisation); otherwise they
 // are constants. Autograd builds J (SolveOptions::jac_mode) in reverse mode, one row per

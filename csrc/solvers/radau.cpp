@@ -46,6 +46,7 @@
 #include <cmath>
 #include <limits>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -231,12 +232,17 @@ class Radau5Stepper : public Stepper {
       jac_at_point_ = false;
       f0_ = torch::Tensor();
       bool f0_dual = false;
+      // Once tangents are known to flow (dual_, from an earlier point), f0 and J are primal
+      // values only (PrimalOnly): the first point's find out whether the parameters carry
+      // tangents.
       if (!J_.defined() || refresh_J_) {
-        f0_dual = take_jacobian(t, u);
+        f0_dual = take_jacobian(t, u) || dual_;
       } else {
         at::NoGradGuard g;
+        std::optional<PrimalOnly> primal;
+        if (dual_) primal.emplace();
         const torch::Tensor v = eval_f(f_, t, u.detach(), stats_);
-        f0_dual = is_dual(v);
+        f0_dual = is_dual(v) || dual_;
         f0_ = v.detach();
       }
       // Forward mode: u or the parameters carry tangents (the correction gives them to Z).
@@ -271,12 +277,16 @@ class Radau5Stepper : public Stepper {
   torch::Tensor eval(double t, const torch::Tensor& z, bool grad) {
     if (grad) return eval_f(f_, t, z, stats_);
     at::NoGradGuard g;
+    PrimalOnly primal;  // the Newton iteration needs no tangents
     return eval_f(f_, t, z.detach(), stats_).detach();
   }
 
   // J at (t, u), detached, and f0; the LUs are refactored next. Returns whether f(t, u) carries a
-  // forward-mode tangent (dual parameters).
+  // forward-mode tangent (dual parameters); false where tangents are known to flow (dual_, from
+  // an earlier point): J is then taken on primal values only.
   bool take_jacobian(double t, const torch::Tensor& u) {
+    std::optional<PrimalOnly> primal;
+    if (dual_) primal.emplace();
     PointDerivatives d = derivatives(f_, o_, t, u.detach(), /*track=*/false, stats_,
                                      /*with_ft=*/false);
     J_ = d.J.detach();
