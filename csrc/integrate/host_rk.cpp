@@ -328,6 +328,8 @@ class StepReverser {
         comb_(n),
         y_(ns_, std::vector<T>(static_cast<size_t>(n))),
         k_(ns_ * static_cast<size_t>(n)),
+        kept_(hf.f_keep ? ns_ : 0,
+              std::vector<T>(hf.f_keep ? static_cast<size_t>(hf.kept_size(n)) : 0)),
         ybar_(ns_, std::vector<T>(static_cast<size_t>(n))),
         q_(num_weights(tab), std::vector<T>(static_cast<size_t>(n))),
         u1bar_(n),
@@ -342,11 +344,19 @@ class StepReverser {
     const bool own = tab.has_dense();
     const size_t m = thetas.size();
     const size_t ws = q_.size();
+    // evaluated[i]: stage i was evaluated keeping what its product below needs (f_keep).
+    std::vector<bool> evaluated(ns_, false);
     for (size_t i = 0; i < ns_; ++i) {
       comb_.stage(y_[i].data(), u, h, tab.a[i], k_.data(), i);
       // The last stage of an FSAL method feeds only the interpolant.
       if (i + 1 < ns_ || m > 0 || !tab.fsal()) {
-        hf_.f(t + tab.c[i] * h, n_, y_[i].data(), k_.data() + static_cast<int64_t>(i) * n_);
+        T* ki = k_.data() + static_cast<int64_t>(i) * n_;
+        if (hf_.f_keep) {
+          hf_.f_keep(t + tab.c[i] * h, n_, y_[i].data(), ki, kept_[i].data());
+          evaluated[i] = true;
+        } else {
+          hf_.f(t + tab.c[i] * h, n_, y_[i].data(), ki);
+        }
         ++stats_.nfe;
       }
     }
@@ -382,7 +392,13 @@ class StepReverser {
         if (have[j] && tab.a[j][i] != 0.0) comb_.add(ybar_[j].data(), h * tab.a[j][i]);
       if (comb_.empty()) continue;
       comb_.into(kbar_.data());
-      product(t + tab.c[i] * h, y_[i].data(), kbar_.data(), ybar_[i].data(), dparams);
+      if (evaluated[i]) {
+        hf_.vjp_kept(n_, y_[i].data(), kept_[i].data(), kbar_.data(), ybar_[i].data(), dparams);
+        ++stats_.nvjp;
+        ++stats_.nvjp_native;
+      } else {
+        product(t + tab.c[i] * h, y_[i].data(), kbar_.data(), ybar_[i].data(), dparams);
+      }
       have[i] = true;
     }
     // dL/du = u1bar + (sum_r G_r [own] or Q_0 [Hermite]) + sum_i ybar_i.
@@ -417,7 +433,8 @@ class StepReverser {
   AdjointStats& stats_;
   Combiner<T> comb_;
   std::vector<std::vector<T>> y_;
-  std::vector<T> k_;  // the stages, stacked
+  std::vector<T> k_;                  // the stages, stacked
+  std::vector<std::vector<T>> kept_;  // per stage, what f_keep kept for its product
   std::vector<std::vector<T>> ybar_, q_;
   std::vector<T> u1bar_, kbar_, fu_, tmp_;
 };

@@ -758,6 +758,15 @@ HostFunctions<T> mlp_host_functions(const MLPSpec& spec, const std::vector<torch
     host_forward_rows<T>(spec, params, t, u, rows, fu, ws.data());
     host_backward_rows<T>(spec, params, u, ws.data(), lambda, rows, dparams, du);
   };
+  // The same two halves with the caller holding every row's activations in between.
+  out.kept_size = [spec, row](int64_t n) { return n / spec.sizes[0] * static_cast<int64_t>(row); };
+  out.f_keep = [spec, params](double t, int64_t n, const T* u, T* y, T* kept) {
+    host_forward_rows<T>(spec, params, t, u, n / spec.sizes[0], y, kept);
+  };
+  out.vjp_kept = [spec, params](int64_t n, const T* u, const T* kept, const T* lambda, T* du,
+                                const std::vector<T*>& dparams) {
+    host_backward_rows<T>(spec, params, u, kept, lambda, n / spec.sizes[0], dparams, du);
+  };
   return out;
 }
 
