@@ -60,10 +60,9 @@ void bind_mlp(py::module& m) {
   m.def(
       "mlp_dynamics",
       [](const MLPSpec& spec, std::vector<torch::Tensor> params) {
-        DynamicsVjp vjp = mlp_vjp(spec, params);
-        std::shared_ptr<const HostDynamics> host = mlp_host(spec, params);
-        return NativeDynamics{mlp_dynamics(spec, std::move(params)), "MLP" + spec.repr(),
-                              std::move(vjp), std::move(host)};
+        MLPFunctions fs = mlp_functions(spec, std::move(params));
+        return NativeDynamics{std::move(fs.f), "MLP" + spec.repr(), std::move(fs.vjp),
+                              std::move(fs.host)};
       },
       py::arg("spec"), py::arg("params"),
       "Native dynamics f(t, u) = the MLP with these weights (the same tensors: gradients reach "

@@ -340,7 +340,7 @@ void host_backward_rows(const MLPSpec& spec, at::TensorList params, const T* u, 
   const auto [L, per, row, n0, out, p] = loop_dims(spec);
   int64_t width = 0;
   for (int64_t i = 0; i < L; ++i) width = std::max(width, spec.in_features(i));
-  // Scratch kept per thread between calls (see mlp_host_functions): two gradient rows, and the
+  // Scratch kept per thread between calls (see host_functions_of): two gradient rows, and the
   // offsets of each layer's input within a workspace row.
   const auto span = static_cast<size_t>(std::max(width, out));
   thread_local std::vector<T> buf;
@@ -679,20 +679,35 @@ torch::Tensor mlp_forward(const MLPSpec& spec, at::TensorList params, double t,
   return MLPEval::apply(EvalArgs{&spec, t}, u, params);
 }
 
-Dynamics mlp_dynamics(const MLPSpec& spec, std::vector<torch::Tensor> params) {
+namespace {
+
+// The spec and the weights, checked once and shared by every closure over them (a solve of the
+// MLP takes its dynamics, product and host functions: fourteen closures, which copied the spec
+// and the weight list each).
+struct MLPState {
+  MLPSpec spec;
+  std::vector<torch::Tensor> params;
+};
+using State = std::shared_ptr<const MLPState>;
+
+State checked_state(const MLPSpec& spec, std::vector<torch::Tensor> params) {
   spec.check();
   spec.check_params(params);
-  return [spec, params = std::move(params)](double t, const torch::Tensor& u) {
-    return mlp_forward(spec, params, t, u);
+  return std::make_shared<const MLPState>(MLPState{spec, std::move(params)});
+}
+
+Dynamics dynamics_of(State s) {
+  return [s = std::move(s)](double t, const torch::Tensor& u) {
+    return mlp_forward(s->spec, s->params, t, u);
   };
 }
 
-DynamicsVjp mlp_vjp(const MLPSpec& spec, std::vector<torch::Tensor> params) {
-  spec.check();
-  spec.check_params(params);
-  return [spec, params = std::move(params)](
-             double t, const torch::Tensor& u, const torch::Tensor& lambda, at::TensorList wrt,
-             torch::Tensor& fu, torch::Tensor& du, std::vector<torch::Tensor>& dp) {
+DynamicsVjp vjp_of(State s) {
+  return [s = std::move(s)](double t, const torch::Tensor& u, const torch::Tensor& lambda,
+                            at::TensorList wrt, torch::Tensor& fu, torch::Tensor& du,
+                            std::vector<torch::Tensor>& dp) {
+    const MLPSpec& spec = s->spec;
+    const std::vector<torch::Tensor>& params = s->params;
     if (u.dim() < 1 || u.size(-1) != spec.sizes[0] || u.scalar_type() != params[0].scalar_type() ||
         lambda.sizes() != u.sizes() || !host_loops_apply(spec, params, u))
       return false;
@@ -732,26 +747,28 @@ DynamicsVjp mlp_vjp(const MLPSpec& spec, std::vector<torch::Tensor> params) {
   };
 }
 
-namespace {
-
 template <typename T>
-HostFunctions<T> mlp_host_functions(const MLPSpec& spec, const std::vector<torch::Tensor>& params) {
+HostFunctions<T> host_functions_of(const State& s) {
+  const MLPSpec& spec = s->spec;
   HostFunctions<T> out;
   // As host_forward without a kept workspace: row by row through one reused workspace row.
   // The workspaces are per thread and kept between calls (a solve calls these per stage; an
   // allocation each time cost more than a small network's arithmetic). Neither calls itself.
   const auto row = static_cast<size_t>(workspace_row(spec));
-  out.f = [spec, params, row](double t, int64_t n, const T* u, T* y) {
+  out.f = [s, row](double t, int64_t n, const T* u, T* y) {
+    const MLPSpec& spec = s->spec;
     const int64_t n0 = spec.sizes[0];
     const int64_t nout = spec.sizes.back();
     thread_local std::vector<T> ws;
     if (ws.size() < row) ws.resize(row);
     for (int64_t r = 0; r < n / n0; ++r)
-      host_forward_rows<T>(spec, params, t, u + r * n0, 1, y + r * nout, ws.data());
+      host_forward_rows<T>(spec, s->params, t, u + r * n0, 1, y + r * nout, ws.data());
   };
   // As mlp_vjp: one forward keeping every row's activations, one backward.
-  out.vjp = [spec, params, row](double t, int64_t n, const T* u, const T* lambda, T* fu, T* du,
-                                const std::vector<T*>& dparams) {
+  out.vjp = [s, row](double t, int64_t n, const T* u, const T* lambda, T* fu, T* du,
+                     const std::vector<T*>& dparams) {
+    const MLPSpec& spec = s->spec;
+    const std::vector<torch::Tensor>& params = s->params;
     const int64_t rows = n / spec.sizes[0];
     thread_local std::vector<T> ws;
     if (ws.size() < static_cast<size_t>(rows) * row) ws.resize(static_cast<size_t>(rows) * row);
@@ -759,33 +776,49 @@ HostFunctions<T> mlp_host_functions(const MLPSpec& spec, const std::vector<torch
     host_backward_rows<T>(spec, params, u, ws.data(), lambda, rows, dparams, du);
   };
   // The same two halves with the caller holding every row's activations in between.
-  out.kept_size = [spec, row](int64_t n) { return n / spec.sizes[0] * static_cast<int64_t>(row); };
-  out.f_keep = [spec, params](double t, int64_t n, const T* u, T* y, T* kept) {
-    host_forward_rows<T>(spec, params, t, u, n / spec.sizes[0], y, kept);
+  out.kept_size = [s, row](int64_t n) { return n / s->spec.sizes[0] * static_cast<int64_t>(row); };
+  out.f_keep = [s](double t, int64_t n, const T* u, T* y, T* kept) {
+    host_forward_rows<T>(s->spec, s->params, t, u, n / s->spec.sizes[0], y, kept);
   };
-  out.vjp_kept = [spec, params](int64_t n, const T* u, const T* kept, const T* lambda, T* du,
-                                const std::vector<T*>& dparams) {
-    host_backward_rows<T>(spec, params, u, kept, lambda, n / spec.sizes[0], dparams, du);
+  out.vjp_kept = [s](int64_t n, const T* u, const T* kept, const T* lambda, T* du,
+                     const std::vector<T*>& dparams) {
+    host_backward_rows<T>(s->spec, s->params, u, kept, lambda, n / s->spec.sizes[0], dparams, du);
   };
   return out;
 }
 
+std::shared_ptr<const HostDynamics> host_of(const State& s) {
+  auto host = std::make_shared<HostDynamics>();
+  host->applies = [s](const torch::Tensor& u) {
+    const MLPSpec& spec = s->spec;
+    return spec.sizes.back() == spec.sizes[0] && u.dim() >= 1 && u.size(-1) == spec.sizes[0] &&
+           u.scalar_type() == s->params[0].scalar_type() && u.is_contiguous() &&
+           host_loops_apply(spec, s->params, u);
+  };
+  host->f32 = host_functions_of<float>(s);
+  host->f64 = host_functions_of<double>(s);
+  host->params = s->params;
+  return host;
+}
+
 }  // namespace
+
+Dynamics mlp_dynamics(const MLPSpec& spec, std::vector<torch::Tensor> params) {
+  return dynamics_of(checked_state(spec, std::move(params)));
+}
+
+DynamicsVjp mlp_vjp(const MLPSpec& spec, std::vector<torch::Tensor> params) {
+  return vjp_of(checked_state(spec, std::move(params)));
+}
 
 std::shared_ptr<const HostDynamics> mlp_host(const MLPSpec& spec,
                                              std::vector<torch::Tensor> params) {
-  spec.check();
-  spec.check_params(params);
-  auto host = std::make_shared<HostDynamics>();
-  host->applies = [spec, params](const torch::Tensor& u) {
-    return spec.sizes.back() == spec.sizes[0] && u.dim() >= 1 && u.size(-1) == spec.sizes[0] &&
-           u.scalar_type() == params[0].scalar_type() && u.is_contiguous() &&
-           host_loops_apply(spec, params, u);
-  };
-  host->f32 = mlp_host_functions<float>(spec, params);
-  host->f64 = mlp_host_functions<double>(spec, params);
-  host->params = std::move(params);
-  return host;
+  return host_of(checked_state(spec, std::move(params)));
+}
+
+MLPFunctions mlp_functions(const MLPSpec& spec, std::vector<torch::Tensor> params) {
+  const State s = checked_state(spec, std::move(params));
+  return {dynamics_of(s), vjp_of(s), host_of(s)};
 }
 
 MLPImpl::MLPImpl(MLPOptions options_)

@@ -124,6 +124,17 @@ class MLP(nn.Module):
                 out.append(params["bias"])
         return out
 
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """As :meth:`torch.nn.Module.zero_grad`; clearing (``set_to_none``, the default) walks
+        the weights directly instead of nn.Module's generators (a quarter of the time of a
+        small solve's training step went there)."""
+        if set_to_none and type(self) is MLP and not self._parameters and len(self._modules) == 1:
+            for w in self.weights():
+                if w.grad is not None:
+                    w.grad = None
+            return
+        super().zero_grad(set_to_none)
+
     def forward(self, *args: Any) -> torch.Tensor:
         """``mlp(x)``, or ``mlp(t, x)`` with ``time_input`` (``t`` a number)."""
         if self.takes_time:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any, Union
 
@@ -134,6 +135,15 @@ def remake(
     return dataclasses.replace(prob, **changes)
 
 
+@functools.cache
+def _mlp_class() -> type:
+    """diffeqlayers.MLP, imported on first use (see ODEProblem.__post_init__) and then kept: an
+    import statement per solve cost more than the rest of this function."""
+    from .mlp import MLP  # noqa: PLC0415
+
+    return MLP
+
+
 def parameter_tensors(p: Any) -> list[torch.Tensor]:
     """The tensors inside ``p`` (a tensor, module, sequence or dict of them), in order."""
     if p is None:
@@ -141,9 +151,7 @@ def parameter_tensors(p: Any) -> list[torch.Tensor]:
     if isinstance(p, torch.Tensor):
         return [p]
     if isinstance(p, torch.nn.Module):
-        from .mlp import MLP  # noqa: PLC0415  (see ODEProblem.__post_init__)
-
-        if type(p) is MLP:  # its parameters in order, without nn.Module's generators (10x cheaper)
+        if type(p) is _mlp_class():  # its parameters in order, without nn.Module's generators
             return p.weights()
         return list(p.parameters())
     if isinstance(p, dict):

@@ -156,6 +156,25 @@ def test_names_state_dict_round_trip_and_copies():
     assert "input_power=3" in repr(mlp) and "relu" in repr(mlp)
 
 
+def test_zero_grad_clears_or_zeros_every_parameter_as_nn_module_does():
+    torch.manual_seed(0)
+    x = torch.randn(3, 2)
+    mlp = dl.MLP([2, 8, 2])
+    mlp(x).sum().backward()
+    assert all(p.grad is not None for p in mlp.parameters())
+    mlp.zero_grad()  # set_to_none, the default: the fast path
+    assert all(p.grad is None for p in mlp.parameters())
+    mlp(x).sum().backward()
+    mlp.zero_grad(set_to_none=False)
+    assert all(p.grad is not None and not p.grad.any() for p in mlp.parameters())
+    # Parameters attached beside the layers are cleared too (nn.Module's walk then).
+    mlp.extra = nn.Linear(2, 2)
+    (mlp(x) + mlp.extra(x)).sum().backward()
+    mlp.zero_grad()
+    assert all(p.grad is None for p in mlp.parameters())
+    assert len(list(mlp.parameters())) == 6
+
+
 def test_bad_arguments_raise_clear_errors():
     with pytest.raises(ValueError, match='unknown activation "swish"'):
         dl.MLP([2, 4, 2], "swish")
