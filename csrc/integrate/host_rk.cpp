@@ -164,8 +164,24 @@ Solution run(const HostFunctions<T>& hf, const Dynamics& f, const Tableau& tab,
     return finish(code, msg);
   };
 
-  hf.f(t, n, u.data(), k(0));
-  ++stats.nfe;
+  // Stages kept for the discrete adjoint (Tape::host_stages): f's kept values at each stage of
+  // the current step (stage 0's carried over from the previous step's end, as k_0 is).
+  const size_t ks =
+      tape && tape->keep_host_stages && tape->store_states && tape->cap == 0 && hf.f_keep
+          ? static_cast<size_t>(hf.kept_size(n))
+          : 0;
+  std::vector<T> kept(s * ks), kept_new(ks);
+  size_t kept_bytes = 0;
+  auto eval = [&](size_t i, double ti, const T* yi, T* ki) {
+    if (ks > 0) {
+      hf.f_keep(ti, n, yi, ki, kept.data() + i * ks);
+    } else {
+      hf.f(ti, n, yi, ki);
+    }
+    ++stats.nfe;
+  };
+
+  eval(0, t, u.data(), k(0));
   if (o.check_finite && (!all_finite_loop(k(0), n) || !all_finite_loop(u.data(), n)))
     return fail(ReturnCode::Unstable, 0.0,
                 "the initial state or f(t0, u0) is not finite (NaN/Inf)");
@@ -203,8 +219,7 @@ Solution run(const HostFunctions<T>& hf, const Dynamics& f, const Tableau& tab,
     for (size_t i = 1; i < s; ++i) {
       T* yi = fsal && i + 1 == s ? unew.data() : y.data();
       comb.stage(yi, u.data(), hh, tab.a[i], kb, i);
-      hf.f(t + tab.c[i] * hh, n, yi, k(i));
-      ++stats.nfe;
+      eval(i, t + tab.c[i] * hh, yi, k(i));
     }
     if (!fsal) comb.stage(unew.data(), u.data(), hh, tab.b, kb, s);
 
@@ -236,6 +251,15 @@ Solution run(const HostFunctions<T>& hf, const Dynamics& f, const Tableau& tab,
       const bool keep = tape->keeps(tape->steps());
       tape->record(t, hh, keep ? to_tensor(u.data(), shape, opts) : torch::Tensor(),
                    torch::Tensor());
+      const size_t bytes = s * (static_cast<size_t>(n) + ks) * sizeof(T);
+      if (ks > 0 && kept_bytes + bytes <= Tape::kHostStageBytes) {
+        torch::Tensor st = at::empty({static_cast<int64_t>(bytes / sizeof(T))}, opts);
+        T* d = st.mutable_data_ptr<T>();
+        std::memcpy(d, kb, s * static_cast<size_t>(n) * sizeof(T));
+        std::memcpy(d + s * static_cast<size_t>(n), kept.data(), s * ks * sizeof(T));
+        tape->host_stages.emplace(tape->steps() - 1, std::move(st));
+        kept_bytes += bytes;
+      }
     }
     const int64_t step_idx = stats.naccept - 1;
 
@@ -248,7 +272,11 @@ Solution run(const HostFunctions<T>& hf, const Dynamics& f, const Tableau& tab,
     if (fsal) {
       knew = k(s - 1);
     } else if (!last || (needs_interp && !tab.has_dense())) {
-      hf.f(tnew, n, unew.data(), kn.data());
+      if (ks > 0) {
+        hf.f_keep(tnew, n, unew.data(), kn.data(), kept_new.data());
+      } else {
+        hf.f(tnew, n, unew.data(), kn.data());
+      }
       ++stats.nfe;
       knew = kn.data();
     }
@@ -302,7 +330,12 @@ Solution run(const HostFunctions<T>& hf, const Dynamics& f, const Tableau& tab,
 
     t = tnew;
     std::swap(u, unew);
-    if (knew != nullptr) std::memcpy(k(0), knew, sizeof(T) * static_cast<size_t>(n));
+    if (knew != nullptr) {
+      std::memcpy(k(0), knew, sizeof(T) * static_cast<size_t>(n));
+      if (ks > 0)
+        std::memcpy(kept.data(), fsal ? kept.data() + (s - 1) * ks : kept_new.data(),
+                    sizeof(T) * ks);
+    }
     if (!adaptive) ++fixed_n;
     if (lands) {
       ++stop_idx;
@@ -337,23 +370,31 @@ class StepReverser {
         fu_(n),
         tmp_(n) {}
 
+  // stored: the step's stages and f's kept values at them from the forward loop
+  // (Tape::host_stages), or null: then the stages are evaluated again here.
   void reverse(double t, double h, const T* u, std::vector<T>& lam,
                const std::vector<double>& thetas, const std::vector<const T*>& G,
-               const std::vector<T*>& dparams) {
+               const std::vector<T*>& dparams, const T* stored) {
     const Tableau& tab = tab_;
     const bool own = tab.has_dense();
     const size_t m = thetas.size();
     const size_t ws = q_.size();
-    // evaluated[i]: stage i was evaluated keeping what its product below needs (f_keep).
-    std::vector<bool> evaluated(ns_, false);
+    const size_t ks = kept_.empty() ? 0 : kept_[0].size();
+    // What stage i's product reads: the stages (stacked) and, where kept, f's values at stage i.
+    const T* kp = stored ? stored : k_.data();
+    std::vector<const T*> kept_at(ns_, nullptr);
     for (size_t i = 0; i < ns_; ++i) {
-      comb_.stage(y_[i].data(), u, h, tab.a[i], k_.data(), i);
+      comb_.stage(y_[i].data(), u, h, tab.a[i], kp, i);
+      if (stored) {
+        kept_at[i] = stored + ns_ * static_cast<size_t>(n_) + i * ks;
+        continue;
+      }
       // The last stage of an FSAL method feeds only the interpolant.
       if (i + 1 < ns_ || m > 0 || !tab.fsal()) {
         T* ki = k_.data() + static_cast<int64_t>(i) * n_;
         if (hf_.f_keep) {
           hf_.f_keep(t + tab.c[i] * h, n_, y_[i].data(), ki, kept_[i].data());
-          evaluated[i] = true;
+          kept_at[i] = kept_[i].data();
         } else {
           hf_.f(t + tab.c[i] * h, n_, y_[i].data(), ki);
         }
@@ -373,7 +414,7 @@ class StepReverser {
     // u1bar = lam (+ Q_1 and, Hermite without FSAL, the u-product of f(t + h, u1) with Q_3).
     const bool hermite = m > 0 && !own;
     if (hermite && !tab.fsal()) {
-      comb_.stage(tmp_.data(), u, h, tab.b, k_.data(), ns_);
+      comb_.stage(tmp_.data(), u, h, tab.b, kp, ns_);
       product(t + h, tmp_.data(), q_[3].data(), kbar_.data(), dparams);
     }
     comb_.begin();
@@ -392,8 +433,8 @@ class StepReverser {
         if (have[j] && tab.a[j][i] != 0.0) comb_.add(ybar_[j].data(), h * tab.a[j][i]);
       if (comb_.empty()) continue;
       comb_.into(kbar_.data());
-      if (evaluated[i]) {
-        hf_.vjp_kept(n_, y_[i].data(), kept_[i].data(), kbar_.data(), ybar_[i].data(), dparams);
+      if (kept_at[i]) {
+        hf_.vjp_kept(n_, y_[i].data(), kept_at[i], kbar_.data(), ybar_[i].data(), dparams);
         ++stats_.nvjp;
         ++stats_.nvjp_native;
       } else {
@@ -466,7 +507,9 @@ void backward(const HostDynamics& host, const Tableau& tab, const Tape& tape,
       }
     const torch::Tensor uj = state(j).contiguous();
     const auto ju = static_cast<size_t>(j);
-    rev.reverse(tape.t[ju], tape.h[ju], uj.const_data_ptr<T>(), lam, thetas, Gr, dparams);
+    const auto kept = tape.host_stages.find(j);
+    rev.reverse(tape.t[ju], tape.h[ju], uj.const_data_ptr<T>(), lam, thetas, Gr, dparams,
+                kept != tape.host_stages.end() ? kept->second.const_data_ptr<T>() : nullptr);
     ++stats.replayed_steps;
     release(j);
   }

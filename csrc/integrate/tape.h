@@ -41,6 +41,14 @@ struct Tape {
   std::vector<SaveRef> saves;                    // per output row
   torch::Tensor u_end;                           // the state after the last accepted step
   double t_end = 0.0;
+  // The discrete adjoint over host dynamics that keep what their products need
+  // (HostFunctions::f_keep): per accepted step, its stages k_1..k_s and what f kept at each, as
+  // the host loop computed them ([s (n + kept_size(n))] values of the state's dtype), so that the
+  // backward takes its products without evaluating f again. Only with one checkpoint per step
+  // (cap 0), and up to kHostStageBytes in all: later steps have none and are evaluated again.
+  bool keep_host_stages = false;
+  std::map<int64_t, torch::Tensor> host_stages;
+  static constexpr size_t kHostStageBytes = size_t{64} << 20;
 
   int64_t steps() const { return static_cast<int64_t>(t.size()); }
   // Whether record() keeps the start state of the step with index j (the next one recorded when

@@ -745,6 +745,7 @@ struct AdjointFunction : public torch::autograd::Function<AdjointFunction> {
     s.shape = u0.sizes().vec();
     s.tape.store_states = s.kind != Kind::Backsolve;
     s.tape.cap = s.adjoint.checkpoints;
+    s.tape.keep_host_stages = s.kind == Kind::Discrete;
     Solution sol;
     if (s.prep.stiff) {
       SolveOptions o = s.options;

@@ -140,6 +140,49 @@ def test_discrete_adjoint_on_host_equals_reverse_mode(method, checkpoints):
     assert not grads["discrete"][-1].any()
 
 
+@pytest.mark.parametrize("method", EXPLICIT + ["dopri8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_discrete_adjoint_from_the_forwards_stages_equals_evaluating_them_again(method, dtype):
+    """With one checkpoint per step the forward keeps every step's stages and the MLP's
+    activations at them, and the backward takes its products from those (no evaluation of f
+    for the stages); with a checkpoint cap it evaluates them again. The same gradient, bitwise."""
+    mlp, u0 = mlp_and_state(dtype)
+    kw = dict(dt=0.1) if method in FIXED else dict(rtol=1e-5, atol=1e-7)
+    grads, nfe = {}, {}
+    for checkpoints in (0, 1000):  # 1000: a cap the solve never reaches (no thinning)
+        box = {}
+
+        def keep(sol, box=box):
+            box["sol"] = sol
+            return sol.u
+
+        u0r = u0.clone().requires_grad_(True)
+        mlp.zero_grad()
+        prob = dl.ODEProblem(mlp.rhs, u0r, (0.0, 1.5), mlp)
+        out = dl.diffeq_adjoint(
+            mlp,
+            keep,
+            prob,
+            method,
+            saveat=[0.0, 0.4, 1.5],
+            sensealg="discrete",
+            checkpoints=checkpoints,
+            **kw,
+        )
+        (out.sin() * torch.arange(6, dtype=dtype).reshape(3, 2)).sum().backward()
+        grads[checkpoints] = [u0r.grad, *(p.grad for p in mlp.parameters())]
+        nfe[checkpoints] = box["sol"].adjoint_stats.nfe
+    for a, b in zip(grads[0], grads[1000]):
+        assert torch.equal(a, b)
+    assert nfe[1000] > 0
+    # Only the Hermite interpolant's f(t + h, u1) products of methods without an own
+    # interpolant (and not first-same-as-last) still evaluate f.
+    if method in ("tsit5", "dopri5", "bosh3"):
+        assert nfe[0] == 0
+    else:
+        assert nfe[0] < nfe[1000]
+
+
 def test_discrete_adjoint_on_host_float32_and_gradcheck():
     """float32 against reverse mode (to float32 rounding), and float64 gradcheck of the host
     reversal with fixed steps (a smooth function of u0)."""
