@@ -172,16 +172,17 @@ Solution run(const HostFunctions<T>& hf, const Dynamics& f, const Tableau& tab,
           : 0;
   std::vector<T> kept(s * ks), kept_new(ks);
   size_t kept_bytes = 0;
-  auto eval = [&](size_t i, double ti, const T* yi, T* ki) {
+  // y = f(ti, yi), keeping f's values in `keep` when stages are kept.
+  auto eval = [&](double ti, const T* yi, T* y, T* keep) {
     if (ks > 0) {
-      hf.f_keep(ti, n, yi, ki, kept.data() + i * ks);
+      hf.f_keep(ti, n, yi, y, keep);
     } else {
-      hf.f(ti, n, yi, ki);
+      hf.f(ti, n, yi, y);
     }
     ++stats.nfe;
   };
 
-  eval(0, t, u.data(), k(0));
+  eval(t, u.data(), k(0), kept.data());
   if (o.check_finite && (!all_finite_loop(k(0), n) || !all_finite_loop(u.data(), n)))
     return fail(ReturnCode::Unstable, 0.0,
                 "the initial state or f(t0, u0) is not finite (NaN/Inf)");
@@ -219,7 +220,7 @@ Solution run(const HostFunctions<T>& hf, const Dynamics& f, const Tableau& tab,
     for (size_t i = 1; i < s; ++i) {
       T* yi = fsal && i + 1 == s ? unew.data() : y.data();
       comb.stage(yi, u.data(), hh, tab.a[i], kb, i);
-      eval(i, t + tab.c[i] * hh, yi, k(i));
+      eval(t + tab.c[i] * hh, yi, k(i), kept.data() + i * ks);
     }
     if (!fsal) comb.stage(unew.data(), u.data(), hh, tab.b, kb, s);
 
@@ -272,12 +273,7 @@ Solution run(const HostFunctions<T>& hf, const Dynamics& f, const Tableau& tab,
     if (fsal) {
       knew = k(s - 1);
     } else if (!last || (needs_interp && !tab.has_dense())) {
-      if (ks > 0) {
-        hf.f_keep(tnew, n, unew.data(), kn.data(), kept_new.data());
-      } else {
-        hf.f(tnew, n, unew.data(), kn.data());
-      }
-      ++stats.nfe;
+      eval(tnew, unew.data(), kn.data(), kept_new.data());
       knew = kn.data();
     }
 

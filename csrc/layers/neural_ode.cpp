@@ -38,26 +38,29 @@ torch::Tensor NeuralODEImpl::forward(const torch::Tensor& x) {
   so.saveat = trajectory ? options_.saveat()
                          : torch::tensor({options_.t1()}, torch::dtype(torch::kFloat64));
   for (const auto& p : parameters()) so.params.push_back(p);
-  // The built-in MLP is evaluated directly (no AnyModule dispatch; time input included).
-  const MLPImpl* mlp = func_.ptr()->as<MLPImpl>();
-  Dynamics f = mlp != nullptr
-                   ? mlp->dynamics()
-                   : Dynamics([this](double, const torch::Tensor& u) { return func_.forward(u); });
   const std::string kind = adjoint_kind(options_.sensealg());
   const torch::Tensor span =
       torch::tensor({options_.t0(), options_.t1()}, torch::dtype(torch::kFloat64));
   if (options_.sensealg() == "fd") return forward_fd(x, so, span, trajectory);
-  // The built-in MLP on host arrays, for solves that record nothing (inference, the adjoints).
-  if (mlp != nullptr) so.host = mlp->host();
+  // The built-in MLP is evaluated directly (no AnyModule dispatch; time input included), on
+  // host arrays for solves that record nothing (inference, the adjoints), with its own
+  // vector-Jacobian product for the continuous adjoints: all three over one checked state.
+  const MLPImpl* mlp = func_.ptr()->as<MLPImpl>();
+  MLPFunctions fs;
+  if (mlp != nullptr) {
+    fs = mlp_functions(mlp->spec(), mlp->weights());
+    so.host = fs.host;
+  } else {
+    fs.f = [this](double, const torch::Tensor& u) { return func_.forward(u); };
+  }
   Solution sol;
   if (kind.empty()) {
-    sol = solve(f, x, span, so);
+    sol = solve(fs.f, x, span, so);
   } else {
     AdjointOptions ao = options_.adjoint();
     ao.sensealg = kind;
-    // The built-in MLP's own vector-Jacobian product for the continuous adjoints.
-    if (!ao.vjp && mlp != nullptr) ao.vjp = mlp->vjp();
-    sol = solve_adjoint(f, x, span, parameters(), so, ao);
+    if (!ao.vjp) ao.vjp = fs.vjp;  // empty unless the built-in MLP
+    sol = solve_adjoint(fs.f, x, span, parameters(), so, ao);
   }
   stats_ = sol.stats;
   adjoint_stats_ = sol.adjoint_stats;

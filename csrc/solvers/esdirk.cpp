@@ -29,7 +29,6 @@
 #include <cmath>
 #include <limits>
 #include <memory>
-#include <optional>
 #include <string>
 #include <vector>
 
@@ -282,8 +281,7 @@ class EsdirkStepper : public Stepper {
   // Newton matrix needs no tangent) and step() evaluates f0 with its tangent. The first point's
   // Jacobian finds out, from f's value, whether the parameters carry tangents.
   void take_jacobian(double t, const torch::Tensor& u) {
-    std::optional<PrimalOnly> primal;
-    if (dual_) primal.emplace();
+    PrimalOnly primal(dual_);
     PointDerivatives d = derivatives(f_, o_, t, u.detach(), /*track=*/false, stats_,
                                      /*with_ft=*/false);
     J_ = d.J.detach();  // the Newton matrix: primal values only

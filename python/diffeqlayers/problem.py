@@ -39,10 +39,9 @@ class ODEProblem:
     p: Any = None
 
     def __post_init__(self) -> None:
-        from .mlp import MLP  # noqa: PLC0415  (mlp imports the extension; problem stays light)
         from .script import ScriptRhs, is_script_module, required_arguments  # noqa: PLC0415
 
-        if isinstance(self.f, MLP):
+        if isinstance(self.f, _mlp_class()):
             # The built-in MLP as f(u, p, t) = mlp(u): solves run it in C++.
             object.__setattr__(self, "f", self.f.rhs)
         elif is_script_module(self.f) and required_arguments(self.f) != 3:
@@ -137,8 +136,8 @@ def remake(
 
 @functools.cache
 def _mlp_class() -> type:
-    """diffeqlayers.MLP, imported on first use (see ODEProblem.__post_init__) and then kept: an
-    import statement per solve cost more than the rest of this function."""
+    """diffeqlayers.MLP, imported on first use (mlp imports the extension; problem stays light)
+    and then kept: an import statement per solve cost more than parameter_tensors' own work."""
     from .mlp import MLP  # noqa: PLC0415
 
     return MLP
