@@ -74,7 +74,7 @@ void bind_adjoint(py::module& m) {
       "solve_adjoint",
       [](py::object f, const torch::Tensor& u0, const torch::Tensor& tspan,
          const std::vector<torch::Tensor>& params, SolveOptions options, AdjointOptions adjoint,
-         py::object norm) {
+         py::object norm, py::object jac, py::object nonstiff) {
         // Native dynamics bring their own vector-Jacobian product (the MLP's host loops).
         if (!adjoint.vjp && py::isinstance<bindings::NativeDynamics>(f))
           adjoint.vjp = f.cast<const bindings::NativeDynamics&>().vjp;
@@ -83,9 +83,20 @@ void bind_adjoint(py::module& m) {
         // Native dynamics raise C++ exceptions only, which the engine transports as they are.
         if (!native) adjoint.backward_dynamics = backward_dynamics(dyn);
         if (!norm.is_none()) options.norm = bindings::python_norm(std::move(norm));
+        // The stiff methods' Jacobian and a split problem's explicit part, as solve() takes
+        // them; the discrete adjoint's replayed steps call them in backward too.
+        if (!jac.is_none()) {
+          options.jac = bindings::python_jacobian(std::move(jac));
+          adjoint.backward_jac = backward_dynamics(options.jac);
+        }
+        if (!nonstiff.is_none()) {
+          options.nonstiff = bindings::python_dynamics(std::move(nonstiff));
+          adjoint.backward_nonstiff = backward_dynamics(options.nonstiff);
+        }
         return without_gil([&] { return solve_adjoint(dyn, u0, tspan, params, options, adjoint); });
       },
       py::arg("f"), py::arg("u0"), py::arg("tspan"), py::arg("params"), py::arg("options"),
-      py::arg("adjoint"), py::arg("norm") = py::none(),
+      py::arg("adjoint"), py::arg("norm") = py::none(), py::arg("jac") = py::none(),
+      py::arg("nonstiff") = py::none(),
       "solve() whose saved states are differentiable by an adjoint method; f(t, u).");
 }

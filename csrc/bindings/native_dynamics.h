@@ -22,7 +22,8 @@ struct NativeDynamics {
   std::shared_ptr<const HostDynamics> host;  // f on host arrays (SolveOptions::host), or empty
 };
 
-Dynamics python_dynamics(py::object f);  // module.cpp
+Dynamics python_dynamics(py::object f);    // module.cpp
+Jacobian python_jacobian(py::object jac);  // module.cpp
 
 // f as Dynamics: a NativeDynamics as itself, anything else as a Python callable f(t, u) that
 // takes the GIL per call. `native` is set to whether f was native; `options`, when given, gets

@@ -48,7 +48,9 @@ using DynamicsVjp = std::function<bool(
 //    rounding, storing one state per step (or fewer with checkpoints > 0) instead of the whole
 //    graph. With a Rosenbrock forward solve (fresh Jacobian every step, so a step is a function
 //    of (t, u, h) alone) it replays each step from the forward's dense output, differentiating
-//    the Jacobian too; an ESDIRK forward solve is refused (its steps share Jacobians and LUs).
+//    the Jacobian too; a Newton method's step (ESDIRK, radau5: Jacobians and LUs shared across
+//    steps) is rebuilt from the converged stages the forward kept, with diffeq_rd's exact Newton
+//    corrections. A split problem (SolveOptions::nonstiff) runs kencarp4 as IMEX here too.
 struct AdjointOptions {
   std::string sensealg = "interpolating";
   // The backward solve (interpolating, backsolve): method and tolerances; empty / negative:
@@ -67,6 +69,10 @@ struct AdjointOptions {
   // The dynamics used by backward's calls, when they must differ from f (the Python bindings
   // transport exceptions differently on autograd's threads). Empty: f.
   Dynamics backward_dynamics;
+  // Likewise SolveOptions::nonstiff and SolveOptions::jac for backward's calls (the discrete
+  // adjoint's replayed stiff steps call them). Empty: those of the options.
+  Dynamics backward_nonstiff;
+  Jacobian backward_jac;
   // f's own vector-Jacobian product (see DynamicsVjp), used where it applies. Empty: autograd.
   DynamicsVjp vjp;
 };

@@ -107,9 +107,10 @@ struct SolveOptions {
   std::vector<double> tstops;
   // Keep every step's stages so that Solution::operator() evaluates the solution anywhere.
   bool dense = false;
-  // With dense: the ESDIRK methods without an interpolant of their own (kvaerno5, trbdf2) also
-  // keep their converged stages, after the Hermite interpolant's f values in DenseStep::k (set
-  // by the discrete adjoint, which rebuilds each step from them; s more tensors per step).
+  // With dense: the ESDIRK methods without an interpolant of their own (kvaerno5, trbdf2), and
+  // kencarp4 on a split problem, also keep their converged stages (the implicit part's), after
+  // the interpolant's terms in DenseStep::k (set by the discrete adjoint, which rebuilds each
+  // step from them; s more tensors per step).
   bool keep_stages = false;
   // Stop with an error when the state becomes NaN/Inf (adaptive methods first try smaller steps).
   bool check_finite = true;

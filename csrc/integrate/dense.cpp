@@ -49,10 +49,14 @@ void interpolation_weights(const Tableau& tab, double theta, double h, double* w
   w[3] = h * (t3 - t2);
 }
 
-// What the weights multiply: the stages, or [u0, u1, f0, f1].
+// What the weights multiply: the stages, or [u0, u1, f0, f1]. (DenseStep::k may hold more after
+// them: the stages a stiff step keeps for the discrete adjoint, SolveOptions::keep_stages.)
 std::vector<torch::Tensor> interpolation_terms(const Tableau& tab, const DenseStep& step) {
-  return tab.has_dense() ? step.k
-                         : std::vector<torch::Tensor>{step.u0, step.u1, step.k[0], step.k[1]};
+  if (!tab.has_dense()) return {step.u0, step.u1, step.k[0], step.k[1]};
+  const auto n = static_cast<std::ptrdiff_t>(num_weights(tab));
+  TORCH_CHECK(static_cast<std::ptrdiff_t>(step.k.size()) >= n, "internal: a dense step holds ",
+              step.k.size(), " stages, its interpolant needs ", n);
+  return {step.k.begin(), step.k.begin() + n};
 }
 
 }  // namespace detail

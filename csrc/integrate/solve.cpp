@@ -642,6 +642,7 @@ Solution solve(const Dynamics& f, const torch::Tensor& u0, const torch::Tensor& 
     Dynamics sum = [f, g](double t, const torch::Tensor& u) { return f(t, u) + g(t, u); };
     SolveOptions o = options;
     o.nonstiff = Dynamics();
+    o.host = nullptr;  // f's alone
     if (options.method != "kencarp4") return solve(sum, u0, tspan, o);
     const detail::Prepared prep = detail::prepare(f, u0, tspan, options);
     return detail::solve_with_time_terms(

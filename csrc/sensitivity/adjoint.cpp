@@ -61,6 +61,11 @@ struct AdjointState : torch::CustomClassHolder {
   Dynamics f;   // forward solve
   Dynamics fb;  // backward's calls
   SolveOptions options;
+  // The discrete adjoint's replayed stiff steps: the stepper's f and options, with backward's
+  // callbacks (for IMEX kencarp4, f_stiff, with f_nonstiff in replay_options.nonstiff, while f
+  // and fb are the sum).
+  Dynamics f_replay;
+  SolveOptions replay_options;
   AdjointOptions adjoint;
   detail::Prepared prep;
   Kind kind = Kind::Interpolating;
@@ -402,8 +407,17 @@ Grads backward_continuous(AdjointState& s, const torch::Tensor& G) {
   torch::Tensor g = at::zeros({np}, opts);
   torch::Tensor u = tape.u_end;
   double cur = tape.t_end;
+  // Until the first output's gradient arrives, lambda is exactly zero and so is its right-hand
+  // side (linear in lambda): nothing to solve. (A span ending past the last save time, such as
+  // ROBER to 1e11 saved at t <= 10, would otherwise start the backward solve at 1e11 with the
+  // automatic first step of a zero state, 1e-6, below the time's rounding: step size underflow.)
+  bool zero = true;
   auto integrate_to = [&](double tb) {
     if (tb == cur) return;
+    if (zero) {
+      cur = tb;  // backsolve: u is reset to the saved value there
+      return;
+    }
     std::vector<torch::Tensor> parts;
     if (backsolve) parts.push_back(u.reshape({-1}));
     parts.push_back(lam.reshape({-1}));
@@ -436,7 +450,10 @@ Grads backward_continuous(AdjointState& s, const torch::Tensor& G) {
   for (int64_t i = n - 1; i >= 0; --i) {
     integrate_to(s.out_t[static_cast<size_t>(i)]);
     if (backsolve) u = s.out[i];
-    if (G.defined()) lam = lam + G[i];
+    if (G.defined()) {
+      lam = lam + G[i];
+      zero = false;
+    }
   }
   integrate_to(s.prep.t0);
 
@@ -625,7 +642,8 @@ Grads backward_discrete_stiff(AdjointState& s, const torch::Tensor& G) {
   const Tableau& interp = info.interpolant ? *info.interpolant : stiff::hermite();
   Stats step_stats;
   std::unique_ptr<stiff::Stepper> stepper =
-      stiff::make_stepper(s.options.method, s.fb, s.options, step_stats, /*track=*/true);
+      stiff::make_stepper(s.options.method, s.f_replay, s.replay_options, step_stats,
+                          /*track=*/true);
   torch::Tensor lam = at::zeros(s.shape, s.out.options());
   for (int64_t j = nsteps - 1; j >= 0; --j) {
     const DenseStep& st = steps[static_cast<size_t>(j)];
@@ -798,6 +816,30 @@ std::vector<std::string> adjoint_sensealgs() { return kind_names(); }
 Solution solve_adjoint(const Dynamics& f, const torch::Tensor& u0, const torch::Tensor& tspan,
                        const std::vector<torch::Tensor>& params, const SolveOptions& options,
                        const AdjointOptions& adjoint) {
+  // A split problem, as solve() takes it: kencarp4 steps forward as IMEX (f implicit, nonstiff
+  // explicit); every other method solves the sum. Backward needs the whole right-hand side
+  // (the adjoint system, the time terms) and, for kencarp4's replayed steps, the parts.
+  Dynamics sum, sum_b;
+  if (options.nonstiff) {
+    TORCH_CHECK_TYPE(static_cast<bool>(f), "f (the dynamics) is empty");
+    auto add = [](Dynamics a, Dynamics b) -> Dynamics {
+      return [a, b](double t, const torch::Tensor& u) { return a(t, u) + b(t, u); };
+    };
+    sum = add(f, options.nonstiff);
+    sum_b = add(adjoint.backward_dynamics ? adjoint.backward_dynamics : f,
+                adjoint.backward_nonstiff ? adjoint.backward_nonstiff : options.nonstiff);
+    if (options.method != "kencarp4") {
+      SolveOptions o = options;
+      o.nonstiff = Dynamics();
+      AdjointOptions a = adjoint;
+      a.backward_dynamics = sum_b;
+      a.backward_nonstiff = Dynamics();
+      a.vjp = nullptr;  // f's own product is not the sum's
+      o.host = nullptr;
+      return solve_adjoint(sum, u0, tspan, params, o, a);
+    }
+  }
+  const bool split = static_cast<bool>(sum);
   const Kind kind = kind_of(adjoint.sensealg);
   SolveOptions o = options;
   o.params.insert(o.params.end(), params.begin(), params.end());
@@ -812,15 +854,10 @@ Solution solve_adjoint(const Dynamics& f, const torch::Tensor& u0, const torch::
                     o.method,
                     "' (the adaptive stiff methods run with sensealg='interpolating'); "
                     "use diffeq_rd with it");
-  const bool imex = prep.stiff && stiff::is_esdirk(o.method) && static_cast<bool>(o.nonstiff);
-  TORCH_CHECK_VALUE(
-      !prep.stiff || kind == Kind::Interpolating || (kind == Kind::Discrete && !imex),
-      "a stiff forward solve ('", o.method, "') runs with sensealg='interpolating'",
-      imex ? "" : " or 'discrete'", ", not '", adjoint.sensealg, "' (",
-      imex ? "a split (IMEX) step's stages mix f_stiff and f_nonstiff, so the discrete adjoint "
-             "cannot replay it; "
-           : "",
-      "backsolve would solve the stiff problem backwards, which is unstable)");
+  TORCH_CHECK_VALUE(!prep.stiff || kind == Kind::Interpolating || kind == Kind::Discrete,
+                    "a stiff forward solve ('", o.method,
+                    "') runs with sensealg='interpolating' or 'discrete', not '", adjoint.sensealg,
+                    "' (backsolve would solve the stiff problem backwards, which is unstable)");
   // A stiff backward solve needs the Jacobian of the adjoint system, built for the
   // interpolating adjoint's [lambda, g] (backsolve would need second derivatives of f too).
   TORCH_CHECK_VALUE(
@@ -853,20 +890,26 @@ Solution solve_adjoint(const Dynamics& f, const torch::Tensor& u0, const torch::
 
   auto state = c10::make_intrusive<AdjointState>();
   state->f = f;
-  state->fb = adjoint.backward_dynamics ? adjoint.backward_dynamics : f;
+  state->fb = split ? sum_b : adjoint.backward_dynamics ? adjoint.backward_dynamics : f;
   state->options = o;
+  state->f_replay = adjoint.backward_dynamics ? adjoint.backward_dynamics : f;
+  state->replay_options = o;
+  if (adjoint.backward_nonstiff) state->replay_options.nonstiff = adjoint.backward_nonstiff;
+  if (adjoint.backward_jac) state->replay_options.jac = adjoint.backward_jac;
   state->adjoint = adjoint;
+  if (split) state->adjoint.vjp = nullptr;  // f's own product is not the sum's
   state->prep = prep;
   state->kind = kind;
   state->params = params;
-  Solution sol = detail::solve_with_time_terms(f, u0, tspan, o, prep, [&](const torch::Tensor& u) {
-    std::vector<torch::Tensor> inputs{u};
-    inputs.insert(inputs.end(), params.begin(), params.end());
-    torch::Tensor out = AdjointFunction::apply(AdjointArgs{state}, at::TensorList(inputs));
-    Solution s = state->meta;
-    s.u = out;
-    return s;
-  });
+  Solution sol = detail::solve_with_time_terms(
+      split ? sum : f, u0, tspan, o, prep, [&](const torch::Tensor& u) {
+        std::vector<torch::Tensor> inputs{u};
+        inputs.insert(inputs.end(), params.begin(), params.end());
+        torch::Tensor out = AdjointFunction::apply(AdjointArgs{state}, at::TensorList(inputs));
+        Solution s = state->meta;
+        s.u = out;
+        return s;
+      });
   sol.adjoint_stats = state->stats;
   return sol;
 }

@@ -186,12 +186,13 @@ class EsdirkStepper : public Stepper {
 
   // The discrete adjoint: the step again from the stage derivatives k_1..k_s the forward solve
   // kept (kencarp4: its dense terms; kvaerno5, trbdf2: after the Hermite interpolant's two f
-  // values, SolveOptions::keep_stages), each stage taking the exact Newton correction diffeq_rd's
-  // forward pass takes, so the step's derivative is diffeq_rd's.
+  // values; a split kencarp4 step: the implicit part's k_i after the dense terms, whose k_i + g_i
+  // do not give the stages apart), each stage taking the exact Newton correction diffeq_rd's
+  // forward pass takes, so the step's derivative is diffeq_rd's. A split step evaluates the
+  // explicit part again at u and at every stage, recorded.
   StepResult replay(double t, const torch::Tensor& u, double h,
                     const std::vector<torch::Tensor>& kept) override {
-    TORCH_CHECK(!split_, m_.info.name, ": a split (IMEX) step cannot be replayed");
-    const size_t offset = m_.interpolant.dense.empty() ? 2 : 0;
+    const size_t offset = split_ ? m_.stages() : m_.interpolant.dense.empty() ? 2 : 0;
     TORCH_CHECK(kept.size() == offset + m_.stages(), m_.info.name,
                 ": the forward solve kept no stages to replay the step from");
     const std::vector<torch::Tensor> stages(kept.begin() + static_cast<std::ptrdiff_t>(offset),
@@ -200,6 +201,7 @@ class EsdirkStepper : public Stepper {
     host_ = false;
     dual_ = false;
     f0_ = eval(t, u, /*grad=*/true);
+    g0_ = split_ ? eval_g(t, u) : torch::Tensor();
     given_ = &stages;
     StepResult r;
     std::string why;
@@ -260,9 +262,10 @@ class EsdirkStepper : public Stepper {
   }
 
  private:
-  // The stages for replay() beside the Hermite interpolant's values (kencarp4's dense terms are
-  // its stages already; a split step is not replayed).
-  bool keeps_stages() const { return o_.keep_stages && !split_ && m_.interpolant.dense.empty(); }
+  // The stages for replay() beside the dense output's terms: kvaerno5 and trbdf2 interpolate by
+  // Hermite; kencarp4's dense terms are its stages, except for a split step (k_i + g_i), which
+  // keeps the implicit part's k_i.
+  bool keeps_stages() const { return o_.keep_stages && (split_ || m_.interpolant.dense.empty()); }
 
   torch::Tensor eval(double t, const torch::Tensor& z, bool grad) {
     if (grad) return eval_f(f_, t, z, stats_);
@@ -433,11 +436,16 @@ class EsdirkStepper : public Stepper {
         at::NoGradGuard g;
         std::vector<torch::Tensor> kept;
         std::vector<double> wk;
-        for (size_t j = 0; j < i; ++j)
+        for (size_t j = 0; j < i; ++j) {
           if (m_.a[i][j] != 0.0) {
             kept.push_back((*given_)[j]);
             wk.push_back(h * m_.a[i][j]);
           }
+          if (split_ && m_.ae[i][j] != 0.0) {  // the explicit part, evaluated again
+            kept.push_back(gk[j].detach());
+            wk.push_back(h * m_.ae[i][j]);
+          }
+        }
         kept.push_back((*given_)[i]);
         wk.push_back(hg);
         z = lincomb(u.detach(), kept, wk);
@@ -501,7 +509,7 @@ class EsdirkStepper : public Stepper {
     }
     r.f0 = kk[0];
     if (!m_.interpolant.dense.empty()) r.dense_terms = kk;
-    if (keeps_stages()) r.stages = kk;
+    if (keeps_stages()) r.stages = split_ ? k : kk;
     return true;
   }
 
@@ -545,6 +553,8 @@ class EsdirkStepper : public Stepper {
     }
     after_stages(hg);
 
+    if (keeps_stages() && split_)  // the implicit part's, before the sum below
+      for (size_t j = 0; j < s; ++j) r.stages.push_back(from_host(k[j].data(), u));
     if (split_)
       for (size_t j = 0; j < s; ++j)
         for (size_t q = 0; q < N; ++q) k[j][q] += gk[j][q];
@@ -566,7 +576,7 @@ class EsdirkStepper : public Stepper {
       r.dense_terms.reserve(s);
       for (size_t j = 0; j < s; ++j) r.dense_terms.push_back(from_host(k[j].data(), u));
     }
-    if (keeps_stages())
+    if (keeps_stages() && !split_)
       for (size_t j = 0; j < s; ++j) r.stages.push_back(from_host(k[j].data(), u));
     return true;
   }

@@ -273,7 +273,8 @@ class Loop {
         step.k = m_.interpolant
                      ? r.dense_terms
                      : std::vector<torch::Tensor>{r.f0, stiff::eval_f(f_, tnew, r.unew, stats)};
-        if (o_.dense && o_.keep_stages && !m_.interpolant)
+        // The discrete adjoint's stages after the interpolant's terms (Stepper::replay).
+        if (o_.dense && o_.keep_stages)
           step.k.insert(step.k.end(), r.stages.begin(), r.stages.end());
       }
       if (want_every_step) {

@@ -401,11 +401,6 @@ def solve(
         raw, naccept, nreject, iterations = _C.solve_per_sample(batch_rhs, state, span, opts, norm)
         return Solution(raw, sample_stats=SampleStats(naccept, nreject, iterations))
 
-    if _adjoint is not None:
-        options, params = _adjoint[0], _adjoint[1]
-        sol = Solution(_C.solve_adjoint(native or rhs, state, span, params, opts, options, norm))
-        _warn_time_blind(solver, sol)
-        return sol
     nonstiff_rhs = None
     if isinstance(prob, SplitODEProblem) and solver == "kencarp4":
         # IMEX: the implicit part is f_stiff alone, the explicit part goes along separately.
@@ -417,6 +412,15 @@ def solve(
         def nonstiff_rhs(t: float, u: torch.Tensor) -> torch.Tensor:
             return f_nonstiff(u, p, t)
 
+    if _adjoint is not None:
+        options, params = _adjoint[0], _adjoint[1]
+        sol = Solution(
+            _C.solve_adjoint(
+                native or rhs, state, span, params, opts, options, norm, jac_rhs, nonstiff_rhs
+            )
+        )
+        _warn_time_blind(solver, sol)
+        return sol
     sol = Solution(_C.solve(native or rhs, state, span, opts, norm, jac_rhs, nonstiff_rhs))
     _warn_time_blind(solver, sol)
     if sol.stats.nnonconverged:

@@ -436,3 +436,30 @@ def test_forward_values_equal_a_plain_solve():
         out = dl.diffeq_adjoint(p, lambda sol: sol.u, prob, "dopri5", u0=u0, saveat=0.1,
                                 sensealg=s)  # fmt: skip
         assert torch.equal(out.detach(), ref)
+
+
+@pytest.mark.parametrize("sensealg", SENSEALGS)
+def test_span_past_the_last_save_time(sensealg):
+    # Lotka-Volterra solved to t = 10, saved up to t = 3: lambda is zero from 10 down to 3, where
+    # the backward solve starts. The gradient is that of the span ending at 3, to the tolerance
+    # (the steps near t = 3 differ: one ends there, the other interpolates).
+    grads = []
+    for end in [10.0, 3.0]:
+        p, u0, prob = _lv((0.0, end))
+        grads.append(
+            torch.cat(
+                _grads(
+                    dl.diffeq_adjoint,
+                    p,
+                    u0,
+                    prob,
+                    "tsit5",
+                    saveat=[1.0, 2.0, 3.0],
+                    rtol=1e-9,
+                    atol=1e-9,
+                    sensealg=sensealg,
+                )  # fmt: skip
+            )
+        )
+    # Measured 4.8e-11 (interpolating) to 1.7e-10 (discrete).
+    assert _rel(grads[0], grads[1]) < 1e-8, grads
