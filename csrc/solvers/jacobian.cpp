@@ -377,6 +377,17 @@ torch::Tensor LU::solve(const torch::Tensor& rhs) const {
   return at::linalg_lu_solve(lu, pivots, b).reshape(rhs.sizes());
 }
 
+torch::Tensor LU::solve_batch(const torch::Tensor& rhs, int64_t batch) const {
+  const int64_t n = lu.size(-1);
+  if (lu.dim() == 3) {  // blocks: [blocks, n, batch]
+    const int64_t blocks = lu.size(0);
+    torch::Tensor b = rhs.reshape({batch, blocks, n}).permute({1, 2, 0});
+    return at::linalg_lu_solve(lu, pivots, b).permute({2, 0, 1}).reshape(rhs.sizes());
+  }
+  torch::Tensor b = rhs.reshape({batch, n}).t();  // [n, batch]
+  return at::linalg_lu_solve(lu, pivots, b).t().reshape(rhs.sizes());
+}
+
 bool use_host(const torch::Tensor& u, const JacLayout& layout, bool track) {
   return !track && u.device().is_cpu() &&
          (u.scalar_type() == at::kDouble || u.scalar_type() == at::kFloat) &&

@@ -82,6 +82,9 @@ struct LU {
   bool factor(const torch::Tensor& J, double alpha, double beta, Stats& stats);
   // Solves matrix x = rhs for rhs shaped like the state; returns x shaped like rhs.
   torch::Tensor solve(const torch::Tensor& rhs) const;
+  // The same for `batch` right-hand sides at once, rhs [batch, *state] (a vmap-batched tangent's
+  // physical tensor): one solve with them as the columns.
+  torch::Tensor solve_batch(const torch::Tensor& rhs, int64_t batch) const;
 };
 
 // The vector-Jacobian products of `out` with each of the k seeds in `seeds` ([k, *out.shape]),
