@@ -535,6 +535,55 @@ bool host_loop_applies(const SolveOptions& o, const torch::Tensor& u0) {
   return true;
 }
 
+namespace {
+
+// Thrown by tensor_host's f where the tensor path must run instead.
+struct NeedsTensorPath {};
+
+// The largest state the tensor f adapter takes: beyond it the tensor loop's ops are no longer
+// dominated by their fixed cost.
+constexpr int64_t kTensorHostMax = 1024;
+
+template <typename T>
+HostFunctions<T> tensor_host(const Dynamics& f, const torch::Tensor& u0) {
+  HostFunctions<T> h;
+  h.f = [f, shape = u0.sizes().vec(), opts = u0.options()](double t, int64_t n, const T* u, T* y) {
+    // A fresh tensor per call, as the tensor loop's stages are: f may keep or change it.
+    torch::Tensor x = to_tensor(u, shape, opts);
+    int64_t counted = 0;  // the host loop counts its evaluations itself
+    const torch::Tensor out = checked_eval(f, t, x, counted);
+    if (out.requires_grad() || out._fw_grad(/*level=*/0).defined()) throw NeedsTensorPath{};
+    const torch::Tensor c = out.contiguous();
+    std::memcpy(y, c.const_data_ptr<T>(), sizeof(T) * static_cast<size_t>(n));
+  };
+  return h;
+}
+
+}  // namespace
+
+bool host_integrate_tensor_f(const Dynamics& f, const Tableau& tab, const SolveOptions& o,
+                             const torch::Tensor& u0, double t0, double t1,
+                             const std::vector<double>& saveat, Tape* tape, Solution& sol) {
+  if (o.host || o.norm || o.dense || !u0.defined() || at::GradMode::is_enabled() ||
+      !u0.device().is_cpu() || u0.numel() > kTensorHostMax ||
+      (u0.scalar_type() != at::kFloat && u0.scalar_type() != at::kDouble) ||
+      u0._fw_grad(/*level=*/0).defined() || !host_loop_on.load(std::memory_order_relaxed))
+    return false;
+  const Tape before = tape ? *tape : Tape();
+  const torch::Tensor uc = u0.contiguous();
+  try {
+    if (uc.scalar_type() == at::kFloat) {
+      sol = run<float>(tensor_host<float>(f, uc), f, tab, o, uc, t0, t1, saveat, tape);
+    } else {
+      sol = run<double>(tensor_host<double>(f, uc), f, tab, o, uc, t0, t1, saveat, tape);
+    }
+  } catch (const NeedsTensorPath&) {
+    if (tape) *tape = before;
+    return false;
+  }
+  return true;
+}
+
 Solution host_integrate(const Dynamics& f, const Tableau& tab, const SolveOptions& o,
                         const torch::Tensor& u0, double t0, double t1,
                         const std::vector<double>& saveat, Tape* tape) {

@@ -32,6 +32,17 @@ void set_host_loop_enabled(bool on);
 // dynamics' tensors requires grad), the error norm is the default and no dense output is asked.
 bool host_loop_applies(const SolveOptions& o, const torch::Tensor& u0);
 
+// Any dynamics given as tensors (a Python f, a TorchScript module, a C++ function) on a small CPU
+// state, in a solve with grad mode off (inference, the adjoints' forward solves), with the
+// default norm and no dense output: the host loop runs it too, f called on a tensor copy of
+// each host stage (one allocation and two copies per evaluation instead of the tensor loop's
+// ops per stage combination, error norm and save point). Returns false, with nothing to undo,
+// where f's value turns out to carry a forward-mode tangent (diffeq_fd: the caller runs the
+// tensor loop); sol is set otherwise.
+bool host_integrate_tensor_f(const Dynamics& f, const Tableau& tab, const SolveOptions& o,
+                             const torch::Tensor& u0, double t0, double t1,
+                             const std::vector<double>& saveat, Tape* tape, Solution& sol);
+
 // The explicit loop of integrate() on host arrays (host_loop_applies must hold). f is the same
 // dynamics as tensors, used for the initial step only (so that it is the tensor loop's).
 Solution host_integrate(const Dynamics& f, const Tableau& tab, const SolveOptions& o,

@@ -626,6 +626,10 @@ Solution integrate(const Dynamics& f, const torch::Tensor& u0, const Prepared& p
   // takes the same steps (integrate/host_rk.h).
   if (!bench_unfused() && host_loop_applies(options, u0))
     return host_integrate(f, *prep.tab, options, u0, prep.t0, prep.t1, prep.saveat, tape);
+  // The same loop for dynamics given as tensors, where nothing records.
+  if (Solution sol; !bench_unfused() && host_integrate_tensor_f(f, *prep.tab, options, u0, prep.t0,
+                                                                prep.t1, prep.saveat, tape, sol))
+    return sol;
   Integrator integ(f, *prep.tab, options, tape);
   return integ.run(u0, prep.t0, prep.t1, prep.saveat);
 }

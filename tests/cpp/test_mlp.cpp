@@ -8,6 +8,7 @@
 
 #include "diffeqlayers/mlp.h"
 #include "diffeqlayers/neural_ode.h"
+#include "integrate/host_rk.h"
 
 namespace dl = diffeqlayers;
 
@@ -180,7 +181,15 @@ TEST(MLP, HostLoopTakesTheTensorLoopsStepsAndReversesThemForTheDiscreteAdjoint) 
   {
     torch::NoGradGuard g;
     dl::Solution a = dl::solve(f, u0, 0.0, 1.5, host);
+    // The tensor loop (without the switch, a tensor f takes the host loop too, f called on a
+    // tensor copy of each stage: host_integrate_tensor_f).
+    dl::detail::set_host_loop_enabled(false);
     dl::Solution b = dl::solve(f, u0, 0.0, 1.5, so);
+    dl::detail::set_host_loop_enabled(true);
+    dl::Solution c = dl::solve(f, u0, 0.0, 1.5, so);
+    EXPECT_TRUE(c.stats.host_loop);
+    EXPECT_EQ(c.stats.nfe, b.stats.nfe);
+    EXPECT_TRUE(torch::equal(c.u, b.u));
     EXPECT_TRUE(a.stats.host_loop);
     EXPECT_FALSE(b.stats.host_loop);
     EXPECT_EQ(a.stats.nfe, b.stats.nfe);

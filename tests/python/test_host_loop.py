@@ -1,14 +1,19 @@
 """The host loop (csrc/integrate/host_rk.cpp): small CPU solves of the built-in MLP that record
-no gradient run on plain arrays, and the discrete adjoint reverses their steps there. They must
-take the tensor loop's steps exactly and give the same values; the tensor loop is reached here
-through the same MLP called from Python (a Python f never takes the host loop)."""
+no gradient run on plain arrays, and the discrete adjoint reverses their steps there; so do
+small solves of any f given as tensors (a Python f) with grad mode off, f called on a copy of
+each stage. They must take the tensor loop's steps exactly and give the same values; the tensor
+loop is reached here through the same MLP called from Python with the host loop switched off
+(_C._set_host_loop)."""
 
 from __future__ import annotations
+
+import contextlib
 
 import pytest
 import torch
 
 import diffeqlayers as dl
+from diffeqlayers import _C
 
 EXPLICIT = ["euler", "rk4", "heun3", "adaptive_heun", "fehlberg2", "bosh3", "dopri5", "tsit5"]
 FIXED = {"euler", "rk4", "heun3"}
@@ -21,11 +26,66 @@ def mlp_and_state(dtype: torch.dtype) -> tuple[dl.MLP, torch.Tensor]:
     return mlp, u0
 
 
+@contextlib.contextmanager
+def tensor_loop_only():
+    _C._set_host_loop(False)
+    try:
+        yield
+    finally:
+        _C._set_host_loop(True)
+
+
 def both(mlp: dl.MLP, u0: torch.Tensor, span, method: str, **kw) -> tuple[dl.Solution, ...]:
-    """The same solve with the native MLP (host loop) and the MLP called from Python."""
+    """The same solve with the native MLP (host loop) and the MLP called from Python on the
+    tensor loop."""
     native = dl.ODEProblem(mlp.rhs, u0, span)
     python = dl.ODEProblem(lambda u, p, t: mlp(u), u0, span)
-    return dl.solve(native, method, **kw), dl.solve(python, method, **kw)
+    host = dl.solve(native, method, **kw)
+    with tensor_loop_only():
+        return host, dl.solve(python, method, **kw)
+
+
+@pytest.mark.parametrize("method", ["euler", "bosh3", "dopri5", "tsit5", "dopri8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_python_f_takes_the_host_loop_without_grad(method, dtype):
+    # A Python f with grad mode off: the host loop, f called on a fresh tensor per stage; the
+    # tensor loop's steps and values, bitwise. Under grad mode, and in forward mode (f's value
+    # carries a tangent: the host loop hands the solve back before its first step), tensors.
+    mlp, u0 = mlp_and_state(dtype)
+    seen = []
+
+    def f(u, p, t):
+        seen.append(u)
+        return mlp(u)
+
+    prob = dl.ODEProblem(f, u0, (0.0, 2.0))
+    kw = dict(dt=0.05) if method == "euler" else dict(rtol=1e-6, atol=1e-8)
+    kw["saveat"] = torch.linspace(0.0, 2.0, 17, dtype=torch.float64)
+    with torch.no_grad():
+        host = dl.solve(prob, method, **kw)
+        with tensor_loop_only():
+            tensors = dl.solve(prob, method, **kw)
+    assert host.stats.host_loop and not tensors.stats.host_loop
+    assert (host.stats.naccept, host.stats.nreject, host.stats.nfe) == (
+        tensors.stats.naccept,
+        tensors.stats.nreject,
+        tensors.stats.nfe,
+    )
+    assert torch.equal(host.u, tensors.u)
+    # Each call got a tensor of its own (f may keep it), of the state's shape and dtype.
+    assert len({x.data_ptr() for x in seen[:5]}) == 5
+    assert all(x.shape == u0.shape and x.dtype == dtype for x in seen)
+    assert not dl.solve(prob, method, **kw).stats.host_loop  # grad mode on
+    # Forward mode: the directional derivative in the weights' direction w is diffeq_rd's.
+    prob_p = dl.ODEProblem(lambda u, p, t: p(u), u0, (0.0, 2.0))
+    w = torch.ones_like(mlp.layers[0].weight)
+    _, dy = dl.diffeq_jvp(mlp, lambda s: s.u, prob_p, method,
+                          tangent_p={"layers.0.weight": w}, **kw)  # fmt: skip
+    r = torch.linspace(-1.0, 1.0, dy.numel(), dtype=dtype).reshape(dy.shape)
+    loss = dl.diffeq_rd(mlp, lambda s: (s.u * r).sum(), prob_p, method, **kw)
+    (gw,) = torch.autograd.grad(loss, mlp.layers[0].weight)
+    tol = 1e-4 if dtype == torch.float32 else 1e-10
+    assert torch.allclose((dy * r).sum(), (gw * w).sum(), rtol=tol, atol=0)
 
 
 @pytest.mark.parametrize("method", EXPLICIT + ["dopri8"])
