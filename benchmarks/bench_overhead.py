@@ -26,7 +26,10 @@ timed the way the solve makes it:
 
 Times are medians of --repeats runs (the small case after a warm-up), timed round-robin over the
 three f's, with f's calls timed right after each run and the overhead taken from the medians, so
-that drift in the machine's load affects a run and its f cost alike. Writes
+that drift in the machine's load affects a run and its f cost alike. The small case also times
+3 runs back to back after each ("warm"): f's calls are timed back to back, while a run timed
+alone right after the previous f timing's backward pass pays for its freed graph and cold caches
+(about 1 ms on the small case here); both overheads are reported. Writes
 benchmarks/results/overhead.md (or --out) with the command line.
 
     python benchmarks/bench_overhead.py [--repeats 2] [--small-repeats 30] [--cases big small]
@@ -167,7 +170,7 @@ def runner(case: dict[str, Any], impl: str, mode: str, record: dict[str, Any]) -
 
 
 def bench(
-    case: dict[str, Any], threads: int, repeats: int, n_f: int, warmup: bool
+    case: dict[str, Any], threads: int, repeats: int, n_f: int, warmup: bool, warm: int = 0
 ) -> list[dict[str, Any]]:
     torch.set_num_threads(threads)
     rows = []
@@ -178,6 +181,7 @@ def bench(
             for fn in fns:
                 fn()
         times: dict[str, list[float]] = {impl: [] for impl in IMPLS}
+        warm_times: dict[str, list[float]] = {impl: [] for impl in IMPLS}
         costs: dict[str, list[tuple[float, float, float]]] = {impl: [] for impl in IMPLS}
         # Round-robin over the three f's; f is timed right after each run, so that both see
         # the same load on a shared machine.
@@ -186,6 +190,13 @@ def bench(
                 start = time.perf_counter()
                 fn()
                 times[impl].append(time.perf_counter() - start)
+                # Then `warm` runs back to back, as f's calls are timed (the first run follows
+                # the previous f timing's backward pass, whose freed graph and caches it pays
+                # for: about 1 ms more for the small case on this machine).
+                for _ in range(warm):
+                    start = time.perf_counter()
+                    fn()
+                    warm_times[impl].append(time.perf_counter() - start)
                 plain, vjp = time_f(case, impl, n_f)
                 sol = records[impl]["sol"]
                 nfe = sol.stats.nfe
@@ -205,6 +216,7 @@ def bench(
                 adj = sol.adjoint_stats
                 back = f"{adj.nfe} f + {adj.nvjp} vjp"
             t = statistics.median(times[impl])
+            tw = statistics.median(warm_times[impl]) if warm_times[impl] else float("nan")
             plain, vjp, cost = (statistics.median(c[i] for c in costs[impl]) for i in range(3))
             rows.append(
                 dict(
@@ -216,10 +228,12 @@ def bench(
                     steps=steps,
                     back=back,
                     time=t,
+                    warm=tw,
                     f=plain,
                     vjp=vjp,
                     cost=cost,
                     overhead=(t - cost) / t,
+                    overhead_warm=(tw - cost) / tw,
                 )
             )
             print(
@@ -252,7 +266,7 @@ def main() -> None:
             if name == "big":  # seconds per run: no warm-up, f timed with one call
                 rows += bench(case, n, args.repeats, n_f=1, warmup=False)
             else:
-                rows += bench(case, n, args.small_repeats, n_f=200, warmup=True)
+                rows += bench(case, n, args.small_repeats, n_f=200, warmup=True, warm=3)
         torch.set_num_threads(default_threads)
 
     lines = [
@@ -261,8 +275,13 @@ def main() -> None:
         "    " + " ".join(["python", *sys.argv]),
         "",
         f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} CPUs (torch default: {default_threads} threads). The machine was "
-        "shared with other jobs while this ran: times are noisy, compare within a table.",
+        f"{os.cpu_count()} CPUs (torch default: {default_threads} threads). Wall-clock times; "
+        "on a shared machine they are noisy: compare within a table.",
+        "",
+        "time: the median of the runs, each timed alone right after the previous f timing "
+        "(whose backward pass it follows, as a training step follows the last one's). warm "
+        "(small case): the median of 3 more runs back to back after each, as f's calls are "
+        "timed; overhead, warm compares those with the same f cost.",
         "",
         "f cost: grad off, nfe x one f call (the Python f timed from Python, the C++ MLP and the "
         "TorchScript module from C++ without the GIL); diffeq_rd, nfe x (one f call under grad "
@@ -276,15 +295,20 @@ def main() -> None:
             "",
             f"## {make_title(name)}",
             "",
-            "| threads | run | f | nfe | steps | backward | time (ms) | one f (ms) | "
-            "f + backward (ms) | f cost (ms) | overhead |",
-            "|---:|---|---|---:|---:|---|---:|---:|---:|---:|---:|",
+            "| threads | run | f | nfe | steps | backward | time (ms) | warm (ms) | one f (ms) | "
+            "f + backward (ms) | f cost (ms) | overhead | overhead, warm |",
+            "|---:|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
+
         for r in case_rows:
+            has_warm = r["warm"] == r["warm"]  # not NaN
+            warm = f"{r['warm'] * 1e3:.2f}" if has_warm else "-"
+            warm_over = f"{r['overhead_warm'] * 100:.1f}%" if has_warm else "-"
             lines.append(
                 f"| {r['threads']} | {r['mode']} | {r['impl']} | {r['nfe']} | {r['steps']} | "
-                f"{r['back'] or '-'} | {r['time'] * 1e3:.2f} | {r['f'] * 1e3:.4f} | "
-                f"{r['vjp'] * 1e3:.4f} | {r['cost'] * 1e3:.2f} | {r['overhead'] * 100:.1f}% |"
+                f"{r['back'] or '-'} | {r['time'] * 1e3:.2f} | {warm} | "
+                f"{r['f'] * 1e3:.4f} | {r['vjp'] * 1e3:.4f} | {r['cost'] * 1e3:.2f} | "
+                f"{r['overhead'] * 100:.1f}% | {warm_over} |"
             )
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as fh:
