@@ -520,13 +520,21 @@ std::atomic<bool> host_loop_on{true};
 
 void set_host_loop_enabled(bool on) { host_loop_on.store(on); }
 
+namespace {
+
+// What either host loop needs of a solve: switched on, the default norm, no dense output, a
+// float or double state without a forward-mode tangent.
+bool host_loop_possible(const SolveOptions& o, const torch::Tensor& u0) {
+  return host_loop_on.load(std::memory_order_relaxed) && !o.norm && !o.dense && u0.defined() &&
+         (u0.scalar_type() == at::kFloat || u0.scalar_type() == at::kDouble) &&
+         !u0._fw_grad(/*level=*/0).defined();
+}
+
+}  // namespace
+
 bool host_loop_applies(const SolveOptions& o, const torch::Tensor& u0) {
-  if (!o.host || o.norm || o.dense || !u0.defined() ||
-      !host_loop_on.load(std::memory_order_relaxed))
-    return false;
+  if (!o.host || !host_loop_possible(o, u0)) return false;
   if (!o.host->applies || !o.host->applies(u0)) return false;
-  if (u0.scalar_type() != at::kFloat && u0.scalar_type() != at::kDouble) return false;
-  if (u0._fw_grad(/*level=*/0).defined()) return false;
   if (at::GradMode::is_enabled()) {
     if (u0.requires_grad()) return false;
     for (const auto& p : o.host->params)
@@ -564,10 +572,8 @@ HostFunctions<T> tensor_host(const Dynamics& f, const torch::Tensor& u0) {
 bool host_integrate_tensor_f(const Dynamics& f, const Tableau& tab, const SolveOptions& o,
                              const torch::Tensor& u0, double t0, double t1,
                              const std::vector<double>& saveat, Tape* tape, Solution& sol) {
-  if (o.host || o.norm || o.dense || !u0.defined() || at::GradMode::is_enabled() ||
-      !u0.device().is_cpu() || u0.numel() > kTensorHostMax ||
-      (u0.scalar_type() != at::kFloat && u0.scalar_type() != at::kDouble) ||
-      u0._fw_grad(/*level=*/0).defined() || !host_loop_on.load(std::memory_order_relaxed))
+  if (o.host || !host_loop_possible(o, u0) || at::GradMode::is_enabled() || !u0.device().is_cpu() ||
+      u0.numel() > kTensorHostMax)
     return false;
   const Tape before = tape ? *tape : Tape();
   const torch::Tensor uc = u0.contiguous();

@@ -29,6 +29,23 @@ bool newton_rate_ok(int it, double nd, double prev, int max_updates, double kapp
 
 namespace {
 
+// M^-1 X for stage rows X [s, N] (N = B n, per-sample blocks of n), in M's layout [B, s n]; with
+// `batch` >= 0, X [batch, s, N] holds that many right-hand sides (solved at once). Same shape out.
+torch::Tensor solve_stages(const LU& exact, const torch::Tensor& X, int64_t s, int64_t B, int64_t n,
+                           int64_t batch = -1) {
+  if (batch < 0)
+    return exact.solve(X.view({s, B, n}).permute({1, 0, 2}).reshape({B, s * n}))
+        .view({B, s, n})
+        .permute({1, 0, 2})
+        .reshape({s, B * n});
+  return exact
+      .solve_batch(X.view({batch, s, B, n}).permute({0, 2, 1, 3}).reshape({batch, B * s * n}),
+                   batch)
+      .view({batch, B, s, n})
+      .permute({0, 2, 1, 3})
+      .reshape({batch, s, B * n});
+}
+
 // Forward mode without recording: the correction's tangent from the stage derivatives' tangents
 // F'_j as plain tensors, -M^-1 G' with G'_i = -h sum_j a_ij F'_j, and Z* as its value; the same
 // as the correction on dual tensors below, without its arithmetic on duals (in torch 2.13's
@@ -57,7 +74,7 @@ torch::Tensor tangent_correction(const LU& exact, double h,
   const int64_t N = B * n;
   const std::vector<int64_t> shape =
       sd.level >= 0 ? std::vector<int64_t>{sd.batch, N} : std::vector<int64_t>{N};
-  std::vector<torch::Tensor> Gt;  // G'_i, each of `shape`
+  std::vector<torch::Tensor> Gt;  // G'_i, each of `shape`, stacked along dimension 1 if batched
   for (int64_t i = 0; i < s; ++i) {
     torch::Tensor g;
     for (int64_t j = 0; j < s; ++j) {
@@ -68,21 +85,9 @@ torch::Tensor tangent_correction(const LU& exact, double h,
     }
     Gt.push_back(g.defined() ? g.expand(shape) : at::zeros(shape, Zstar.options()));
   }
-  torch::Tensor dZt;
-  if (sd.level < 0) {  // [s, N] -> [B, s n] -> back
-    dZt = exact.solve(at::stack(Gt).view({s, B, n}).permute({1, 0, 2}).reshape({B, s * n}))
-              .view({B, s, n})
-              .permute({1, 0, 2})
-              .reshape({s, N});
-  } else {  // [s, batch, N] -> [B, s n, batch] (the batch as columns) -> [batch, s, N]
-    const int64_t nb = sd.batch;
-    const torch::Tensor rhs =
-        at::stack(Gt).view({s, nb, B, n}).permute({2, 0, 3, 1}).reshape({B, s * n, nb});
-    dZt = at::linalg_lu_solve(exact.lu, exact.pivots, rhs)
-              .view({B, s, n, nb})
-              .permute({3, 1, 0, 2})
-              .reshape({nb, s, N});
-  }
+  const torch::Tensor dZt =
+      sd.level < 0 ? solve_stages(exact, at::stack(Gt), s, B, n)
+                   : solve_stages(exact, at::stack(Gt, 1), s, B, n, sd.batch);  // [batch, s, N]
   return make_dual(Zstar.detach(), dZt.neg(), sd.level);
 }
 
@@ -151,11 +156,9 @@ torch::Tensor newton_correction(const Dynamics& f, const SolveOptions& o, Stats&
     }
     G.push_back(terms.empty() ? Zstar[i] : lincomb(Zstar[i], terms, w));  // row of A zero
   }
-  const torch::Tensor dZ =
-      exact.solve(at::stack(G).view({s, B, n}).permute({1, 0, 2}).reshape({B, s * n}));
   // Value Zstar exactly (a solve that records takes the same values as one that does not), the
   // correction's derivative.
-  const torch::Tensor Z = Zstar - dZ.view({B, s, n}).permute({1, 0, 2}).reshape({s, N});
+  const torch::Tensor Z = Zstar - solve_stages(exact, at::stack(G), s, B, n);
   return Zstar.detach() + (Z - Z.detach());
 }
 

@@ -482,6 +482,7 @@ class EsdirkStepper : public Stepper {
         eta_ = 1.0;
         return false;
       }
+      bool k_done = false;  // the tangent correction gives k_i with z
       if (track_ || dual_) {
         // One differentiable Newton correction with the exact Jacobian at the converged z*: its
         // derivative (reverse mode through the graph, or the tangent of dual values) is the
@@ -499,17 +500,15 @@ class EsdirkStepper : public Stepper {
           return false;
         }
         const torch::Tensor fz = eval(ti, z, /*grad=*/true);
-        if (!track_ && tangent_correction(hg, exact, psi, fz, z, k[i])) {
-          if (split_) gk[i] = eval_g(ti, z);
-          continue;
+        k_done = !track_ && tangent_correction(hg, exact, psi, fz, z, k[i]);
+        if (!k_done) {
+          // Value z* exactly (the solve's values do not depend on whether it records), the
+          // correction's derivative.
+          const torch::Tensor zc = z - exact.solve(z - hg * fz - psi);
+          z = z.detach() + (zc - zc.detach());
         }
-        torch::Tensor G = z - hg * fz - psi;
-        // Value z* exactly (the solve's values do not depend on whether it records), the
-        // correction's derivative.
-        const torch::Tensor zc = z - exact.solve(G);
-        z = z.detach() + (zc - zc.detach());
       }
-      k[i] = (z - psi) / hg;
+      if (!k_done) k[i] = (z - psi) / hg;
       if (split_) gk[i] = eval_g(ti, z);
     }
     after_stages(hg);
