@@ -74,7 +74,7 @@ void bind_adjoint(py::module& m) {
       "solve_adjoint",
       [](py::object f, const torch::Tensor& u0, const torch::Tensor& tspan,
          const std::vector<torch::Tensor>& params, SolveOptions options, AdjointOptions adjoint,
-         py::object norm, py::object jac, py::object nonstiff) {
+         py::object norm, py::object jac, py::object nonstiff, py::object stacked) {
         // Native dynamics bring their own vector-Jacobian product (the MLP's host loops).
         if (!adjoint.vjp && py::isinstance<bindings::NativeDynamics>(f))
           adjoint.vjp = f.cast<const bindings::NativeDynamics&>().vjp;
@@ -93,10 +93,14 @@ void bind_adjoint(py::module& m) {
           options.nonstiff = bindings::python_dynamics(std::move(nonstiff));
           adjoint.backward_nonstiff = backward_dynamics(options.nonstiff);
         }
+        // radau5's stacked stages, in the forward solve's Newton iterations only (the backward
+        // replays steps from their converged stages and solves a system of its own).
+        if (!stacked.is_none())
+          options.stacked = bindings::stacked_from(std::move(stacked), options);
         return without_gil([&] { return solve_adjoint(dyn, u0, tspan, params, options, adjoint); });
       },
       py::arg("f"), py::arg("u0"), py::arg("tspan"), py::arg("params"), py::arg("options"),
       py::arg("adjoint"), py::arg("norm") = py::none(), py::arg("jac") = py::none(),
-      py::arg("nonstiff") = py::none(),
+      py::arg("nonstiff") = py::none(), py::arg("stacked") = py::none(),
       "solve() whose saved states are differentiable by an adjoint method; f(t, u).");
 }

@@ -45,6 +45,28 @@ Jacobian python_jacobian(py::object jac) {
   return python_of_t_u(std::move(jac), "jac", "the Jacobian jac");
 }
 
+StackedDynamics stacked_from(py::object stacked, const SolveOptions& options) {
+  if (py::isinstance<NativeDynamics>(stacked)) {
+    // The built-in MLP and TorchScript modules map leading dimensions through: f itself takes
+    // the stack, when it does not read t (one t per row would be needed).
+    TORCH_CHECK_VALUE(options.autonomous,
+                      "vectorized=True with a native f (the built-in MLP, a TorchScript module) "
+                      "needs an f that ignores t (autonomous)");
+    Dynamics f = stacked.cast<const NativeDynamics&>().f;
+    return [f](const torch::Tensor&, const torch::Tensor& u) { return f(0.0, u); };
+  }
+  auto holder = std::make_shared<PyHolder>(std::move(stacked));
+  return [holder](const torch::Tensor& t, const torch::Tensor& u) -> torch::Tensor {
+    return call_python(
+        [&] {
+          py::object out = holder->obj(t, u);
+          if (THPVariable_Check(out.ptr())) return THPVariable_Unpack(out.ptr());
+          return returned_tensor(out, "the vectorized f", " (on a stack of states)");
+        },
+        "raised by the dynamics f on a stack of states (vectorized=True)");
+  };
+}
+
 ErrorNorm python_norm(py::object norm) {
   auto holder = std::make_shared<PyHolder>(std::move(norm));
   return [holder](const torch::Tensor& x) -> torch::Tensor {
@@ -70,7 +92,8 @@ using bindings::python_norm;
 using bindings::without_gil;
 
 Solution solve_py(py::object f, const torch::Tensor& u0, const torch::Tensor& tspan,
-                  SolveOptions options, py::object norm, py::object jac, py::object nonstiff) {
+                  SolveOptions options, py::object norm, py::object jac, py::object nonstiff,
+                  py::object stacked) {
   // A NativeDynamics (the built-in MLP) runs without the GIL for the whole solve.
   Dynamics dyn = bindings::dynamics_from(std::move(f), nullptr, &options);
   if (!norm.is_none()) options.norm = python_norm(std::move(norm));
@@ -78,6 +101,8 @@ Solution solve_py(py::object f, const torch::Tensor& u0, const torch::Tensor& ts
   if (!jac.is_none()) options.jac = python_jacobian(std::move(jac));
   // A split problem's explicitly treated part (kencarp4 IMEX), called like f.
   if (!nonstiff.is_none()) options.nonstiff = python_dynamics(std::move(nonstiff));
+  // radau5's stacked stages: f(t [m, 1, ...], u [m, *shape]).
+  if (!stacked.is_none()) options.stacked = bindings::stacked_from(std::move(stacked), options);
   return without_gil([&] { return solve(dyn, u0, tspan, options); });
 }
 
@@ -145,6 +170,7 @@ PYBIND11_MODULE(_C, m) {
 
   py::class_<Stats>(m, "Stats")
       .def_readonly("nfe", &Stats::nfe)
+      .def_readonly("nstacked", &Stats::nstacked)
       .def_readonly("naccept", &Stats::naccept)
       .def_readonly("nreject", &Stats::nreject)
       .def_readonly("njac", &Stats::njac)
@@ -162,7 +188,7 @@ PYBIND11_MODULE(_C, m) {
                (s.nnonconverged ? ", nnonconverged=" + std::to_string(s.nnonconverged)
                                 : std::string()) +
                (s.ntime_blind ? ", ntime_blind=" + std::to_string(s.ntime_blind) : std::string()) +
-               ")";
+               (s.nstacked ? ", nstacked=" + std::to_string(s.nstacked) : std::string()) + ")";
       });
 
   py::class_<Solution>(m, "Solution")
@@ -198,6 +224,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("adams_methods", &adams_methods, "Names of the fixed-grid Adams methods.");
   m.def("solve", &solve_py, py::arg("f"), py::arg("u0"), py::arg("tspan"), py::arg("options"),
         py::arg("norm") = py::none(), py::arg("jac") = py::none(), py::arg("nonstiff") = py::none(),
+        py::arg("stacked") = py::none(),
         "Solve du/dt = f(t, u) from tspan[0] to tspan[1]; f is called as f(t: float, u: Tensor).");
 
   bind_forward_mode(m);

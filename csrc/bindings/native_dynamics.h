@@ -24,6 +24,9 @@ struct NativeDynamics {
 
 Dynamics python_dynamics(py::object f);    // module.cpp
 Jacobian python_jacobian(py::object jac);  // module.cpp
+// SolveOptions::stacked from a Python callable stacked(t, u) or a NativeDynamics (whose f takes
+// the stack itself; needs options.autonomous). module.cpp.
+StackedDynamics stacked_from(py::object stacked, const SolveOptions& options);
 
 // f as Dynamics: a NativeDynamics as itself, anything else as a Python callable f(t, u) that
 // takes the GIL per call. `native` is set to whether f was native; `options`, when given, gets

@@ -145,6 +145,31 @@ class ImplicitRK : public Stepper {
       const torch::Tensor v = eval_f(f_, ti, z.reshape(u.sizes()), stats_).reshape({-1});
       return dual ? v.detach() : v;
     };
+    // F_i = f(t + c_i h, u + Z_i) at every implicit stage (F_0 = f0 when the first is explicit):
+    // one call of SolveOptions::stacked for two or more stages when given (recorded like f).
+    const int64_t first = tab_.explicit_first ? 1 : 0;
+    auto eval_all = [&](const torch::Tensor& base, const std::vector<torch::Tensor>& Z,
+                        std::vector<torch::Tensor>& F) {
+      if (first) F[0] = f0;
+      if (!o_.stacked || s - first < 2) {
+        for (int64_t i = first; i < s; ++i) {
+          const size_t si = static_cast<size_t>(i);
+          F[si] = eval(t + tab_.c[si] * h, base + Z[si]);
+        }
+        return;
+      }
+      std::vector<double> ts;
+      std::vector<torch::Tensor> zs;
+      for (int64_t i = first; i < s; ++i) {
+        const size_t si = static_cast<size_t>(i);
+        ts.push_back(t + tab_.c[si] * h);
+        zs.push_back((base + Z[si]).reshape(u.sizes()));
+      }
+      PrimalOnly primal(dual);
+      torch::Tensor Fs = eval_stages(f_, o_, ts, at::stack(zs), stats_, verify_);
+      if (dual) Fs = Fs.detach();
+      for (int64_t i = first; i < s; ++i) F[static_cast<size_t>(i)] = Fs[i - first].reshape({-1});
+    };
 
     std::vector<double> a_flat;
     for (const auto& row : tab_.a) a_flat.insert(a_flat.end(), row.begin(), row.end());
@@ -168,10 +193,7 @@ class ImplicitRK : public Stepper {
     std::vector<torch::Tensor> F(static_cast<size_t>(s));
     bool converged = false;
     for (int64_t it = 0; it < o_.max_iters && !converged; ++it) {
-      for (int64_t i = 0; i < s; ++i) {
-        const size_t si = static_cast<size_t>(i);
-        F[si] = (i == 0 && tab_.explicit_first) ? f0 : eval(t + tab_.c[si] * h, uflat + Z[si]);
-      }
+      eval_all(uflat, Z, F);
       std::vector<torch::Tensor> G;
       for (int64_t i = 0; i < s; ++i) {
         const size_t si = static_cast<size_t>(i);
@@ -213,11 +235,7 @@ class ImplicitRK : public Stepper {
       r.unew = (uflat + Z.back()).reshape(u.sizes());
     } else {
       // F at the final stages (the iterate Z, not the one before the last update).
-      for (int64_t i = 0; i < s; ++i) {
-        const size_t si = static_cast<size_t>(i);
-        if (i == 0 && tab_.explicit_first) continue;
-        F[si] = eval(t + tab_.c[si] * h, uflat + Z[si]);
-      }
+      eval_all(uflat, Z, F);
       std::vector<double> w;
       for (double x : tab_.b) w.push_back(h * x);
       r.unew = lincomb(uflat, F, w).reshape(u.sizes());
@@ -231,6 +249,7 @@ class ImplicitRK : public Stepper {
   const SolveOptions& o_;
   Stats& stats_;
   bool track_;
+  bool verify_ = true;  // the stacked f is still to be checked against f (eval_stages)
 };
 
 }  // namespace

@@ -27,6 +27,64 @@ torch::Tensor eval_f(const Dynamics& f, double t, const torch::Tensor& u, Stats&
   return detail::checked_eval(f, t, u, stats.nfe);
 }
 
+torch::Tensor eval_stages(const Dynamics& f, const SolveOptions& o, const std::vector<double>& ts,
+                          const torch::Tensor& Z, Stats& stats, bool& verify) {
+  const int64_t m = static_cast<int64_t>(ts.size());
+  TORCH_INTERNAL_ASSERT(Z.dim() >= 1 && Z.size(0) == m, "eval_stages: ", m, " times for ",
+                        Z.sizes());
+  auto one_by_one = [&] {
+    std::vector<torch::Tensor> rows;
+    for (int64_t i = 0; i < m; ++i)
+      rows.push_back(eval_f(f, ts[static_cast<size_t>(i)], Z[i], stats));
+    return at::stack(rows);
+  };
+  if (!o.stacked) return one_by_one();
+  std::vector<int64_t> tshape(static_cast<size_t>(Z.dim()), 1);
+  tshape[0] = m;
+  const torch::Tensor T = torch::tensor(ts, torch::dtype(torch::kFloat64))
+                              .to(Z.options().requires_grad(false))
+                              .view(tshape);
+  const std::string where = " (times " + fmt(ts.front()) + " to " + fmt(ts.back()) + ")";
+  torch::Tensor out = o.stacked(T, Z);
+  ++stats.nstacked;
+  stats.nfe += m;
+  TORCH_CHECK_TYPE(out.defined(), "the vectorized f returned no tensor", where);
+  TORCH_CHECK_VALUE(out.sizes() == Z.sizes(), "the vectorized f returned shape ", out.sizes(),
+                    " for a stack of ", m, " states of shape ", Z.sizes(),
+                    ": it must take states stacked along a new leading dimension (and t as a "
+                    "tensor [m, 1, ...]) and return one result per state",
+                    where);
+  TORCH_CHECK_TYPE(out.scalar_type() == Z.scalar_type(), "the vectorized f returned dtype ",
+                   out.scalar_type(), " but the state has dtype ", Z.scalar_type(), where);
+  TORCH_CHECK_VALUE(out.device() == Z.device(), "the vectorized f returned a tensor on ",
+                    out.device(), " but the state is on ", Z.device(), where);
+  // Checked at the first stack of distinct states (a first Newton update from zero increments
+  // stacks u three times, where an f that mixes rows could still agree).
+  if (verify && m > 1 &&
+      !at::equal(Z.detach().narrow(0, 1, m - 1), Z.detach()[0].expand_as(Z.narrow(0, 1, m - 1)))) {
+    verify = false;
+    at::NoGradGuard g;
+    PrimalOnly primal;
+    const torch::Tensor want = one_by_one().detach();
+    const torch::Tensor got = out.detach();
+    // Rounding (a matrix product over three rows instead of one) moves results by a few units in
+    // the last place of their scale; a vectorized f that mixes rows moves them by O(1).
+    const double scale = want.abs().max().item<double>();
+    const double diff = (got - want).abs().max().item<double>();
+    const double eps = Z.scalar_type() == torch::kFloat64 ? std::numeric_limits<double>::epsilon()
+                                                          : std::numeric_limits<float>::epsilon();
+    const double tol = std::sqrt(eps) * scale;
+    // A non-finite f is left to the Newton iteration, which fails the step with its reason.
+    TORCH_CHECK_VALUE(!std::isfinite(diff) || diff <= tol, "vectorized=True, but f on a stack of ",
+                      m, " states differs from f on each state by up to ", fmt(diff),
+                      " (largest |f| ", fmt(scale), "; allowed ", fmt(tol),
+                      "): f must treat the leading dimension as independent states, reading "
+                      "them as u[..., i] rather than u[i], and t as a tensor [m, 1, ...]",
+                      where);
+  }
+  return out;
+}
+
 JacLayout jac_layout(const SolveOptions& o, const torch::Tensor& u, bool allow_blocks) {
   JacLayout l;
   l.n = u.numel();

@@ -19,6 +19,14 @@ using detail::fmt;  // core/format.h
 // f(t, u), counted, its shape, dtype and device checked against u.
 torch::Tensor eval_f(const Dynamics& f, double t, const torch::Tensor& u, Stats& stats);
 
+// f at m states at once: Z [m, *shape] (u's shape), row i at time ts[i]; returns [m, *shape].
+// With o.stacked, one call of it (counted in stats.nstacked, its m states in nfe), checked for
+// shape, dtype and device, and, while `verify` (cleared at the first stack of distinct rows),
+// against f on each row, which must agree up to rounding (ValueError otherwise). Without it, m
+// calls of f.
+torch::Tensor eval_stages(const Dynamics& f, const SolveOptions& o, const std::vector<double>& ts,
+                          const torch::Tensor& Z, Stats& stats, bool& verify);
+
 // How the Jacobian of a state u is laid out: `blocks` diagonal blocks of size n x n (blocks = 1:
 // the dense Jacobian over the flattened state; blocks = u.size(0) with
 // SolveOptions::independent_batch). `allow_blocks` false forces the dense layout.

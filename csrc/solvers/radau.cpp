@@ -15,16 +15,18 @@
 // step); converged when eta ||dW|| <= kappa, eta = theta / (1 - theta) from the previous update
 // (at the first update of a step, the last rate of the step before, raised to the power 0.8),
 // kappa = max(10 eps / rtol, min(0.03, sqrt(rtol))) (HW's defaults), ||.|| the RMS norm scaled by
-// atol + rtol |u|; at most 7 updates. Divergence (theta >= 0.99), a predicted miss of kappa within
-// the updates left, or a singular matrix fail the attempt: it is retried once with a Jacobian
-// taken at this point, then the loop quarters the step. J is kept across steps and refreshed
-// after a step whose Newton iteration took more than 2 updates at a rate above 1e-3 (HW's THET);
-// the LUs are refactored whenever h changes. (RADAU5 keeps h, and so the LUs, when the controller
-// proposes a factor within [1, 1.2]; this loop's controller decides h alone, and LUs kept for a
-// step up to 1.2x off slowed Newton to rates near 0.1: on ROBER at rtol 1e-8, 12132 evaluations
-// of f instead of 7779 with refactoring, for the same 1033 steps. A Jacobian kept while the rate
-// stayed below 0.1 saved Jacobians (23 against 157) but cost more in evaluations of f: 0.89 s
-// against 0.57 s.)
+// atol + rtol |u|; at most 7 updates. Each update evaluates f at the three stages: one call of
+// SolveOptions::stacked on the stacked states when given (a small f costs per operation, not per
+// element: up to 3x less time in f), otherwise three calls. Divergence (theta >= 0.99), a predicted
+// miss of kappa within the updates left, or a singular matrix fail the attempt: it is retried once
+// with a Jacobian taken at this point, then the loop quarters the step. J is kept across steps and
+// refreshed after a step whose Newton iteration took more than 2 updates at a rate above 1e-3 (HW's
+// THET); the LUs are refactored whenever h changes. (RADAU5 keeps h, and so the LUs, when the
+// controller proposes a factor within [1, 1.2]; this loop's controller decides h alone, and LUs
+// kept for a step up to 1.2x off slowed Newton to rates near 0.1: on ROBER at rtol 1e-8, 12132
+// evaluations of f instead of 7779 with refactoring, for the same 1033 steps. A Jacobian kept while
+// the rate stayed below 0.1 saved Jacobians (23 against 157) but cost more in evaluations of f:
+// 0.89 s against 0.57 s.)
 //
 // Error estimate (HW (8.19)-(8.20)): err = (I - h gamma0 J)^-1 (h gamma0 f(t, u) + sum_i e_i Z_i),
 // gamma0 = 1 / gamma, from the embedded third-order formula u + h (gamma0 f(t, u) + sum_i bhat_i
@@ -274,6 +276,27 @@ class Radau5Stepper : public Stepper {
     return eval_f(f_, t, z.detach(), stats_).detach();
   }
 
+  // f at the three stages u + Z_i (Zu [3, N] or [3, *shape], the states), as [3, N], detached:
+  // one call of SolveOptions::stacked when given, otherwise three of f.
+  torch::Tensor eval_stack(double t, double h, const torch::Tensor& Zu, const torch::Tensor& u) {
+    at::NoGradGuard g;
+    PrimalOnly primal;  // the Newton iteration needs no tangents
+    const std::vector<double> ts{t + m_.c[0] * h, t + m_.c[1] * h, t + m_.c[2] * h};
+    return eval_stages(f_, o_, ts, Zu.detach().reshape(stack_like(u).sizes()), stats_, verify_)
+        .detach()
+        .reshape({3, u.numel()});
+  }
+
+  // An (uninitialised) [3, *shape] tensor of u's dtype and device: the layout of three states.
+  const torch::Tensor& stack_like(const torch::Tensor& u) {
+    if (!stack_like_.defined() || stack_like_.sizes().slice(1) != u.sizes()) {
+      std::vector<int64_t> shape{3};
+      shape.insert(shape.end(), u.sizes().begin(), u.sizes().end());
+      stack_like_ = at::empty(shape, u.options().requires_grad(false));
+    }
+    return stack_like_;
+  }
+
   // J at (t, u), detached, and f0; the LUs are refactored next. Returns whether f(t, u) carries a
   // forward-mode tangent (dual parameters); false where tangents are known to flow (dual_, from
   // an earlier point): J is then taken on primal values only.
@@ -390,10 +413,7 @@ class Radau5Stepper : public Stepper {
                 " updates";
           return false;
         }
-        std::vector<torch::Tensor> F;
-        for (int i = 0; i < 3; ++i)
-          F.push_back(eval(t + m_.c[i] * h, (ud + Z[i]).reshape(u.sizes()), false).reshape({N}));
-        const torch::Tensor G = at::mm(Tinv, at::stack(F));
+        const torch::Tensor G = at::mm(Tinv, eval_stack(t, h, ud.unsqueeze(0) + Z, u));
         const torch::Tensor R1 = G[0] - W[0] * (m_.gamma / h);
         const torch::Tensor R2 = G[1] - (W[1] * m_.alpha + W[2] * m_.beta) / h;
         const torch::Tensor R3 = G[2] - (W[2] * m_.alpha - W[1] * m_.beta) / h;
@@ -472,12 +492,9 @@ class Radau5Stepper : public Stepper {
             "the Newton iteration did not converge in " + std::to_string(max_newton_) + " updates";
         return false;
       }
-      for (size_t i = 0; i < 3; ++i) {
-        for (size_t q = 0; q < N; ++q) z[q] = uh_[q] + Z[i * N + q];
-        const std::vector<double> fi =
-            to_host(eval_f(f_, t + m_.c[i] * h, from_host(z.data(), u), stats_));
-        std::copy(fi.begin(), fi.end(), F.begin() + static_cast<std::ptrdiff_t>(i * N));
-      }
+      for (size_t i = 0; i < 3; ++i)
+        for (size_t q = 0; q < N; ++q) F[i * N + q] = uh_[q] + Z[i * N + q];
+      F = to_host(eval_stack(t, h, from_host(F.data(), stack_like(u)), u));
       apply(m_.Tinv, F, G);
       for (size_t q = 0; q < N; ++q) {
         d1[q] = G[q] - W[q] * (m_.gamma / h);
@@ -551,6 +568,8 @@ class Radau5Stepper : public Stepper {
   bool host_ = false;  // stage algebra on host doubles (use_host)
 
   torch::Tensor J_, f0_;  // detached
+  torch::Tensor stack_like_;
+  bool verify_ = true;  // the stacked f is still to be checked against f (eval_stages)
   LU lu1_, lu2_;
   HostLU hlu1_, hlu2_;
   double lu_h_ = 0.0;  // the step the LUs were factored for (0: none)

@@ -390,5 +390,44 @@ TEST(StiffSolve, AutonomousSkipsTheTimeDerivative) {
   }
 }
 
+// SolveOptions::stacked (radau5): the three stages of each Newton update in one call, on an f
+// that reads t. Elementwise f: the same arithmetic on one state or three, so the same solve to
+// the bit, with the states counted in nfe (plus three for the one check against f) and the
+// calls in nstacked. A stacked f that mixes the states is refused with a ValueError.
+TEST(StiffSolve, Radau5StackedStagesTakeTheSameSteps) {
+  // u' = -1000 (u - t^2): u = t^2 - 0.002 t + 2e-6 (1 - e^(-1000 t)) from u(0) = 0.
+  Dynamics f = [](double t, const torch::Tensor& u) { return -1000.0 * (u - t * t); };
+  StackedDynamics stacked = [](const torch::Tensor& t, const torch::Tensor& u) {
+    return -1000.0 * (u - t * t);
+  };
+  SolveOptions o;
+  o.method = "radau5";
+  o.rtol = 1e-8;
+  o.atol = 1e-10;
+  const torch::Tensor u0 = torch::zeros({2}, torch::kFloat64);
+  const Solution a = solve(f, u0, 0.0, 10.0, o);
+  o.stacked = stacked;
+  const Solution b = solve(f, u0, 0.0, 10.0, o);
+  ASSERT_TRUE(a.success() && b.success());
+  EXPECT_TRUE(torch::equal(a.u, b.u));
+  EXPECT_EQ(a.stats.naccept, b.stats.naccept);
+  EXPECT_EQ(a.stats.nstacked, 0);
+  EXPECT_GT(b.stats.nstacked, 0);
+  EXPECT_EQ(b.stats.nfe, a.stats.nfe + 3);
+  EXPECT_NEAR(b.u[-1][0].item<double>(), 100.0 - 0.02 + 2e-6, 1e-6);
+
+  // Rows mixed: each gets the mean of the stack.
+  o.stacked = [](const torch::Tensor& t, const torch::Tensor& u) {
+    return (-1000.0 * (u - t * t)).mean(0, /*keepdim=*/true).expand_as(u).clone();
+  };
+  try {
+    solve(f, u0, 0.0, 10.0, o);
+    FAIL() << "expected an error";
+  } catch (const c10::ValueError& e) {
+    EXPECT_NE(std::string(e.what()).find("differs from f on each state"), std::string::npos)
+        << e.what();
+  }
+}
+
 }  // namespace
 }  // namespace diffeqlayers
