@@ -69,9 +69,14 @@ VDP_TIMES = [0.5, 1.2, 2.0, 2.8, 3.0]
 LEVELS = [4, 5, 6, 7, 8]
 
 
+# The torch f's are vectorized (components read as u[..., i], results stacked on the last
+# dimension): the same operations on one state, and radau5's vectorized=True rows may call them on
+# its three stages at once.
 def rober_t(u, p, t):
-    y1, y2, y3 = u[0], u[1], u[2]
-    return torch.stack([-K1 * y1 + K3 * y2 * y3, K1 * y1 - K3 * y2 * y3 - K2 * y2**2, K2 * y2**2])
+    y1, y2, y3 = u[..., 0], u[..., 1], u[..., 2]
+    return torch.stack(
+        [-K1 * y1 + K3 * y2 * y3, K1 * y1 - K3 * y2 * y3 - K2 * y2**2, K2 * y2**2], dim=-1
+    )
 
 
 def rober_np(t, y):
@@ -91,7 +96,8 @@ def rober_jac(t, y):
 
 
 def vdp_t(u, p, t):
-    return torch.stack([u[1], MU * ((1 - u[0] ** 2) * u[1] - u[0])])
+    x, y = u[..., 0], u[..., 1]
+    return torch.stack([y, MU * ((1 - x**2) * y - x)], dim=-1)
 
 
 class RoberScript(torch.nn.Module):
@@ -99,9 +105,9 @@ class RoberScript(torch.nn.Module):
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         k1, k2, k3 = 0.04, 3e7, 1e4  # K1, K2, K3 (TorchScript reads no globals)
-        y1, y2, y3 = u[0], u[1], u[2]
+        y1, y2, y3 = u[..., 0], u[..., 1], u[..., 2]
         return torch.stack(
-            [-k1 * y1 + k3 * y2 * y3, k1 * y1 - k3 * y2 * y3 - k2 * y2**2, k2 * y2**2]
+            [-k1 * y1 + k3 * y2 * y3, k1 * y1 - k3 * y2 * y3 - k2 * y2**2, k2 * y2**2], dim=-1
         )
 
 
@@ -110,7 +116,8 @@ class VdpScript(torch.nn.Module):
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         mu = 1e3  # MU
-        return torch.stack([u[1], mu * ((1 - u[0] ** 2) * u[1] - u[0])])
+        x, y = u[..., 0], u[..., 1]
+        return torch.stack([y, mu * ((1 - x**2) * y - x)], dim=-1)
 
 
 def vdp_np(t, y):
@@ -169,16 +176,24 @@ def call_costs(prob):
     y = np.array(prob["u0"], dtype=float)
     f_np, jac_np = prob["f_np"], prob["jac"]
     f_tw, jac_tw = torch_f_for_scipy(f_t), torch_jac_for_scipy(f_t)
+    # Three states stacked, as radau5 with vectorized=True calls f (t: a [3, 1] tensor).
+    u3, t3 = u.expand(3, -1).clone(), torch.zeros(3, 1, dtype=torch.float64)
     with torch.no_grad():
         torch_f = per_call(lambda: f_t(u, None, 0.0))
+        torch_f3 = per_call(lambda: f_t(u3, None, t3))
         # The scripted f as the solve calls it, from C++: _time_dynamics times 50 calls there
         # (wall clock, GIL released) and returns the mean; the median over 200 batches.
         native = ScriptRhs(prob["f_script"]).native_dynamics()
         dl._C._time_dynamics(native, 0.0, u, 200)
         script_f = float(np.median([dl._C._time_dynamics(native, 0.0, u, 50) for _ in range(200)]))
+        script_f3 = float(
+            np.median([dl._C._time_dynamics(native, 0.0, u3, 50) for _ in range(200)])
+        )
     return {
         "torch f": torch_f,
         "script f": script_f,
+        "torch f x3": torch_f3,
+        "script f x3": script_f3,
         "numpy f": per_call(lambda: np.asarray(f_np(0.0, y), dtype=float)),
         "torch f for scipy": per_call(lambda: np.asarray(f_tw(0.0, y), dtype=float)),
         "exact jac": per_call(lambda: np.asarray(jac_np(0.0, y), dtype=float)),
@@ -214,10 +229,14 @@ DL_EXACT_JAC = ["kencarp4", "rodas5", "radau5"]
 # Also run with f as a TorchScript module of the same operations (called from C++, no Python per
 # call; autograd Jacobian).
 DL_SCRIPT = ["rodas5", "rodas5p", "radau5"]
+# radau5 with vectorized=True (its three stages in one call of f), with the torch f and the
+# TorchScript f: (column suffix, script).
+DL_VECTORIZED = [(" (vectorized)", False), (" (vectorized, TorchScript f)", True)]
 DL_COLUMNS = (
     DL_METHODS
     + [f"{m} (exact jac)" for m in DL_EXACT_JAC]
     + [f"{m} (TorchScript f)" for m in DL_SCRIPT]
+    + [f"radau5{suffix}" for suffix, _ in DL_VECTORIZED]
 )
 SCIPY_METHODS = ["Radau", "BDF", "LSODA"]
 # scipy with its NumPy f and exact Jacobian, and with diffeqlayers' torch f and an autograd
@@ -243,7 +262,7 @@ def exact_jac_t(jac):
     return jac_t
 
 
-def run_dl(name, prob, method, rtol, atol, exact_jac=False, script=False):
+def run_dl(name, prob, method, rtol, atol, exact_jac=False, script=False, vectorized=False):
     f = prob["f_script"] if script else prob["f_t"]
     p = dl.ODEProblem(f, torch.tensor(prob["u0"], dtype=torch.float64), prob["span"])
     with torch.no_grad():
@@ -256,12 +275,14 @@ def run_dl(name, prob, method, rtol, atol, exact_jac=False, script=False):
             max_num_steps=1_000_000,
             autonomous=True,
             jac=exact_jac_t(prob["jac"]) if exact_jac else None,
+            vectorized=vectorized,
         )
     s = sol.stats
     return dict(
         steps=s.naccept,
         rejected=s.nreject,
         nfe=s.nfe,
+        nstacked=s.nstacked,
         njac=s.njac,
         nlu=s.nlu,
         err=error(name, sol.u.numpy()),
@@ -289,6 +310,7 @@ def run_scipy(name, prob, method, rtol, atol, variant="numpy"):
         steps=len(sol.t) - 1,
         rejected=None,
         nfe=sol.nfev,
+        nstacked=0,
         njac=sol.njev,
         nlu=sol.nlu,
         err=error(name, y),
@@ -360,6 +382,20 @@ def main():
                     args.repeats,
                 )
                 add(name, rtol, f"diffeqlayers {method} (TorchScript f)", r, "script f")
+            for suffix, script in DL_VECTORIZED:
+                r = timed(
+                    lambda n=name, q=prob, r=rtol, a=atol, sc=script: run_dl(
+                        n, q, "radau5", r, a, script=sc, vectorized=True
+                    ),
+                    args.repeats,
+                )
+                add(
+                    name,
+                    rtol,
+                    f"diffeqlayers radau5{suffix}",
+                    r,
+                    "script f" if script else "torch f",
+                )
             for variant in SCIPY_VARIANTS:
                 for method in SCIPY_METHODS:
                     r = timed(
@@ -379,9 +415,14 @@ def main():
         for name, c in costs_before.items()
     }
     for name, _, _, r in rows:
-        r["f_time"] = r["nfe"] * costs[name][r["f_kind"]]
+        # A stacked call (vectorized) evaluates 3 states at the cost of one call on the stack.
+        one, stacked = costs[name][r["f_kind"]], r["nstacked"]
+        three = costs[name][r["f_kind"] + " x3"] if stacked else 0.0
+        r["f_time"] = (r["nfe"] - 3 * stacked) * one + stacked * three
         r["solver_time"] = max(0.0, r["time"] - r["f_time"])
     fmt = lambda x: "-" if x is None else str(x)  # noqa: E731
+    # nfe, and for the vectorized rows the stacked calls among them ("1715 (466 x3)").
+    nfe_cell = lambda r: f"{r['nfe']} ({r['nstacked']} x3)" if r["nstacked"] else str(r["nfe"])  # noqa: E731
     us = lambda x: f"{x * 1e6:.1f}"  # noqa: E731
     lines = [
         "# Stiff solvers: diffeqlayers stiff methods vs scipy.integrate.solve_ivp",
@@ -403,7 +444,10 @@ def main():
         "'(exact jac)', takes the exact Jacobian as a torch function (jac=, torch.tensor of "
         "the same Python lists scipy gets); rows marked '(TorchScript f)' get the same f as a "
         "TorchScript module (torch.jit.script of the same operations, called from C++ without "
-        "Python) with autograd Jacobians. diffeqlayers is told that f is autonomous "
+        "Python) with autograd Jacobians; rows marked '(vectorized...)' run radau5 with "
+        "vectorized=True: each Newton update evaluates its three stages in one call of f on "
+        "the stacked states (the torch f's here are written vectorized, u[..., i], for every "
+        "row), nfe still counting states. diffeqlayers is told that f is autonomous "
         "(autonomous=True: no df/dt evaluations).",
         "",
         "## Cost of one call",
@@ -417,14 +461,26 @@ def main():
         "include solve_ivp's own wrapper (np.asarray(fun(t, y), dtype=float)) on the ndarray "
         "state; the wrapped torch f enters and leaves no_grad on every call. TorchScript f: the "
         "same operations scripted, called from C++ as the solve calls it (50 calls timed in "
-        "C++ by wall clock, diffeqlayers._C._time_dynamics, per batch), under no_grad.",
+        "C++ by wall clock, diffeqlayers._C._time_dynamics, per batch), under no_grad. "
+        "x3: one call on three states stacked ([3, n], t a [3, 1] tensor for the torch f), "
+        "as radau5 with vectorized=True makes it.",
         "",
-        "| problem | torch f [us] | TorchScript f from C++ [us] | NumPy f [us] | "
+        "| problem | torch f [us] | TorchScript f from C++ [us] | torch f x3 [us] | "
+        "TorchScript f x3 [us] | NumPy f [us] | "
         "torch f wrapped for scipy [us] | exact Jacobian [us] | "
         "autograd Jacobian for scipy [us] |",
-        "|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    kinds = ["torch f", "script f", "numpy f", "torch f for scipy", "exact jac", "autograd jac"]
+    kinds = [
+        "torch f",
+        "script f",
+        "torch f x3",
+        "script f x3",
+        "numpy f",
+        "torch f for scipy",
+        "exact jac",
+        "autograd jac",
+    ]
     for name, c in costs.items():
         cells = [
             f"{us(c[k])} ({us(costs_before[name][k])}, {us(costs_after[name][k])})" for k in kinds
@@ -436,7 +492,8 @@ def main():
         "",
         "f time = nfe x the cost of one call of that row's f (table above: torch f for "
         "diffeqlayers, TorchScript f for its '(TorchScript f)' rows, NumPy f for 'scipy X', "
-        "the wrapped torch f for 'scipy X (torch f)'); "
+        "the wrapped torch f for 'scipy X (torch f)'; the vectorized rows: (nfe - 3 nstacked) "
+        "single calls and nstacked calls on three states, with nstacked the stacked calls); "
         "solver time = time - f time, floored at 0: everything but the evaluations of f, "
         "Jacobians included (for scipy's autograd Jacobians all of their cost, for "
         "diffeqlayers' all but the recorded f).",
@@ -448,7 +505,7 @@ def main():
     for name, rtol, solver, r in rows:
         lines.append(
             f"| {name} | {rtol:.0e} | {solver} | {fmt(r['steps'])} | {fmt(r['rejected'])} | "
-            f"{r['nfe']} | {r['njac']} | {r['nlu']} | {r['err']:.2e} | {r['time']:.3f} | "
+            f"{nfe_cell(r)} | {r['njac']} | {r['nlu']} | {r['err']:.2e} | {r['time']:.3f} | "
             f"{r['f_time']:.3f} | {r['solver_time']:.3f} |"
         )
 
@@ -507,6 +564,7 @@ def main():
         for m in ["rodas5", "radau5"]
         for v in ["", " (exact jac)", " (TorchScript f)"]
     ]
+    focus += [f"diffeqlayers radau5{suffix}" for suffix, _ in DL_VECTORIZED]
     focus += ["scipy Radau", "scipy BDF", "scipy Radau (torch f)", "scipy BDF (torch f)"]
     lines += [
         "",
@@ -522,7 +580,7 @@ def main():
     for name, rtol, solver, r in rows:
         if rtol == 1e-6 and solver in focus:
             lines.append(
-                f"| {name} | {solver} | {r['nfe']} | {r['err']:.2e} | {r['time']:.3f} | "
+                f"| {name} | {solver} | {nfe_cell(r)} | {r['err']:.2e} | {r['time']:.3f} | "
                 f"{r['f_time']:.3f} | {r['solver_time']:.3f} | "
                 f"{min(1.0, r['f_time'] / r['time']):.0%} |"
             )
