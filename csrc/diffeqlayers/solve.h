@@ -156,8 +156,9 @@ struct SolveOptions {
   // a call of f costs about the same for one state or three (its cost is per operation), so this
   // cuts the Newton iteration's cost of f by up to 3x. Its first stack of distinct states in a
   // solve is checked against f on each state (more evaluations, counted; ValueError when they
-  // differ beyond rounding). Stats::nstacked counts its calls (nfe counts the states). Other
-  // methods ignore it. Empty: one call per stage.
+  // differ beyond rounding). Autograd Jacobians (not recorded) then take one reverse pass through
+  // one call on n copies of the state (n the block size; n evaluations in nfe). Stats::nstacked
+  // counts its calls (nfe counts the states). Other methods ignore it. Empty: one call per stage.
   StackedDynamics stacked;
   // f on host arrays (see HostDynamics): explicit methods run on it when the solve records nothing,
   // the state is small and on the CPU, and norm is the default; empty: always tensors.

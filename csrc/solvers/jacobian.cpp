@@ -27,6 +27,38 @@ torch::Tensor eval_f(const Dynamics& f, double t, const torch::Tensor& u, Stats&
   return detail::checked_eval(f, t, u, stats.nfe);
 }
 
+namespace {
+
+// One call of o.stacked on the states Z [m, *shape] at the times ts (m of them), counted (one
+// stacked call, m evaluations) and checked for shape, dtype and device.
+torch::Tensor call_stacked(const SolveOptions& o, const std::vector<double>& ts,
+                           const torch::Tensor& Z, Stats& stats) {
+  const int64_t m = static_cast<int64_t>(ts.size());
+  std::vector<int64_t> tshape(static_cast<size_t>(Z.dim()), 1);
+  tshape[0] = m;
+  const torch::Tensor T = torch::tensor(ts, torch::dtype(torch::kFloat64))
+                              .to(Z.options().requires_grad(false))
+                              .view(tshape);
+  // Formatted only for an error message.
+  auto where = [&] { return " (times " + fmt(ts.front()) + " to " + fmt(ts.back()) + ")"; };
+  torch::Tensor out = o.stacked(T, Z);
+  ++stats.nstacked;
+  stats.nfe += m;
+  TORCH_CHECK_TYPE(out.defined(), "the vectorized f returned no tensor", where());
+  TORCH_CHECK_VALUE(out.sizes() == Z.sizes(), "the vectorized f returned shape ", out.sizes(),
+                    " for a stack of ", m, " states of shape ", Z.sizes(),
+                    ": it must take states stacked along a new leading dimension (and t as a "
+                    "tensor [m, 1, ...]) and return one result per state",
+                    where());
+  TORCH_CHECK_TYPE(out.scalar_type() == Z.scalar_type(), "the vectorized f returned dtype ",
+                   out.scalar_type(), " but the state has dtype ", Z.scalar_type(), where());
+  TORCH_CHECK_VALUE(out.device() == Z.device(), "the vectorized f returned a tensor on ",
+                    out.device(), " but the state is on ", Z.device(), where());
+  return out;
+}
+
+}  // namespace
+
 torch::Tensor eval_stages(const Dynamics& f, const SolveOptions& o, const std::vector<double>& ts,
                           const torch::Tensor& Z, Stats& stats, bool& verify) {
   const int64_t m = static_cast<int64_t>(ts.size());
@@ -39,25 +71,7 @@ torch::Tensor eval_stages(const Dynamics& f, const SolveOptions& o, const std::v
     return at::stack(rows);
   };
   if (!o.stacked) return one_by_one();
-  std::vector<int64_t> tshape(static_cast<size_t>(Z.dim()), 1);
-  tshape[0] = m;
-  const torch::Tensor T = torch::tensor(ts, torch::dtype(torch::kFloat64))
-                              .to(Z.options().requires_grad(false))
-                              .view(tshape);
-  const std::string where = " (times " + fmt(ts.front()) + " to " + fmt(ts.back()) + ")";
-  torch::Tensor out = o.stacked(T, Z);
-  ++stats.nstacked;
-  stats.nfe += m;
-  TORCH_CHECK_TYPE(out.defined(), "the vectorized f returned no tensor", where);
-  TORCH_CHECK_VALUE(out.sizes() == Z.sizes(), "the vectorized f returned shape ", out.sizes(),
-                    " for a stack of ", m, " states of shape ", Z.sizes(),
-                    ": it must take states stacked along a new leading dimension (and t as a "
-                    "tensor [m, 1, ...]) and return one result per state",
-                    where);
-  TORCH_CHECK_TYPE(out.scalar_type() == Z.scalar_type(), "the vectorized f returned dtype ",
-                   out.scalar_type(), " but the state has dtype ", Z.scalar_type(), where);
-  TORCH_CHECK_VALUE(out.device() == Z.device(), "the vectorized f returned a tensor on ",
-                    out.device(), " but the state is on ", Z.device(), where);
+  torch::Tensor out = call_stacked(o, ts, Z, stats);
   // Checked at the first stack of distinct states (a first Newton update from zero increments
   // stacks u three times, where an f that mixes rows could still agree).
   if (verify && m > 1 &&
@@ -79,8 +93,7 @@ torch::Tensor eval_stages(const Dynamics& f, const SolveOptions& o, const std::v
                       m, " states differs from f on each state by up to ", fmt(diff),
                       " (largest |f| ", fmt(scale), "; allowed ", fmt(tol),
                       "): f must treat the leading dimension as independent states, reading "
-                      "them as u[..., i] rather than u[i], and t as a tensor [m, 1, ...]",
-                      where);
+                      "them as u[..., i] rather than u[i], and t as a tensor [m, 1, ...]");
   }
   return out;
 }
@@ -99,6 +112,10 @@ JacLayout jac_layout(const SolveOptions& o, const torch::Tensor& u, bool allow_b
 }
 
 namespace {
+
+// The most elements (block size x state size) of the stack of copies of u that a vectorized f's
+// Jacobian is taken on (above: the usual reverse mode, one call of f).
+constexpr int64_t kStackedMaxElements = int64_t{1} << 16;
 
 // "auto" takes forward mode for blocks of at most this size. Forward mode would pay off where a
 // reverse pass costs more than an evaluation of f on dual tensors, but measured with f in
@@ -340,6 +357,38 @@ void reverse_jacobian(const Dynamics& f, double t, const torch::Tensor& u, const
   if (!track) d.J = d.J.detach();
 }
 
+// Reverse mode through one call of the vectorized f (SolveOptions::stacked) on n copies of u,
+// n the block size: row i of the stack seeded with e_i (over every block) gives row i of each
+// block's Jacobian, in one plain reverse pass (no vmap, whose batching rules cost more than the
+// pass on small f's). False, with nothing set, when f's result carries a forward-mode tangent
+// (the caller's paths handle those).
+bool stacked_jacobian(const SolveOptions& o, double t, const torch::Tensor& u, const JacLayout& l,
+                      Stats& stats, PointDerivatives& d) {
+  std::vector<int64_t> shape{l.n};
+  shape.insert(shape.end(), u.sizes().begin(), u.sizes().end());
+  const torch::Tensor U = u.detach().unsqueeze(0).expand(shape).clone().requires_grad_(true);
+  torch::Tensor fu;
+  {
+    at::AutoGradMode enable(true);
+    fu = call_stacked(o, std::vector<double>(static_cast<size_t>(l.n), t), U, stats);
+  }
+  if (is_dual(fu)) return false;
+  torch::Tensor J;
+  if (fu.requires_grad()) {
+    const torch::Tensor seeds = at::eye(l.n, u.options().requires_grad(false))
+                                    .unsqueeze(1)
+                                    .expand({l.n, l.blocks, l.n})
+                                    .reshape(fu.sizes());
+    auto g = torch::autograd::grad({fu}, {U}, {seeds}, /*retain_graph=*/false,
+                                   /*create_graph=*/false, /*allow_unused=*/true);
+    if (g[0].defined()) J = g[0].reshape({l.n, l.blocks, l.n}).permute({1, 0, 2}).contiguous();
+  }
+  d.J = J.defined() ? J : at::zeros({l.blocks, l.n, l.n}, u.options().requires_grad(false));
+  d.f0 = fu[0].detach();
+  d.dual = false;
+  return true;
+}
+
 }  // namespace
 
 bool is_dual(const torch::Tensor& x) { return x.defined() && x._fw_grad(/*level=*/0).defined(); }
@@ -370,7 +419,14 @@ PointDerivatives derivatives(const Dynamics& f, const SolveOptions& o, double t,
     const bool forward =
         !track && (o.jac_mode == "forward" || (o.jac_mode == "auto" && l.n <= kForwardMaxN));
     bool done = false;
-    if (forward) {
+    // A vectorized f (radau5, the fixed-step implicit methods): one reverse pass through one
+    // stacked call, when the Jacobian need not be differentiable and n copies of the state stay
+    // small.
+    if (o.stacked && !track && o.jac_mode != "forward" && !is_dual(u) &&
+        l.n * u.numel() <= kStackedMaxElements) {
+      done = stacked_jacobian(o, t, u, l, stats, d);
+    }
+    if (!done && forward) {
       at::NoGradGuard g;
       done = forward_jacobian(f, t, u, l, stats, d);
       TORCH_CHECK(done || o.jac_mode == "auto",

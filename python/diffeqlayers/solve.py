@@ -247,8 +247,10 @@ def solve(
             iteration's cost of ``f`` drops up to 3x. An ``f`` written with ``u[..., i]`` and
             ``torch.stack(..., dim=-1)`` is vectorized; one written with ``u[i]`` is not. The
             first stack of distinct states is checked against ``f`` on each state (one more
-            evaluation per state; ValueError when they differ beyond rounding).
-            ``stats.nstacked`` counts the stacked calls (``nfe`` counts the states). Gradients
+            evaluation per state; ValueError when they differ beyond rounding). Autograd
+            Jacobians then take one reverse pass through one call on ``n`` copies of the state
+            (no vmap; ``n`` evaluations in ``nfe``). ``stats.nstacked`` counts the stacked
+            calls (``nfe`` counts the states). Gradients
             are unchanged: every mode differentiates the same stages. A native ``f``
             (:class:`MLP`, a TorchScript module) must then ignore ``t``.
         max_order: Adams methods only: the highest order the step history may reach, 1 to 12

@@ -55,11 +55,14 @@ def test_rober_takes_the_same_steps_and_counts_the_calls():
     assert torch.equal(stacked.u, plain.u)
     a, b = stacked.stats, plain.stats
     assert (a.naccept, a.nreject, a.njac, a.nlu) == (b.naccept, b.nreject, b.njac, b.nlu)
-    # Three states per stacked call, plus the one-time check of a stack against f on each state.
-    assert a.nstacked > 0 and b.nstacked == 0
-    assert a.nfe == b.nfe + 3
+    # Three states per stacked call, plus the one-time check of a stack against f on each state;
+    # each Jacobian is one reverse pass through f on 3 copies of the state (3 evaluations, not 1).
+    assert a.nstacked > a.njac > 0 and b.nstacked == 0
+    assert a.nfe == b.nfe + 3 + 2 * a.njac
     calls = a.nfe - 2 * a.nstacked
     assert calls < 0.5 * b.nfe, (calls, b.nfe)
+    # The Jacobians through the stacked f equal the usual ones: the same steps, Jacobians, LUs.
+    assert (a.naccept, a.njac) == (b.naccept, b.njac)
     end = stacked.u[-1]
     rel = ((end - ROBER_REF).abs() / ROBER_REF)[[0, 2]].max()
     assert rel < 1e-6 and abs(end.sum().item() - 1.0) < 1e-8
@@ -79,7 +82,8 @@ def test_an_f_that_reads_t_gets_one_time_per_state():
     kw = dict(rtol=1e-8, atol=1e-10, saveat=[0.5, 1.0, 2.0])
     plain = dl.solve(prob, "radau5", **kw)
     stacked = dl.solve(dl.remake(prob, f=spy), "radau5", vectorized=True, **kw)
-    assert set(seen) == {((3, 1), torch.float64, (3, 2))}
+    # The stages (3 states) and the Jacobians (2 copies of the state, n = 2).
+    assert set(seen) == {((3, 1), torch.float64, (3, 2)), ((2, 1), torch.float64, (2, 2))}
     # sin of a [3] tensor and of a float may differ in the last place: same solution to rounding.
     assert torch.allclose(stacked.u, plain.u, rtol=1e-12, atol=1e-14)
 
@@ -196,3 +200,25 @@ def test_fixed_step_implicit_methods_stack_their_stages(method):
     assert torch.allclose(grads[1], grads[0], rtol=1e-11, atol=0), grads
     assert stats[0].nstacked == 0 and stats[1].nstacked > 0
     assert stats[1].naccept == stats[0].naccept == 10
+
+
+def test_independent_batch_jacobian_blocks_through_the_stack():
+    # Two ROBER systems with different rates as a batch [2, 3]: the Jacobian's per-sample blocks
+    # from one reverse pass through f on 3 copies of the batch equal the usual ones.
+    k = torch.tensor([[0.04, 3e7, 1e4], [0.08, 1e7, 2e4]], dtype=torch.float64)
+
+    def batch_rober(u, p, t):
+        y1, y2, y3 = u[..., 0], u[..., 1], u[..., 2]
+        a, b, c = k[:, 0], k[:, 1], k[:, 2]
+        return torch.stack(
+            [-a * y1 + c * y2 * y3, a * y1 - c * y2 * y3 - b * y2**2, b * y2**2], dim=-1
+        )
+
+    u0 = torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0]], dtype=torch.float64)
+    prob = dl.ODEProblem(batch_rober, u0, (0.0, 1e5))
+    kw = dict(rtol=1e-7, atol=1e-11, saveat=[1.0, 1e3, 1e5], independent_batch=True)
+    plain = dl.solve(prob, "radau5", **kw)
+    stacked = dl.solve(prob, "radau5", vectorized=True, **kw)
+    assert plain.stats.jac_blocks == stacked.stats.jac_blocks == 2
+    assert (stacked.stats.naccept, stacked.stats.njac) == (plain.stats.naccept, plain.stats.njac)
+    assert torch.equal(stacked.u, plain.u)
