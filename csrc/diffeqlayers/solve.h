@@ -170,8 +170,9 @@ std::string to_string(ReturnCode code);
 
 struct Stats {
   int64_t nfe = 0;  // evaluations of f
-  // Calls of SolveOptions::stacked, each of m states that nfe counts (radau5: m = 3, so f was
-  // called nfe - 2 nstacked times; the fixed-step implicit methods: m implicit stages).
+  // Calls of SolveOptions::stacked, each of m states that nfe counts (the stages: m = 3 for
+  // radau5, the implicit stages of a fixed-step method; an autograd Jacobian: m = n, the block
+  // size; the one check against f: m single calls as well).
   int64_t nstacked = 0;
   int64_t naccept = 0;  // accepted steps
   int64_t nreject = 0;  // rejected steps

@@ -441,12 +441,8 @@ def solve(
 
     stacked_rhs = None
     if vectorized:
+        # A native f takes the stack itself (the binding refuses one that reads t).
         if native is not None:
-            if not opts.autonomous:
-                raise ValueError(
-                    "vectorized=True with a native f (diffeqlayers.MLP, a TorchScript module) "
-                    "needs an f that ignores t: it is called on the stack without times"
-                )
             stacked_rhs = native
         else:
 

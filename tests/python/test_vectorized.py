@@ -180,6 +180,12 @@ def test_native_dynamics_take_the_stack():
     assert torch.allclose(stacked.u, plain.u, rtol=1e-10, atol=1e-12)
     assert math.isfinite(stacked.u.sum().item())
 
+    # A native f that reads t gets no times on the stack: refused.
+    timed = dl.MLP([2, 16, 2], "tanh", time_input=True, dtype=torch.float64)
+    prob = dl.ODEProblem(timed, torch.tensor([0.5, -0.2], dtype=torch.float64), (0.0, 1.0))
+    with pytest.raises(ValueError, match="native f .* needs an f that ignores t"):
+        dl.solve(prob, "radau5", vectorized=True)
+
 
 @pytest.mark.parametrize("method", ["radauIIA3", "radauIIA5", "gl4", "gl6", "sdirk2"])
 def test_fixed_step_implicit_methods_stack_their_stages(method):
