@@ -19,6 +19,9 @@ exits. Every time is wall time with ``torch.cuda.synchronize()`` before and afte
    captured with ``torch.cuda.graph`` and replayed, against the same solve run eagerly; the
    capture's error is reported when it fails (a host synchronization inside the solve makes
    it fail).
+4. Host synchronizations: the blocking CUDA runtime calls and scalar reads of one no-grad solve,
+   counted by torch.profiler, per loop iteration (adaptive: one accept/reject decision per
+   attempted step; fixed steps with check_finite=False: none).
 
     python benchmarks/bench_gpu.py [--repeats 10] [--out PATH]
 """
@@ -309,6 +312,65 @@ def bench_graph(repeats: int) -> dict[str, Any]:
     return result
 
 
+SYNC_EVENTS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
+
+
+def count_syncs(fn: Callable[[], Any]) -> dict[str, int]:
+    """Runs fn once under the profiler: the host synchronizations it made (CUDA runtime calls
+    that block the host) and its scalar reads of tensors (aten::_local_scalar_dense, .item())."""
+    from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
+
+    activities = [ProfilerActivity.CPU]
+    if DEVICE.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    with profile(activities=activities) as prof:
+        fn()
+        sync()
+    counts = {"sync": 0, "item": 0}
+    for ev in prof.events():
+        if ev.name in SYNC_EVENTS:
+            counts["sync"] += 1
+        elif ev.name == "aten::_local_scalar_dense":
+            counts["item"] += 1
+    counts["sync"] -= 1 if DEVICE.type == "cuda" else 0  # the sync() above
+    return counts
+
+
+def bench_syncs() -> list[dict[str, Any]]:
+    """Host synchronizations per step of a no-grad solve: the adaptive shared-step and
+    per-sample loops (one per attempted step is the accept/reject decision) and the fixed-step
+    loop with check_finite=False (none)."""
+    print("synchronizations ...", flush=True)
+    gen = torch.Generator().manual_seed(0)
+    u0 = (torch.rand(256, 2, generator=gen) * 4 - 2).to(DEVICE)
+    t = torch.linspace(0.0, 10.0, 200)
+    prob = dl.ODEProblem(lambda u, p, tt: vdp(u), u0, (0.0, 10.0))
+    rows = []
+    cases = [
+        ("dopri5, adaptive, shared step", dict(saveat=t, rtol=1e-5, atol=1e-5)),
+        ("dopri5, adaptive, per sample", dict(saveat=t, rtol=1e-5, atol=1e-5, per_sample=True)),
+        ("rk4, dt = 0.01, check_finite=False", dict(dt=0.01, check_finite=False)),
+        ("rk4, dt = 0.01, check_finite=True", dict(dt=0.01)),
+    ]
+    for name, kw in cases:
+        method = "rk4" if "dt" in kw else "dopri5"
+        box: dict[str, Any] = {}
+
+        def run(kw: dict[str, Any] = kw, method: str = method, box: dict[str, Any] = box) -> None:
+            with torch.no_grad():
+                box["sol"] = dl.solve(prob, method, **kw)
+
+        run()  # warm-up
+        counts = count_syncs(run)
+        sol = box["sol"]
+        if kw.get("per_sample"):
+            iters = sol.sample_stats.iterations
+        else:
+            iters = sol.stats.naccept + sol.stats.nreject
+        rows.append(dict(case=name, iters=iters, **counts))
+    return rows
+
+
 def fmt_ms(x: Any) -> str:
     return "-" if x is None else f"{x * 1e3:.3f}"
 
@@ -377,6 +439,21 @@ def main() -> None:
         lines.append(
             f"Eager {fmt_ms(g['eager'])} ms, graph replay {fmt_ms(g['replay'])} ms "
             f"(max difference from eager {g['max_diff']:.2e})"
+        )
+    lines += [
+        "",
+        "## 4. Host synchronizations per solve (no grad, Van der Pol batch 256, profiler count)",
+        "",
+        "Blocking CUDA runtime calls (" + ", ".join(SYNC_EVENTS) + ") and scalar reads "
+        "(aten::_local_scalar_dense) during one solve, against its loop iterations.",
+        "",
+        "| solve | iterations | synchronizations | per iteration | scalar reads |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for r in bench_syncs():
+        lines.append(
+            f"| {r['case']} | {r['iters']} | {r['sync']} | {r['sync'] / max(r['iters'], 1):.2f} |"
+            f" {r['item']} |"
         )
     text = "\n".join(lines) + "\n"
     print(text)

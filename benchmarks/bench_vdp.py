@@ -3,7 +3,10 @@
 A batch of 256 Van der Pol oscillators x'' = mu (1 - x^2) x' - x with mu = 2, initial states
 drawn uniformly from [-2, 2]^2 (seed 0), solved on t in [0, 10] (a little under two periods;
 the period is about 7.6 for mu = 2) with 200 save points (linspace(0, 10, 200)), dopri5,
-rtol = atol = 1e-5, float32, forward only (no gradient), one thread.
+rtol = atol = 1e-5, float32, forward only (no gradient), one thread. With --device cuda the
+same benchmark runs on the GPU (torchode's own setting): every torch contender on CUDA, diffrax
+on JAX's GPU backend, and f's wrapper synchronizes before and after its body so that the time in
+f is the GPU's (those synchronizations are in the totals too).
 
 Contenders (peers are optional imports; a missing one is skipped):
 - diffeqlayers, shared step: one step size for the whole [256, 2] state (the default);
@@ -25,7 +28,7 @@ deviation from a float64 reference solve (rtol 1e-10) over all samples and save 
 Times are medians of --repeats runs, taken round-robin across the contenders after a warm-up,
 in one process. Writes benchmarks/results/vdp.md (or --out) with the command that produced it.
 
-    python benchmarks/bench_vdp.py [--repeats 10] [--compile] [--out PATH]
+    python benchmarks/bench_vdp.py [--repeats 10] [--compile] [--device cpu|cuda] [--out PATH]
 """
 
 from __future__ import annotations
@@ -48,6 +51,12 @@ MU = 2.0
 T1 = 10.0
 N_SAVE = 200
 TOL = 1e-5
+DEVICE = torch.device("cpu")  # set by --device
+
+
+def sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
 
 
 class Timer:
@@ -69,8 +78,10 @@ def vdp_torch(y: torch.Tensor) -> torch.Tensor:
 
 def timed(fn: Callable[[torch.Tensor], torch.Tensor], timer: Timer) -> Callable[..., Any]:
     def wrapped(y: torch.Tensor) -> torch.Tensor:
+        sync()
         start = time.perf_counter()
         out = fn(y)
+        sync()
         timer.seconds += time.perf_counter() - start
         timer.calls += 1
         return out
@@ -80,7 +91,7 @@ def timed(fn: Callable[[torch.Tensor], torch.Tensor], timer: Timer) -> Callable[
 
 def problem(dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(0)
-    y0 = (torch.rand(BATCH, 2, generator=gen, dtype=torch.float64) * 4 - 2).to(dtype)
+    y0 = (torch.rand(BATCH, 2, generator=gen, dtype=torch.float64) * 4 - 2).to(DEVICE, dtype)
     t_eval = torch.linspace(0.0, T1, N_SAVE, dtype=torch.float64)
     return y0, t_eval
 
@@ -142,7 +153,7 @@ def torchdiffeq_contender(y0: torch.Tensor, t_eval: torch.Tensor) -> list[Conten
         return []
     timer = Timer()
     f = timed(vdp_torch, timer)
-    t = t_eval.to(y0.dtype)
+    t = t_eval.to(y0)
 
     def rhs(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return f(y)
@@ -180,7 +191,7 @@ def torchode_contenders(
         if compiled:
             # torch.compile(module) would compile forward(), which solve() does not go through.
             solver.solve = torch.compile(solver.solve)
-        t_batch = t_eval.to(y0.dtype).expand(BATCH, -1)
+        t_batch = t_eval.to(y0).expand(BATCH, -1)
         ivp = to.InitialValueProblem(y0=y0, t_eval=t_batch)
 
         def run(solver: Any = solver, ivp: Any = ivp, timer: Timer = timer) -> Any:
@@ -199,14 +210,21 @@ def torchode_contenders(
 
 
 def diffrax_contenders(y0: torch.Tensor, t_eval: torch.Tensor) -> list[Contender]:
-    os.environ.setdefault(
-        "XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
-    )
+    if DEVICE.type == "cpu":
+        os.environ.setdefault(
+            "XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+        )
+    else:  # share the GPU with torch: allocate as needed, not 75% of the memory up front
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     try:
         import diffrax  # noqa: PLC0415  (optional peer)
         import jax  # noqa: PLC0415
         import jax.numpy as jnp  # noqa: PLC0415
     except ImportError:
+        return []
+    backend = jax.default_backend()
+    if (DEVICE.type == "cuda") != (backend == "gpu"):
+        print(f"diffrax skipped: JAX's backend is {backend}, the benchmark's device {DEVICE}")
         return []
 
     def f(t: Any, y: Any, args: Any) -> Any:
@@ -229,7 +247,7 @@ def diffrax_contenders(y0: torch.Tensor, t_eval: torch.Tensor) -> list[Contender
         )
         return sol.ys, sol.stats["num_steps"], sol.stats["num_accepted_steps"]
 
-    y = jnp.asarray(y0.numpy())
+    y = jnp.asarray(y0.cpu().numpy())
     out = []
     for name, fn in (
         ("diffrax, vmap (per sample)", jax.jit(jax.vmap(solve_one))),
@@ -253,7 +271,7 @@ def diffrax_contenders(y0: torch.Tensor, t_eval: torch.Tensor) -> list[Contender
 
 
 def reference(y0: torch.Tensor, t_eval: torch.Tensor) -> torch.Tensor:
-    prob = dl.ODEProblem(lambda u, p, t: vdp_torch(u), y0.double(), (0.0, T1))
+    prob = dl.ODEProblem(lambda u, p, t: vdp_torch(u), y0.cpu().double(), (0.0, T1))
     with torch.no_grad():
         return dl.solve(prob, "tsit5", saveat=t_eval, rtol=1e-10, atol=1e-10).u
 
@@ -262,10 +280,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--compile", action="store_true", help="also torch.compile torchode")
-    parser.add_argument(
-        "--out", default=os.path.join(os.path.dirname(__file__), "results", "vdp.md")
-    )
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--out", default=None, help="default: results/vdp.md (vdp_gpu.md on cuda)")
     args = parser.parse_args()
+    global DEVICE
+    DEVICE = torch.device(args.device)
+    if DEVICE.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("bench_vdp: --device cuda, but torch sees no CUDA device")
+    if args.out is None:
+        name = "vdp_gpu.md" if DEVICE.type == "cuda" else "vdp.md"
+        args.out = os.path.join(os.path.dirname(__file__), "results", name)
     torch.set_num_threads(1)
 
     y0, t_eval = problem(torch.float32)
@@ -279,6 +303,7 @@ def main() -> None:
     for c in contenders:  # warm-up (and torch.compile's compilation)
         start = time.perf_counter()
         c.ys, c.stats = c.run()
+        c.ys = c.ys.cpu()
         if c.name == "torchode, torch.compile":
             compile_note = f"torch.compile's first call took {time.perf_counter() - start:.1f} s."
         print(f"warm-up {c.name}: {c.stats}", flush=True)
@@ -286,21 +311,31 @@ def main() -> None:
         for c in contenders:
             if c.timer:
                 c.timer.reset()
+            sync()
             start = time.perf_counter()
             c.run()
+            sync()
             c.totals.append(time.perf_counter() - start)
             c.f_times.append(c.timer.seconds if c.timer else float("nan"))
 
     base = next(c for c in contenders if c.name == "diffeqlayers, shared step")
     base_total = statistics.median(base.totals)
     base_loop = (base_total - statistics.median(base.f_times)) / base.stats["iterations"]
+    if DEVICE.type == "cuda":
+        where = f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
+    else:
+        where = (
+            f"{platform.machine()}, {os.cpu_count()} CPUs shared with other jobs, "
+            f"torch {torch.__version__}, one thread"
+        )
     lines = [
-        "# Van der Pol batch benchmark (torchode's)",
+        "# Van der Pol batch benchmark (torchode's)"
+        + (" on the GPU" if DEVICE.type == "cuda" else ""),
         "",
         f"Command: `python benchmarks/bench_vdp.py --repeats {args.repeats}"
-        f"{' --compile' if args.compile else ''}` ({platform.machine()}, "
-        f"{os.cpu_count()} CPUs shared with other jobs, torch {torch.__version__}, "
-        "one thread; medians of round-robin repeats).",
+        f"{' --compile' if args.compile else ''}"
+        f"{' --device cuda' if DEVICE.type == 'cuda' else ''}` ({where}; medians of round-robin "
+        "repeats).",
         "",
         f"B = {BATCH} Van der Pol oscillators, mu = {MU}, y0 ~ U[-2, 2]^2 (seed 0), t in [0, "
         f"{T1:g}], {N_SAVE} save points, dopri5, rtol = atol = {TOL:g}, float32, no gradient. "

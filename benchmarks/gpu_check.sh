@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The GPU check, for a machine with a CUDA GPU and a CUDA build of PyTorch already installed
 # (nothing is downloaded): builds the extension against that PyTorch, runs the CUDA tests and the
-# opcheck tests of the registered operators, then the GPU benchmark (benchmarks/bench_gpu.py).
+# opcheck tests of the registered operators, then the GPU benchmarks (benchmarks/bench_gpu.py, and
+# benchmarks/bench_vdp.py --device cuda).
 # Meant to finish in under 8 minutes (the build takes most of it; MAX_JOBS defaults to nproc).
 # Writes its log and the benchmark's table under $OUT when set (the device tool's output folder),
-# else under benchmarks/results/ (gpu.md) and build/gpu_check.log.
+# else under benchmarks/results/ (gpu.md, vdp_gpu.md) and build/gpu_check.log.
 #
 #     bash benchmarks/gpu_check.sh [--repeats N]
 set -uo pipefail
@@ -46,5 +47,11 @@ rc=0
 echo "[gpu_check] tests done at $((SECONDS - start)) s (pytest exit code $rc)"
 
 "$PYTHON" benchmarks/bench_gpu.py --repeats "$REPEATS" --out "$DEST/gpu.md" || rc=$?
+echo "[gpu_check] bench_gpu done at $((SECONDS - start)) s"
+
+# torchode's Van der Pol benchmark in its own setting, the GPU: every peer that is installed
+# (torchode eager and compiled, torchdiffeq, diffrax on JAX's GPU backend).
+"$PYTHON" benchmarks/bench_vdp.py --device cuda --compile --repeats "$REPEATS" \
+  --out "$DEST/vdp_gpu.md" || rc=$?
 echo "[gpu_check] finished in $((SECONDS - start)) s"
 exit "$rc"
