@@ -6,6 +6,7 @@
 
 #include <ATen/LegacyVmapMode.h>
 #include <torch/csrc/autograd/autograd.h>
+#include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/forward_grad.h>
 
 #include <algorithm>
