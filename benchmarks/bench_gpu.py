@@ -172,7 +172,7 @@ def bench_vdp(batch: int, repeats: int) -> list[dict[str, Any]]:
     return rows
 
 
-def bench_compute_bound(repeats: int) -> list[dict[str, Any]]:
+def bench_compute_bound(repeats: int, skip_mlp: bool = False) -> list[dict[str, Any]]:
     dev = DEVICE
     torch.manual_seed(1)
     mlp = dl.MLP([2, 512, 2], "tanh").to(dev)
@@ -186,10 +186,8 @@ def bench_compute_bound(repeats: int) -> list[dict[str, Any]]:
     tol = dict(rtol=1e-5, atol=1e-7)
     target = torch.zeros(11, 4096, 2, device=dev)
     rows = []
-    for kind, module, f in (
-        ("Python f", net, lambda u, p, tt: net(u)),
-        ("C++ MLP", mlp, mlp),
-    ):
+    kinds = [("Python f", net, lambda u, p, tt: net(u)), ("C++ MLP", mlp, mlp)]
+    for kind, module, f in kinds[:1] if skip_mlp else kinds:
         prob = dl.ODEProblem(f, u0, (0.0, 1.0), module)
         box: dict[str, Any] = {}
 
@@ -385,6 +383,7 @@ def main() -> None:
         help="cuda (default); cpu runs the same code paths as a smoke test (no graph capture)",
     )
     parser.add_argument("--batches", default="256,4096", help="Van der Pol batch sizes")
+    parser.add_argument("--skip-mlp", action="store_true", help="leave out the C++ MLP rows")
     args = parser.parse_args()
     global DEVICE
     DEVICE = torch.device(args.device)
@@ -421,7 +420,7 @@ def main() -> None:
         "| case | library | nfe | time (ms) | one f (ms) | overhead |",
         "|---|---|---:|---:|---:|---:|",
     ]
-    for r in bench_compute_bound(args.repeats):
+    for r in bench_compute_bound(args.repeats, args.skip_mlp):
         ov = "-" if r["overhead"] is None else f"{r['overhead']:.1%}"
         lines.append(
             f"| {r['case']} | {r['lib']} | {r['nfe']} | {fmt_ms(r['total'])} |"
