@@ -2,6 +2,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "core/host_copy.h"
 #include "core/lincomb.h"
 #include "diffeqlayers/solve.h"
 #include "integrate/interpolation.h"
@@ -83,9 +84,7 @@ torch::Tensor interpolate_many(const Tableau& tab, const DenseStep& step,
   for (int64_t j = 0; j < m; ++j)
     interpolation_weights(tab, thetas[static_cast<size_t>(j)], step.h, w.data() + j * ns);
   const torch::Tensor& u0 = step.u0;
-  // copy=true: from_blob does not own w, and mm saves W for backward.
-  torch::Tensor W = torch::from_blob(w.data(), {m, ns}, torch::dtype(torch::kFloat64))
-                        .to(u0.options(), /*non_blocking=*/false, /*copy=*/true);
+  const torch::Tensor W = from_host(w.data(), {m, ns}, u0.options());
   std::vector<int64_t> shape{m};
   for (int64_t d : u0.sizes()) shape.push_back(d);
   const std::vector<torch::Tensor> terms = interpolation_terms(tab, step);

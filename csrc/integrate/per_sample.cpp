@@ -16,6 +16,7 @@
 
 #include "control/controller.h"
 #include "core/format.h"
+#include "core/host_copy.h"
 #include "core/lincomb.h"
 #include "diffeqlayers/adams.h"
 #include "diffeqlayers/per_sample.h"
@@ -85,9 +86,7 @@ class PerSampleIntegrator {
 
   // Host values as a tensor of `shape` in the state's dtype and on its device.
   torch::Tensor to_state(const std::vector<double>& v, at::IntArrayRef shape) const {
-    // copy=true: from_blob does not own v.
-    return torch::from_blob(const_cast<double*>(v.data()), shape, torch::dtype(torch::kFloat64))
-        .to(options_, /*non_blocking=*/false, /*copy=*/true);
+    return from_host(v.data(), shape, options_);
   }
   // One value per sample, shaped to broadcast against the state: [B, 1, ..., 1].
   torch::Tensor column(const std::vector<double>& v) const { return to_state(v, col_shape_); }
@@ -347,8 +346,8 @@ Solution PerSampleIntegrator::run(torch::Tensor u, double t0, double t1,
     torch::Tensor mask;
     if (!all_moved) {
       static_assert(sizeof(bool) == sizeof(char), "accepted holds 0/1 bytes read as bool");
-      mask = torch::from_blob(accepted.data(), col_shape_, torch::dtype(torch::kBool))
-                 .to(options_.device(), /*non_blocking=*/false, /*copy=*/true);
+      mask = host_to(torch::from_blob(accepted.data(), col_shape_, torch::dtype(torch::kBool)),
+                     torch::dtype(torch::kBool).device(options_.device()));
     }
     const torch::Tensor u_old = u;
     const torch::Tensor k_first = k[0];
@@ -459,9 +458,7 @@ Solution PerSampleIntegrator::run(torch::Tensor u, double t0, double t1,
     std::vector<int64_t> flat(static_cast<size_t>(rows * B));
     for (int64_t i = 0; i < rows * B; ++i) flat[i] = piece_of[i] * B + i % B;
     const torch::Tensor all = at::cat(pieces);  // [rows_held, B, ...]
-    const torch::Tensor which =
-        torch::from_blob(flat.data(), {rows * B}, torch::dtype(torch::kInt64))
-            .to(all.device(), /*non_blocking=*/false, /*copy=*/true);
+    const torch::Tensor which = indices_on(flat, all.device());
     std::vector<int64_t> shape{rows};
     shape.insert(shape.end(), all.sizes().begin() + 1, all.sizes().end());
     out_u.push_back(all.reshape({rows_held * B, -1}).index_select(0, which).reshape(shape));

@@ -18,6 +18,7 @@
 #include <cmath>
 #include <limits>
 
+#include "core/host_copy.h"
 #include "core/host_loops.h"
 #include "core/lincomb.h"
 
@@ -203,7 +204,7 @@ struct LinComb : public torch::autograd::Function<LinComb> {
     }
     std::vector<int64_t> shape(static_cast<size_t>(g.dim()) + 1, 1);
     shape[0] = n;
-    torch::Tensor wt = at::tensor(w, g.options()).view(shape);
+    torch::Tensor wt = from_host(w.data(), {n}, g.options()).view(shape);
     std::vector<torch::Tensor> scaled = at::mul(g.unsqueeze(0), wt).unbind(0);
     for (int64_t j = 0; j < n; ++j)
       grads.push_back(w[static_cast<size_t>(j)] == 1.0 ? g : scaled[static_cast<size_t>(j)]);

@@ -23,6 +23,7 @@
 #include <utility>
 #include <vector>
 
+#include "core/host_copy.h"
 #include "core/lincomb.h"
 #include "diffeqlayers/adams.h"
 #include "diffeqlayers/stiff.h"
@@ -517,8 +518,7 @@ torch::Tensor reverse_step_by_vjp(AdjointState& s, const std::vector<torch::Tens
     std::vector<double> w(static_cast<size_t>(m * ws));
     for (int64_t r = 0; r < m; ++r)
       detail::interpolation_weights(tab, thetas[static_cast<size_t>(r)], h, w.data() + r * ws);
-    const torch::Tensor W = torch::from_blob(w.data(), {m, ws}, torch::dtype(torch::kFloat64))
-                                .to(lam.options(), /*non_blocking=*/false, /*copy=*/true);
+    const torch::Tensor W = from_host(w.data(), {m, ws}, lam.options());
     std::vector<int64_t> shape{ws};
     for (int64_t d : lam.sizes()) shape.push_back(d);
     Q = at::mm(W.t(), Gr.reshape({m, -1})).reshape(shape).unbind(0);
@@ -582,7 +582,7 @@ torch::Tensor reverse_replayed_step(const torch::Tensor& ul, const torch::Tensor
   std::vector<torch::Tensor> outs{u1}, gouts{lam};
   if (!inner.empty()) {
     outs.push_back(inner_out);
-    gouts.push_back(G.index_select(0, torch::tensor(inner, torch::dtype(torch::kLong))));
+    gouts.push_back(G.index_select(0, indices_on(inner, G.device())));
   }
   std::vector<torch::Tensor> inputs{ul};
   inputs.insert(inputs.end(), wrt.begin(), wrt.end());
@@ -732,7 +732,7 @@ Grads backward_discrete(AdjointState& s, const torch::Tensor& G) {
     const auto ju = static_cast<size_t>(j);
     if (by_vjp) {
       torch::Tensor Gr =
-          inner.empty() ? torch::Tensor() : G.index_select(0, torch::tensor(inner, torch::kLong));
+          inner.empty() ? torch::Tensor() : G.index_select(0, indices_on(inner, G.device()));
       lam = reverse_step_by_vjp(s, wrt, tape.t[ju], tape.h[ju], uj, lam, thetas, Gr, gp);
       ++stats.replayed_steps;
       replay.release_from(j);

@@ -1,0 +1,24 @@
+#include "core/host_copy.h"
+
+namespace diffeqlayers {
+
+torch::Tensor host_to(const torch::Tensor& host, const at::TensorOptions& options) {
+  if (!options.device().is_cuda()) return host.to(options, /*non_blocking=*/false, /*copy=*/true);
+  torch::Tensor pinned =
+      at::empty(host.sizes(), at::TensorOptions().dtype(options.dtype()).pinned_memory(true));
+  pinned.copy_(host);  // converts the dtype on the host
+  return pinned.to(options.device(), /*non_blocking=*/true);
+}
+
+torch::Tensor from_host(const double* v, at::IntArrayRef shape, const at::TensorOptions& options) {
+  return host_to(torch::from_blob(const_cast<double*>(v), shape, torch::dtype(torch::kFloat64)),
+                 options);
+}
+
+torch::Tensor indices_on(const std::vector<int64_t>& idx, const at::Device& device) {
+  return host_to(torch::from_blob(const_cast<int64_t*>(idx.data()),
+                                  {static_cast<int64_t>(idx.size())}, torch::dtype(torch::kInt64)),
+                 torch::dtype(torch::kInt64).device(device));
+}
+
+}  // namespace diffeqlayers
