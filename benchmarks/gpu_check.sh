@@ -33,17 +33,28 @@ EOF
   exit 1
 fi
 
-echo "[gpu_check] building the extension (MAX_JOBS=${MAX_JOBS:-$(nproc)})"
+# The compiler: GPU_CHECK_CXX, else the system's /usr/bin/g++, else CXX. Seen on 2026-12-04 on a
+# lent H200 machine: its environment set CXX=/opt/gcc/bin/g++ (a wrapper around the system's GCC
+# 13), and the extension built with it segfaulted formatting an integer into a std::ostringstream
+# (MLPSpec::repr: libstdc++'s ostream code ran from inside the extension, not from the process's
+# libstdc++); the same sources built with /usr/bin/g++ passed.
+if [[ -z "${GPU_CHECK_CXX:-}" && -x /usr/bin/g++ ]]; then GPU_CHECK_CXX=/usr/bin/g++; fi
+export CXX="${GPU_CHECK_CXX:-${CXX:-g++}}"
+echo "[gpu_check] building the extension with $CXX (MAX_JOBS=${MAX_JOBS:-$(nproc)})"
 # Into a folder of its own (no write access to the system's site-packages needed).
 SITE="${GPU_CHECK_SITE:-/tmp/diffeqlayers_gpu_site}"
 MAX_JOBS="${MAX_JOBS:-$(nproc)}" "$PYTHON" -m pip install -q --no-build-isolation --no-deps \
   --no-cache-dir --upgrade --target "$SITE" . || { echo "[gpu_check] build FAILED" >&2; exit 1; }
 export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 echo "[gpu_check] build took $((SECONDS - start)) s"
+if ! "$PYTHON" -c 'import diffeqlayers as dl; repr(dl.MLP([2, 3, 2]))'; then
+  echo "[gpu_check] the built extension fails a smoke test (built with $CXX): try GPU_CHECK_CXX" >&2
+  exit 1
+fi
 
 rc=0
 "$PYTHON" -m pytest tests/python/test_cuda.py tests/python/test_ops.py -q -p no:cacheprovider \
-  -rs || rc=$?
+  -rs --tb=short || rc=$?
 echo "[gpu_check] tests done at $((SECONDS - start)) s (pytest exit code $rc)"
 
 "$PYTHON" benchmarks/bench_gpu.py --repeats "$REPEATS" --out "$DEST/gpu.md" || rc=$?
