@@ -160,6 +160,25 @@ def test_lincomb_gradcheck(with_y):
     assert torch.autograd.gradgradcheck(fn, (y, *ks))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_lincomb_backward_loop_matches_aten_products(dtype):
+    """A contiguous CPU grad takes the host loop; a strided one the ATen products. Same bits,
+    and a weight of 1 hands the grad itself on."""
+    y, *ks = terms((5, 3), dtype, 4, requires_grad=True)
+    w = [0.3, -1.7, 1.0 / 3.0]
+    h = 0.7
+    g = torch.randn(5, 3, dtype=dtype)
+    strided = torch.empty(5, 6, dtype=dtype)[:, ::2]
+    strided.copy_(g)
+    assert not strided.is_contiguous()
+    out = ops.lincomb(y, ks, w, h)
+    loop = torch.autograd.grad(out, [y, *ks], g, retain_graph=True)
+    aten = torch.autograd.grad(out, [y, *ks], strided)
+    for a, b, wj in zip(loop, aten, [1.0, *w]):
+        assert torch.equal(a, b)
+        assert torch.equal(a, g * torch.tensor(h * wj, dtype=dtype) if wj != 1.0 else g)
+
+
 def test_lincomb_gradcheck_broadcast():
     y = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
     k0 = torch.randn(3, dtype=torch.float64, requires_grad=True)
