@@ -2,7 +2,7 @@
 
 namespace diffeqlayers {
 
-torch::Tensor host_to(const torch::Tensor& host, const at::TensorOptions& options) {
+torch::Tensor copy_to_device(const torch::Tensor& host, const at::TensorOptions& options) {
   if (!options.device().is_cuda()) return host.to(options, /*non_blocking=*/false, /*copy=*/true);
   torch::Tensor pinned =
       at::empty(host.sizes(), at::TensorOptions().dtype(options.dtype()).pinned_memory(true));
@@ -10,15 +10,17 @@ torch::Tensor host_to(const torch::Tensor& host, const at::TensorOptions& option
   return pinned.to(options.device(), /*non_blocking=*/true);
 }
 
-torch::Tensor from_host(const double* v, at::IntArrayRef shape, const at::TensorOptions& options) {
-  return host_to(torch::from_blob(const_cast<double*>(v), shape, torch::dtype(torch::kFloat64)),
-                 options);
+torch::Tensor copy_to_device(const double* v, at::IntArrayRef shape,
+                             const at::TensorOptions& options) {
+  return copy_to_device(
+      torch::from_blob(const_cast<double*>(v), shape, torch::dtype(torch::kFloat64)), options);
 }
 
 torch::Tensor indices_on(const std::vector<int64_t>& idx, const at::Device& device) {
-  return host_to(torch::from_blob(const_cast<int64_t*>(idx.data()),
-                                  {static_cast<int64_t>(idx.size())}, torch::dtype(torch::kInt64)),
-                 torch::dtype(torch::kInt64).device(device));
+  return copy_to_device(
+      torch::from_blob(const_cast<int64_t*>(idx.data()), {static_cast<int64_t>(idx.size())},
+                       torch::dtype(torch::kInt64)),
+      torch::dtype(torch::kInt64).device(device));
 }
 
 }  // namespace diffeqlayers

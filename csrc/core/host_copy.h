@@ -14,9 +14,10 @@ namespace diffeqlayers {
 // per call (measured on an H200, 2026-12-04: the interpolation weights of each step with save
 // points made a dopri5 solve synchronize twice per step instead of once). The caching host
 // allocator keeps the staging buffer until the copy has run.
-torch::Tensor from_host(const double* v, at::IntArrayRef shape, const at::TensorOptions& options);
+torch::Tensor copy_to_device(const double* v, at::IntArrayRef shape,
+                             const at::TensorOptions& options);
 // A CPU tensor (possibly borrowing host memory) as a new tensor with `options`, the same way.
-torch::Tensor host_to(const torch::Tensor& host, const at::TensorOptions& options);
+torch::Tensor copy_to_device(const torch::Tensor& host, const at::TensorOptions& options);
 // Indices (int64) onto `device`, the same way.
 torch::Tensor indices_on(const std::vector<int64_t>& idx, const at::Device& device);
 

@@ -84,7 +84,7 @@ torch::Tensor interpolate_many(const Tableau& tab, const DenseStep& step,
   for (int64_t j = 0; j < m; ++j)
     interpolation_weights(tab, thetas[static_cast<size_t>(j)], step.h, w.data() + j * ns);
   const torch::Tensor& u0 = step.u0;
-  const torch::Tensor W = from_host(w.data(), {m, ns}, u0.options());
+  const torch::Tensor W = copy_to_device(w.data(), {m, ns}, u0.options());
   std::vector<int64_t> shape{m};
   for (int64_t d : u0.sizes()) shape.push_back(d);
   const std::vector<torch::Tensor> terms = interpolation_terms(tab, step);

@@ -86,7 +86,7 @@ class PerSampleIntegrator {
 
   // Host values as a tensor of `shape` in the state's dtype and on its device.
   torch::Tensor to_state(const std::vector<double>& v, at::IntArrayRef shape) const {
-    return from_host(v.data(), shape, options_);
+    return copy_to_device(v.data(), shape, options_);
   }
   // One value per sample, shaped to broadcast against the state: [B, 1, ..., 1].
   torch::Tensor column(const std::vector<double>& v) const { return to_state(v, col_shape_); }
@@ -346,8 +346,9 @@ Solution PerSampleIntegrator::run(torch::Tensor u, double t0, double t1,
     torch::Tensor mask;
     if (!all_moved) {
       static_assert(sizeof(bool) == sizeof(char), "accepted holds 0/1 bytes read as bool");
-      mask = host_to(torch::from_blob(accepted.data(), col_shape_, torch::dtype(torch::kBool)),
-                     torch::dtype(torch::kBool).device(options_.device()));
+      mask =
+          copy_to_device(torch::from_blob(accepted.data(), col_shape_, torch::dtype(torch::kBool)),
+                         torch::dtype(torch::kBool).device(options_.device()));
     }
     const torch::Tensor u_old = u;
     const torch::Tensor k_first = k[0];

@@ -232,7 +232,7 @@ struct LinComb : public torch::autograd::Function<LinComb> {
     }
     std::vector<int64_t> shape(static_cast<size_t>(g.dim()) + 1, 1);
     shape[0] = n;
-    torch::Tensor wt = from_host(w.data(), {n}, g.options()).view(shape);
+    torch::Tensor wt = copy_to_device(w.data(), {n}, g.options()).view(shape);
     std::vector<torch::Tensor> scaled = at::mul(g.unsqueeze(0), wt).unbind(0);
     for (int64_t j = 0; j < n; ++j)
       grads.push_back(w[static_cast<size_t>(j)] == 1.0 ? g : scaled[static_cast<size_t>(j)]);

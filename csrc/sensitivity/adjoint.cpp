@@ -518,7 +518,7 @@ torch::Tensor reverse_step_by_vjp(AdjointState& s, const std::vector<torch::Tens
     std::vector<double> w(static_cast<size_t>(m * ws));
     for (int64_t r = 0; r < m; ++r)
       detail::interpolation_weights(tab, thetas[static_cast<size_t>(r)], h, w.data() + r * ws);
-    const torch::Tensor W = from_host(w.data(), {m, ws}, lam.options());
+    const torch::Tensor W = copy_to_device(w.data(), {m, ws}, lam.options());
     std::vector<int64_t> shape{ws};
     for (int64_t d : lam.sizes()) shape.push_back(d);
     Q = at::mm(W.t(), Gr.reshape({m, -1})).reshape(shape).unbind(0);

@@ -6,6 +6,7 @@
 #include <string>
 #include <vector>
 
+#include "core/host_copy.h"
 #include "core/lincomb.h"
 #include "solvers/jacobian.h"
 
@@ -125,7 +126,7 @@ torch::Tensor newton_correction(const Dynamics& f, const SolveOptions& o, Stats&
       Js.push_back(d.J.detach());
     }
   }
-  const torch::Tensor Am = torch::tensor(a_flat, torch::kFloat64).reshape({s, s}).to(ud.options());
+  const torch::Tensor Am = copy_to_device(a_flat.data(), {s, s}, ud.options());
   // K[b, i, a, j, c] = A_ij J_j[b, a, c]: block b of (A x I) diag(J_1, ..., J_s), [B, s n, s n].
   const torch::Tensor K =
       at::einsum("ij,jbac->biajc", {Am, at::stack(Js)}).reshape({B, s * n, s * n});

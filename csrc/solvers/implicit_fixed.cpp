@@ -31,6 +31,7 @@
 #include <string>
 #include <vector>
 
+#include "core/host_copy.h"
 #include "core/lincomb.h"
 #include "solvers/jacobian.h"
 #include "solvers/stiff.h"
@@ -173,8 +174,7 @@ class ImplicitRK : public Stepper {
 
     std::vector<double> a_flat;
     for (const auto& row : tab_.a) a_flat.insert(a_flat.end(), row.begin(), row.end());
-    const torch::Tensor A =
-        torch::tensor(a_flat, torch::dtype(torch::kFloat64)).reshape({s, s}).to(u.options());
+    const torch::Tensor A = copy_to_device(a_flat.data(), {s, s}, u.options());
     // I - h (A x J): [s n, s n].
     LU lu;
     if (!lu.factor(at::kron(A, dual ? d.J[0].detach() : d.J[0]).unsqueeze(0), 1.0, -h, stats_)) {

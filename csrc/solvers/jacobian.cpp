@@ -2,6 +2,7 @@
 // factorizations for the stiff steppers, as tensors or on host doubles.
 #include "solvers/jacobian.h"
 
+#include "core/host_copy.h"
 #include "core/lincomb.h"
 
 #include <ATen/LegacyVmapMode.h>
@@ -37,9 +38,7 @@ torch::Tensor call_stacked(const SolveOptions& o, const std::vector<double>& ts,
   const int64_t m = static_cast<int64_t>(ts.size());
   std::vector<int64_t> tshape(static_cast<size_t>(Z.dim()), 1);
   tshape[0] = m;
-  const torch::Tensor T = torch::tensor(ts, torch::dtype(torch::kFloat64))
-                              .to(Z.options().requires_grad(false))
-                              .view(tshape);
+  const torch::Tensor T = copy_to_device(ts.data(), tshape, Z.options().requires_grad(false));
   // Formatted only for an error message.
   auto where = [&] { return " (times " + fmt(ts.front()) + " to " + fmt(ts.back()) + ")"; };
   torch::Tensor out = o.stacked(T, Z);
