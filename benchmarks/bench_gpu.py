@@ -19,9 +19,9 @@ exits. Every time is wall time with ``torch.cuda.synchronize()`` before and afte
    captured with ``torch.cuda.graph`` and replayed, against the same solve run eagerly; the
    capture's error is reported when it fails (a host synchronization inside the solve makes
    it fail).
-4. Host synchronizations: the blocking CUDA runtime calls and scalar reads of one no-grad solve,
-   counted by torch.profiler, per loop iteration (adaptive: one accept/reject decision per
-   attempted step; fixed steps with check_finite=False: none).
+4. Host synchronizations: the blocking CUDA runtime calls, scalar reads and kernel launches of
+   one no-grad solve, counted by torch.profiler, per loop iteration (adaptive: one
+   accept/reject decision per attempted step; fixed steps with check_finite=False: none).
 
     python benchmarks/bench_gpu.py [--repeats 10] [--out PATH]
 """
@@ -311,11 +311,13 @@ def bench_graph(repeats: int) -> dict[str, Any]:
 
 
 SYNC_EVENTS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
+LAUNCH_EVENTS = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx")
 
 
 def count_syncs(fn: Callable[[], Any]) -> dict[str, int]:
     """Runs fn once under the profiler: the host synchronizations it made (CUDA runtime calls
-    that block the host) and its scalar reads of tensors (aten::_local_scalar_dense, .item())."""
+    that block the host), its kernel launches and its scalar reads of tensors
+    (aten::_local_scalar_dense, .item())."""
     from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
 
     activities = [ProfilerActivity.CPU]
@@ -324,10 +326,12 @@ def count_syncs(fn: Callable[[], Any]) -> dict[str, int]:
     with profile(activities=activities) as prof:
         fn()
         sync()
-    counts = {"sync": 0, "item": 0}
+    counts = {"sync": 0, "item": 0, "launch": 0}
     for ev in prof.events():
         if ev.name in SYNC_EVENTS:
             counts["sync"] += 1
+        elif ev.name in LAUNCH_EVENTS:
+            counts["launch"] += 1
         elif ev.name == "aten::_local_scalar_dense":
             counts["item"] += 1
     counts["sync"] -= 1 if DEVICE.type == "cuda" else 0  # the sync() above
@@ -443,16 +447,18 @@ def main() -> None:
         "",
         "## 4. Host synchronizations per solve (no grad, Van der Pol batch 256, profiler count)",
         "",
-        "Blocking CUDA runtime calls (" + ", ".join(SYNC_EVENTS) + ") and scalar reads "
-        "(aten::_local_scalar_dense) during one solve, against its loop iterations.",
+        "Blocking CUDA runtime calls (" + ", ".join(SYNC_EVENTS) + "), scalar reads "
+        "(aten::_local_scalar_dense) and kernel launches (f's included) during one solve, "
+        "against its loop iterations.",
         "",
-        "| solve | iterations | synchronizations | per iteration | scalar reads |",
-        "|---|---:|---:|---:|---:|",
+        "| solve | iterations | synchronizations | per iteration | scalar reads "
+        "| kernel launches per iteration |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for r in bench_syncs():
         lines.append(
             f"| {r['case']} | {r['iters']} | {r['sync']} | {r['sync'] / max(r['iters'], 1):.2f} |"
-            f" {r['item']} |"
+            f" {r['item']} | {r['launch'] / max(r['iters'], 1):.1f} |"
         )
     text = "\n".join(lines) + "\n"
     print(text)
