@@ -52,6 +52,13 @@ if ! "$PYTHON" -c 'import diffeqlayers as dl; repr(dl.MLP([2, 3, 2]))'; then
   exit 1
 fi
 
+# Peers missing from the machine (torchode and its needs torchtyping and typeguard, on the lent
+# H200 image) may come along as wheels in .whl/ (the device tool's README says how to fetch them).
+if compgen -G ".whl/*.whl" > /dev/null; then
+  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target "$SITE-peers" .whl/*.whl && export PYTHONPATH="$PYTHONPATH:$SITE-peers"
+fi
+
 rc=0
 "$PYTHON" -m pytest tests/python/test_cuda.py tests/python/test_ops.py -q -p no:cacheprovider \
   -rs --tb=short || rc=$?
