@@ -157,11 +157,8 @@ struct SolveOptions {
   // cuts the Newton iteration's cost of f by up to 3x. Its first stack of distinct states in a
   // solve is checked against f on each state (more evaluations, counted; ValueError when they
   // differ beyond rounding). Autograd Jacobians (not recorded) then take one reverse pass through
-  // one call on n copies of the state (n the block size; n evaluations in nfe), in every stiff
-  // method: for the Rosenbrock and ESDIRK ones that is its only use, and since they stack only
-  // copies of one state nothing here checks it (Python's solve checks three distinct states
-  // before the solve). Stats::nstacked counts its calls (nfe counts the states). The explicit
-  // methods ignore it. Empty: one call per stage.
+  // one call on n copies of the state (n the block size; n evaluations in nfe). Stats::nstacked
+  // counts its calls (nfe counts the states). Other methods ignore it. Empty: one call per stage.
   StackedDynamics stacked;
   // f on host arrays (see HostDynamics): explicit methods run on it when the solve records nothing,
   // the state is small and on the CPU, and norm is the default; empty: always tensors.

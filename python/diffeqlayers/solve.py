@@ -64,38 +64,6 @@ def implicit_fixed_methods() -> list[str]:
     return list(_IMPLICIT_FIXED)
 
 
-def _check_vectorized(f: Callable[..., Any], u0: torch.Tensor, p: Any, t0: Any) -> None:
-    """f on three distinct states near u0 stacked along a new leading dimension, against f on
-    each: ValueError when they differ beyond rounding (an f that reads u[i] where it should read
-    u[..., i]). Three evaluations and one stacked call, outside the solve's counts."""
-    with torch.no_grad():
-        base = u0.detach()
-        bump = 1e-3 * (base.abs() + 1e-3)
-        states = torch.stack([base, base + bump, base + 2 * bump])
-        t = float(t0)
-        ts = torch.full((3,) + (1,) * base.dim(), t, dtype=base.dtype, device=base.device)
-        got = f(states, p, ts)
-        want = torch.stack([f(states[i], p, t) for i in range(3)])
-    if not isinstance(got, torch.Tensor) or got.shape != states.shape:
-        shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
-        raise ValueError(
-            f"vectorized=True, but f on a stack of 3 states of shape {tuple(base.shape)} returned "
-            f"{shape}: it must take states stacked along a new leading dimension (and t as a "
-            "tensor [m, 1, ...]) and return one result per state"
-        )
-    got, want = got.to(want.dtype), want
-    scale = float(want.abs().max()) if want.numel() else 0.0
-    diff = float((got - want).abs().max()) if want.numel() else 0.0
-    tol = math.sqrt(torch.finfo(base.dtype).eps) * scale
-    if math.isfinite(diff) and diff > tol:
-        raise ValueError(
-            f"vectorized=True, but f on a stack of 3 states differs from f on each state by up "
-            f"to {diff:.3g} (largest |f| {scale:.3g}; allowed {tol:.3g}): f must treat the "
-            "leading dimension as independent states, reading them as u[..., i] rather than "
-            "u[i], and t as a tensor [m, 1, ...]"
-        )
-
-
 def _positive_int(name: str, value: Any, low: int, high: Optional[int] = None) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
@@ -267,8 +235,8 @@ def solve(
             the blocks ``[B, n, n]``. Declaring it for coupled samples drops the coupling from
             the Jacobian: wrong results for the Rosenbrock methods, slow Newton for the ESDIRK
             and Radau ones.
-        vectorized: the stiff methods and the fixed-step implicit Runge-Kutta methods (those
-            with two or more implicit stages: ``radauIIA3``, ``radauIIA5``, ``gl4``, ``gl6``,
+        vectorized: ``radau5`` and the fixed-step implicit Runge-Kutta methods (those with
+            two or more implicit stages: ``radauIIA3``, ``radauIIA5``, ``gl4``, ``gl6``,
             ``sdirk2``): ``f`` also takes several states stacked along a new leading
             dimension, as ``f(u, p, t)`` with ``u`` of shape ``[m, *u0.shape]`` and ``t`` a
             tensor ``[m, 1, ..., 1]`` (one time per state, broadcasting against ``u``, in the
@@ -279,12 +247,10 @@ def solve(
             iteration's cost of ``f`` drops up to 3x. An ``f`` written with ``u[..., i]`` and
             ``torch.stack(..., dim=-1)`` is vectorized; one written with ``u[i]`` is not. The
             first stack of distinct states is checked against ``f`` on each state (one more
-            evaluation per state; ValueError when they differ beyond rounding; the other stiff
-            methods, which stack only copies of one state, check three states near ``u0``
-            before the solve). Autograd Jacobians then take one reverse pass through one call
-            on ``n`` copies of the state (no vmap; ``n`` evaluations in ``nfe``): for the
-            Rosenbrock and ESDIRK methods that is all ``vectorized`` changes.
-            ``stats.nstacked`` counts the stacked calls (``nfe`` counts the states). Gradients
+            evaluation per state; ValueError when they differ beyond rounding). Autograd
+            Jacobians then take one reverse pass through one call on ``n`` copies of the state
+            (no vmap; ``n`` evaluations in ``nfe``). ``stats.nstacked`` counts the stacked
+            calls (``nfe`` counts the states). Gradients
             are unchanged: every mode differentiates the same stages. A native ``f``
             (:class:`MLP`, a TorchScript module) must then ignore ``t``.
         max_order: Adams methods only: the highest order the step history may reach, 1 to 12
@@ -420,14 +386,11 @@ def solve(
 
     if not isinstance(vectorized, bool):
         raise TypeError(f"vectorized must be a bool, got {type(vectorized).__name__}")
-    stiff = solver in _C.stiff_methods()
-    if vectorized and not stiff and solver not in _IMPLICIT_FIXED:
+    if vectorized and solver != "radau5" and solver not in _IMPLICIT_FIXED:
         raise ValueError(
-            "vectorized is used by the stiff methods and the fixed-step implicit Runge-Kutta "
-            f"methods only (stages or Jacobians from one call of f), not by {solver!r}"
+            "vectorized is used by radau5 and the fixed-step implicit Runge-Kutta methods only "
+            f"(their stages evaluated in one call of f), not by {solver!r}"
         )
-    if vectorized and isinstance(prob, SplitODEProblem) and solver == "kencarp4":
-        raise ValueError("vectorized=True is not supported for kencarp4 on a SplitODEProblem")
 
     adams = solver in _C.adams_methods()
     implicit_fixed = solver in _IMPLICIT_FIXED
@@ -485,11 +448,6 @@ def solve(
 
             def stacked_rhs(t: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
                 return f(u, p, t)
-
-            if stiff and solver != "radau5":
-                # These call the stacked f only on copies of one state (for Jacobians), where
-                # an f that mixes rows could still agree: checked once here instead.
-                _check_vectorized(f, state, p, span[0])
 
     if _adjoint is not None:
         options, params = _adjoint[0], _adjoint[1]
