@@ -158,7 +158,10 @@ struct SolveOptions {
   // solve is checked against f on each state (more evaluations, counted; ValueError when they
   // differ beyond rounding). Autograd Jacobians (not recorded) then take one reverse pass through
   // one call on n copies of the state (n the block size; n evaluations in nfe). Stats::nstacked
-  // counts its calls (nfe counts the states). Other methods ignore it. Empty: one call per stage.
+  // counts its calls (nfe counts the states). The Rosenbrock and ESDIRK methods, given it, take
+  // their Jacobians that way too, with no check (they stack only copies of one state; Python's
+  // solve does not pass it to them: measured, it bought them nothing); the explicit methods
+  // ignore it. Empty: one call per stage.
   StackedDynamics stacked;
   // f on host arrays (see HostDynamics): explicit methods run on it when the solve records nothing,
   // the state is small and on the CPU, and norm is the default; empty: always tensors.
