@@ -215,6 +215,10 @@ torch::Tensor lincomb(const torch::Tensor& u, const std::vector<torch::Tensor>& 
     if (out.defined()) return out;
   }
   if (dual) return combine_out_of_place(terms, weights);
+  // Recorded on plain CPU terms: the node without the dispatcher (the same values and gradients
+  // as the registered operator's, at a fraction of its cost per stage).
+  if (record && fusable(terms, torch::Tensor()))
+    return kernels::lincomb_recorded(terms, std::move(weights));
   // For benchmarks only (as solve.cpp's bench_unfused): the unrecorded combination called
   // directly, as before the registered operator.
   static const bool unfused = [] {

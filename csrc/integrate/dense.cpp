@@ -2,6 +2,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "core/autograd_node.h"
 #include "core/host_copy.h"
 #include "core/lincomb.h"
 #include "diffeqlayers/solve.h"
@@ -75,6 +76,55 @@ torch::Tensor interpolate(const Tableau& tab, const DenseStep& step, double thet
   return lincomb(tab.has_dense() ? step.u0 : torch::Tensor(), interpolation_terms(tab, step), w);
 }
 
+namespace {
+
+// The backward of save points interpolated in one step, rows = W [m, n] times the n terms (plus
+// the base u0 for an interpolant on the stages): term j gets sum_i W[i, j] g[i], the base the sum
+// of the rows of g. The products MmBackward would take, in one node.
+struct InterpolationNode : public torch::autograd::Node {
+  InterpolationNode(torch::Tensor w, bool base) : w_(std::move(w)), base_(base) {}
+  std::string name() const override { return "diffeqlayers::InterpolationBackward"; }
+  torch::autograd::variable_list apply(torch::autograd::variable_list&& grad_out) override {
+    const int64_t n = w_.size(1);
+    torch::autograd::variable_list grads(static_cast<size_t>(n) + (base_ ? 1 : 0));
+    const torch::Tensor& g = grad_out[0];
+    if (!g.defined()) return grads;
+    const torch::Tensor g2 = g.reshape({w_.size(0), -1});
+    const auto shape = g.sizes().slice(1);
+    const torch::Tensor gk = at::mm(w_.t(), g2);
+    for (int64_t j = 0; j < n; ++j)
+      if (should_compute_output(static_cast<size_t>(j)))
+        grads[static_cast<size_t>(j)] = gk.select(0, j).view(shape);
+    if (base_ && should_compute_output(static_cast<size_t>(n)))
+      grads.back() = g2.sum(0).view(shape);
+    return grads;
+  }
+  void release_variables() override { w_.reset(); }
+
+ private:
+  torch::Tensor w_;  // [m, n], no grad
+  bool base_;
+};
+
+// Whether autograd records a function of these terms (and `base`, when defined), and all are
+// contiguous CPU float/double tensors of one shape and dtype without tangents.
+bool records_plain_cpu(const std::vector<torch::Tensor>& terms, const torch::Tensor& base) {
+  if (!at::GradMode::is_enabled()) return false;
+  const auto dtype = terms[0].scalar_type();
+  if (dtype != at::kFloat && dtype != at::kDouble) return false;
+  bool any = false;
+  auto ok = [&](const torch::Tensor& t) {
+    any = any || t.requires_grad();
+    return plain_cpu(t, dtype) && t.is_contiguous() && t.sizes() == terms[0].sizes();
+  };
+  for (const auto& t : terms)
+    if (!ok(t)) return false;
+  if (base.defined() && !ok(base)) return false;
+  return any;
+}
+
+}  // namespace
+
 torch::Tensor interpolate_many(const Tableau& tab, const DenseStep& step,
                                const std::vector<double>& thetas) {
   const int64_t m = static_cast<int64_t>(thetas.size());
@@ -119,6 +169,21 @@ torch::Tensor interpolate_many(const Tableau& tab, const DenseStep& step,
       }
       return make_dual(primal, tangent, parts.level);
     }
+  }
+  // Recorded, on plain CPU terms: the same products computed unrecorded, and one node for them
+  // (InterpolationNode) instead of the five of the stack, the views, the product and the sum.
+  if (records_plain_cpu(terms, own ? u0 : torch::Tensor())) {
+    torch::Tensor out = at::empty(shape, u0.options());
+    {
+      at::NoGradGuard no_grad;
+      torch::Tensor rows = out.view({m, -1});
+      at::mm_out(rows, W, at::stack(terms).reshape({ns, -1}));
+      if (own) rows.add_(u0.reshape({1, -1}));
+    }
+    std::vector<torch::Tensor> inputs = terms;
+    if (own) inputs.push_back(u0);
+    detail::record_node(out, detail::make_node<InterpolationNode>(W, own), inputs);
+    return out;
   }
   return combine(terms, u0).reshape(shape);
 }

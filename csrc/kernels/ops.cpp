@@ -12,12 +12,18 @@
 #include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/record_function.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 #include <cmath>
+#include <functional>
 #include <limits>
+#include <string>
+#include <utility>
+#include <vector>
 
+#include "core/autograd_node.h"
 #include "core/host_copy.h"
 #include "core/host_loops.h"
 #include "core/lincomb.h"
@@ -26,6 +32,8 @@ namespace diffeqlayers::kernels {
 namespace {
 
 using detail::error_sum_sq;
+using detail::make_node;
+using detail::record_node;
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
@@ -167,6 +175,62 @@ void lincomb_into_meta(const std::optional<torch::Tensor>& y, at::TensorList ks,
                     " but the result has shape ", c10::SymIntArrayRef(g.shape));
 }
 
+// The gradients of a combination sum_j w_j terms_j: w_j * g for each term (g itself where w_j is
+// 1), undefined where `wanted` says the caller needs none (or g is undefined). Shared by the
+// registered operator's node (LinComb) and the solver's direct one (LinCombNode).
+variable_list lincomb_grads(const torch::Tensor& g, const std::vector<double>& w,
+                            const std::function<bool(size_t)>& wanted) {
+  variable_list grads(w.size());
+  if (!g.defined()) return grads;
+  // A contiguous CPU float/double grad that records nothing (no create_graph): each g * w_j by
+  // a host loop into a fresh tensor, w_j rounded to g's dtype as ATen's product rounds it (the
+  // same bits). The ATen route below (a weight tensor from host data, a broadcast product, an
+  // unbind) cost 4-5x the arithmetic here on small states: with the foundation's small neural
+  // ODE a quarter of the solver's share of a diffeq_rd training step.
+  const auto dtype = g.scalar_type();
+  if ((dtype == at::kFloat || dtype == at::kDouble) && plain_cpu(g, dtype) && g.is_contiguous() &&
+      !(at::GradMode::is_enabled() && g.requires_grad())) {
+    AT_DISPATCH_FLOATING_TYPES(dtype, "diffeqlayers_lincomb_backward", [&] {
+      const scalar_t* src = g.const_data_ptr<scalar_t>();
+      const int64_t numel = g.numel();
+      for (size_t j = 0; j < w.size(); ++j) {
+        if (!wanted(j)) continue;
+        if (w[j] == 1.0) {
+          grads[j] = g;
+          continue;
+        }
+        torch::Tensor out = at::empty(g.sizes(), g.options());
+        scalar_t* dst = out.mutable_data_ptr<scalar_t>();
+        const auto c = static_cast<scalar_t>(w[j]);
+        at::parallel_for(0, numel, 32768, [&](int64_t begin, int64_t end) {
+          for (int64_t i = begin; i < end; ++i) dst[i] = src[i] * c;
+        });
+        grads[j] = std::move(out);
+      }
+    });
+    return grads;
+  }
+  // Traced (fake or functional tensors: torch.compile, opcheck): a tensor built from host data
+  // has no place there, so one product per term.
+  if (g.key_set().has(c10::DispatchKey::Python) ||
+      g.key_set().has(c10::DispatchKey::Functionalize)) {
+    for (size_t j = 0; j < w.size(); ++j)
+      if (wanted(j)) grads[j] = w[j] == 1.0 ? g : at::mul(g, w[j]);
+    return grads;
+  }
+  // Every g * w_j from one broadcast multiplication by the weights in g's dtype: the same
+  // products as separate g * w_j (which round w_j to g's dtype too), without converting a
+  // scalar to a tensor per term, which costs more than the product on small states.
+  const int64_t n = static_cast<int64_t>(w.size());
+  std::vector<int64_t> shape(static_cast<size_t>(g.dim()) + 1, 1);
+  shape[0] = n;
+  torch::Tensor wt = copy_to_device(w.data(), {n}, g.options()).view(shape);
+  std::vector<torch::Tensor> scaled = at::mul(g.unsqueeze(0), wt).unbind(0);
+  for (size_t j = 0; j < w.size(); ++j)
+    if (wanted(j)) grads[j] = w[j] == 1.0 ? g : scaled[j];
+  return grads;
+}
+
 // --- lincomb: autograd -------------------------------------------------------------------------
 
 // One node for the whole combination; its backward hands grad to y and h * w_j * grad to each
@@ -182,63 +246,26 @@ struct LinComb : public torch::autograd::Function<LinComb> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_out) {
-    const torch::Tensor& g = grad_out[0];
     const std::vector<double> w = ctx->saved_data["w"].toDoubleVector();
-    variable_list grads;
-    grads.reserve(w.size() + 1);
-    if (!g.defined()) {
-      grads.resize(w.size() + 1);
-      return grads;
-    }
-    // A contiguous CPU float/double grad that records nothing (no create_graph): each g * w_j by
-    // a host loop into a fresh tensor, w_j rounded to g's dtype as ATen's product rounds it (the
-    // same bits). The ATen route below (a weight tensor from host data, a broadcast product, an
-    // unbind) cost 4-5x the arithmetic here on small states: with the foundation's small neural
-    // ODE a quarter of the solver's share of a diffeq_rd training step.
-    const auto dtype = g.scalar_type();
-    if ((dtype == at::kFloat || dtype == at::kDouble) && plain_cpu(g, dtype) && g.is_contiguous() &&
-        !(at::GradMode::is_enabled() && g.requires_grad())) {
-      AT_DISPATCH_FLOATING_TYPES(dtype, "diffeqlayers_lincomb_backward", [&] {
-        const scalar_t* src = g.const_data_ptr<scalar_t>();
-        const int64_t numel = g.numel();
-        for (double wj : w) {
-          if (wj == 1.0) {
-            grads.push_back(g);
-            continue;
-          }
-          torch::Tensor out = at::empty(g.sizes(), g.options());
-          scalar_t* dst = out.mutable_data_ptr<scalar_t>();
-          const auto c = static_cast<scalar_t>(wj);
-          at::parallel_for(0, numel, 32768, [&](int64_t begin, int64_t end) {
-            for (int64_t i = begin; i < end; ++i) dst[i] = src[i] * c;
-          });
-          grads.push_back(out);
-        }
-      });
-      grads.push_back(torch::Tensor());  // the weights
-      return grads;
-    }
-    // Every g * w_j from one broadcast multiplication by the weights in g's dtype: the same
-    // products as separate g * w_j (which round w_j to g's dtype too), without converting a
-    // scalar to a tensor per term, which costs more than the product on small states.
-    const int64_t n = static_cast<int64_t>(w.size());
-    // Traced (fake or functional tensors: torch.compile, opcheck): a tensor built from host data
-    // has no place there, so one product per term.
-    if (g.key_set().has(c10::DispatchKey::Python) ||
-        g.key_set().has(c10::DispatchKey::Functionalize)) {
-      for (double wj : w) grads.push_back(wj == 1.0 ? g : at::mul(g, wj));
-      grads.push_back(torch::Tensor());
-      return grads;
-    }
-    std::vector<int64_t> shape(static_cast<size_t>(g.dim()) + 1, 1);
-    shape[0] = n;
-    torch::Tensor wt = copy_to_device(w.data(), {n}, g.options()).view(shape);
-    std::vector<torch::Tensor> scaled = at::mul(g.unsqueeze(0), wt).unbind(0);
-    for (int64_t j = 0; j < n; ++j)
-      grads.push_back(w[static_cast<size_t>(j)] == 1.0 ? g : scaled[static_cast<size_t>(j)]);
-    grads.push_back(torch::Tensor());  // the weights
+    variable_list grads = lincomb_grads(grad_out[0], w, [](size_t) { return true; });
+    grads.emplace_back();  // the weights
     return grads;
   }
+};
+
+// The same node without the dispatcher and the custom-Function machinery, for the solver's own
+// combinations of plain CPU terms (lincomb_recorded): a node per stage is most of the unrolled
+// graph of a small f, and the generic route (two dispatches, the terms checked twice, the
+// weights boxed into the context) cost more than the arithmetic and the node together.
+struct LinCombNode : public torch::autograd::Node {
+  explicit LinCombNode(std::vector<double> w) : w_(std::move(w)) {}
+  std::string name() const override { return "diffeqlayers::LinCombBackward"; }
+  variable_list apply(variable_list&& grad_out) override {
+    return lincomb_grads(grad_out[0], w_, [this](size_t j) { return should_compute_output(j); });
+  }
+
+ private:
+  std::vector<double> w_;
 };
 
 bool any_requires_grad(const std::optional<torch::Tensor>& y, at::TensorList ks) {
@@ -498,6 +525,13 @@ torch::Tensor error_norm(at::TensorList ks, at::ArrayRef<double> weights, double
                          const torch::Tensor& y0, const torch::Tensor& y1, double atol,
                          double rtol) {
   return error_norm_op().call(ks, weights, h, y0, y1, atol, rtol);
+}
+
+torch::Tensor lincomb_recorded(at::TensorList terms, std::vector<double> weights) {
+  RECORD_FUNCTION("diffeqlayers::lincomb", std::vector<c10::IValue>());
+  torch::Tensor out = combine_terms(terms, weights);
+  record_node(out, make_node<LinCombNode>(std::move(weights)), terms);
+  return out;
 }
 
 }  // namespace diffeqlayers::kernels

@@ -5,6 +5,7 @@
 #include <torch/types.h>
 
 #include <optional>
+#include <vector>
 
 namespace diffeqlayers::kernels {
 
@@ -19,6 +20,12 @@ torch::Tensor lincomb(const std::optional<torch::Tensor>& y, at::TensorList ks,
 // must have the result's shape, dtype and device and overlap no input. No autograd.
 void lincomb_into(const std::optional<torch::Tensor>& y, at::TensorList ks,
                   at::ArrayRef<double> weights, double h, const torch::Tensor& out);
+
+// The combination sum_j weights[j] * terms[j] recorded by autograd as one node, without the
+// dispatcher: for the solver's combinations when a term requires grad and all are contiguous CPU
+// float/double tensors of one shape and dtype with no tangents (the caller checks; the result
+// equals lincomb's bitwise, and so does the gradient).
+torch::Tensor lincomb_recorded(at::TensorList terms, std::vector<double> weights);
 
 // diffeqlayers::error_norm(Tensor[] ks, float[] weights, float h, Tensor y0, Tensor y1,
 // float atol, float rtol) -> Tensor: the RMS norm of the scaled error estimate of a step,

@@ -421,3 +421,68 @@ def test_t0_and_saveat_gradients_together():
     # rk4 at h = 0.01: ~1e-10.
     assert abs(float(g0) - sum(e)) <= 1e-9
     assert max_abs_err(gs, -torch.tensor(e, dtype=torch.float64)) <= 1e-9
+
+
+# ----------------------------------------------------------------------------------------------
+# The solver's own autograd nodes
+# ----------------------------------------------------------------------------------------------
+
+
+def _node_names(out: torch.Tensor) -> set[str]:
+    seen, names, todo = set(), set(), [out.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(node.name())
+        todo.extend(nxt for nxt, _ in node.next_functions)
+    return names
+
+
+@pytest.mark.parametrize("method", ["dopri5", "rk4"])  # own interpolant, cubic Hermite
+def test_direct_nodes_match_the_registered_operator(method):
+    # On plain CPU stages the solver records its combinations and interpolations as nodes made
+    # directly (diffeqlayers::LinCombBackward, InterpolationBackward); stages the direct path
+    # does not take (here non-contiguous ones: f returns a transposed view) go through the
+    # registered operator diffeqlayers::lincomb and ATen's ops. Both must differentiate alike.
+    a = torch.tensor([[-0.5, 1.0], [-1.0, -0.3]], dtype=torch.float64)
+    u0 = torch.tensor([[1.0, 0.2], [-0.4, 0.7]], dtype=torch.float64)
+    kwargs = {"dt": 0.05} if method == "rk4" else {"rtol": 1e-8, "atol": 1e-10}
+
+    def grads(transposed: bool):
+        p = a.clone().requires_grad_()
+        x0 = u0.clone().requires_grad_()
+
+        def f(u, p, t):
+            out = (p @ u).t().contiguous()
+            return out.t() if transposed else out.t().contiguous()
+
+        prob = dl.ODEProblem(f, x0, (0.0, 1.0), p)
+        sol = dl.solve(prob, method, saveat=[0.31, 0.77, 1.0], **kwargs)
+        names = _node_names(sol.u)
+        loss = sol.u * torch.linspace(-1, 1, sol.u.numel(), dtype=torch.float64).view_as(sol.u)
+        gp, gx = torch.autograd.grad(loss.sum(), [p, x0])
+        return names, gp, gx
+
+    direct, gp_d, gx_d = grads(False)
+    generic, gp_g, gx_g = grads(True)
+    assert {"diffeqlayers::LinCombBackward", "diffeqlayers::InterpolationBackward"} <= direct
+    assert "diffeqlayers::LinCombBackward" not in generic
+    assert "diffeqlayers::InterpolationBackward" not in generic
+    assert torch.allclose(gp_d, gp_g, rtol=1e-12, atol=1e-13)
+    assert torch.allclose(gx_d, gx_g, rtol=1e-12, atol=1e-13)
+
+
+def test_long_recorded_chain_is_freed():
+    # 100 000 recorded steps: a chain of 100 000 direct nodes, freed when the solution goes (the
+    # graph is torn down without recursion, or this would overflow the stack); its gradient is
+    # the exact one of the discrete map, (1 - p dt)^n.
+    p = torch.tensor([0.5], dtype=torch.float64, requires_grad=True)
+    prob = dl.ODEProblem(lambda u, p, t: -p * u, torch.ones(1, dtype=torch.float64), (0.0, 1.0), p)
+    sol = dl.solve(prob, "euler", dt=1e-5, saveat=[1.0], max_num_steps=200_000)
+    assert sol.stats.naccept == 100_000
+    (g,) = torch.autograd.grad(sol.u.sum(), p)
+    n, dt = 100_000, 1e-5
+    assert torch.allclose(g, torch.tensor([-n * dt * (1 - 0.5 * dt) ** (n - 1)], dtype=p.dtype))
+    del sol
