@@ -32,6 +32,34 @@ void combine_loop(scalar_t* out, const std::vector<const scalar_t*>& src,
   }
 }
 
+// The save points inside a step up to this many state elements are interpolated by
+// interpolate_rows_loop, beyond it by one matrix product (the tensor loop and the host loop take
+// the same rule, so that they agree bitwise).
+constexpr int64_t kLoopInterpolationMax = 1024;
+
+// rows[i][e] = sum_j w[i * nt + j] * terms[j][e] for i < m, e < n (nt = terms.size()), then
+// + base[e] when base is given: one product and one addition at a time in term order, base last
+// (as the product's result plus u0 was added before).
+template <typename scalar_t>
+void interpolate_rows_loop(scalar_t* rows, const std::vector<const scalar_t*>& terms,
+                           const scalar_t* w, int64_t m, const scalar_t* base, int64_t n) {
+  const size_t nt = terms.size();
+  for (int64_t i = 0; i < m; ++i) {
+    scalar_t* out = rows + i * n;
+    const scalar_t* wi = w + i * static_cast<int64_t>(nt);
+    const scalar_t* t0 = terms[0];
+    const scalar_t w0 = wi[0];
+    for (int64_t e = 0; e < n; ++e) out[e] = w0 * t0[e];
+    for (size_t j = 1; j < nt; ++j) {
+      const scalar_t* tj = terms[j];
+      const scalar_t wj = wi[j];
+      for (int64_t e = 0; e < n; ++e) out[e] += wj * tj[e];
+    }
+    if (base != nullptr)
+      for (int64_t e = 0; e < n; ++e) out[e] = out[e] + base[e];
+  }
+}
+
 // Sum over [begin, end) of s^2, s = e / (max(|y0|, |y1|) * rtol + atol) with e the combination
 // of the stages taken as combine_loop takes it (so e equals the solver's error estimate
 // bitwise), accumulated in double.

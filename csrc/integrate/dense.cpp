@@ -1,9 +1,13 @@
 // Dense output: interpolation inside one step, and evaluation of a solved trajectory anywhere.
+#include <ATen/Dispatch.h>
+
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 
 #include "core/autograd_node.h"
 #include "core/host_copy.h"
+#include "core/host_loops.h"
 #include "core/lincomb.h"
 #include "diffeqlayers/solve.h"
 #include "integrate/interpolation.h"
@@ -78,50 +82,110 @@ torch::Tensor interpolate(const Tableau& tab, const DenseStep& step, double thet
 
 namespace {
 
-// The backward of save points interpolated in one step, rows = W [m, n] times the n terms (plus
-// the base u0 for an interpolant on the stages): term j gets sum_i W[i, j] g[i], the base the sum
-// of the rows of g. The products MmBackward would take, in one node.
-struct InterpolationNode : public torch::autograd::Node {
-  InterpolationNode(torch::Tensor w, bool base) : w_(std::move(w)), base_(base) {}
-  std::string name() const override { return "diffeqlayers::InterpolationBackward"; }
-  torch::autograd::variable_list apply(torch::autograd::variable_list&& grad_out) override {
-    const int64_t n = w_.size(1);
-    torch::autograd::variable_list grads(static_cast<size_t>(n) + (base_ ? 1 : 0));
-    const torch::Tensor& g = grad_out[0];
-    if (!g.defined()) return grads;
-    const torch::Tensor g2 = g.reshape({w_.size(0), -1});
-    const auto shape = g.sizes().slice(1);
-    const torch::Tensor gk = at::mm(w_.t(), g2);
-    for (int64_t j = 0; j < n; ++j)
-      if (should_compute_output(static_cast<size_t>(j)))
-        grads[static_cast<size_t>(j)] = gk.select(0, j).view(shape);
-    if (base_ && should_compute_output(static_cast<size_t>(n)))
-      grads.back() = g2.sum(0).view(shape);
-    return grads;
-  }
-  void release_variables() override { w_.reset(); }
-
- private:
-  torch::Tensor w_;  // [m, n], no grad
-  bool base_;
-};
-
-// Whether autograd records a function of these terms (and `base`, when defined), and all are
-// contiguous CPU float/double tensors of one shape and dtype without tangents.
-bool records_plain_cpu(const std::vector<torch::Tensor>& terms, const torch::Tensor& base) {
-  if (!at::GradMode::is_enabled()) return false;
+// Whether these terms (and base, when defined) are contiguous CPU float/double tensors of one
+// shape and dtype without tangents, of at most kLoopInterpolationMax elements: the rows are then
+// computed by interpolate_rows_loop, as the host loop computes them.
+bool loop_takes(const std::vector<torch::Tensor>& terms, const torch::Tensor& base) {
   const auto dtype = terms[0].scalar_type();
-  if (dtype != at::kFloat && dtype != at::kDouble) return false;
-  bool any = false;
+  if ((dtype != at::kFloat && dtype != at::kDouble) ||
+      terms[0].numel() > detail::kLoopInterpolationMax)
+    return false;
   auto ok = [&](const torch::Tensor& t) {
-    any = any || t.requires_grad();
     return plain_cpu(t, dtype) && t.is_contiguous() && t.sizes() == terms[0].sizes();
   };
   for (const auto& t : terms)
     if (!ok(t)) return false;
-  if (base.defined() && !ok(base)) return false;
-  return any;
+  return !base.defined() || ok(base);
 }
+
+bool any_records(const std::vector<torch::Tensor>& terms, const torch::Tensor& base) {
+  if (!at::GradMode::is_enabled()) return false;
+  for (const auto& t : terms)
+    if (t.requires_grad()) return true;
+  return base.defined() && base.requires_grad();
+}
+
+// The m rows by interpolate_rows_loop (loop_takes(terms, base)) in a fresh tensor of `shape`
+// (m times the terms' numel elements); w [m, terms] row-major in double, rounded to the dtype as
+// a weight tensor would be.
+torch::Tensor rows_by_loop(const std::vector<double>& w, int64_t m,
+                           const std::vector<torch::Tensor>& terms, const torch::Tensor& base,
+                           at::IntArrayRef shape) {
+  const int64_t n = terms[0].numel();
+  torch::Tensor out = at::empty(shape, terms[0].options());
+  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "diffeqlayers_interpolate", [&] {
+    std::vector<const scalar_t*> src;
+    src.reserve(terms.size());
+    for (const auto& t : terms) src.push_back(t.const_data_ptr<scalar_t>());
+    const std::vector<scalar_t> ws(w.begin(), w.end());
+    detail::interpolate_rows_loop<scalar_t>(
+        out.mutable_data_ptr<scalar_t>(), src, ws.data(), m,
+        base.defined() ? base.const_data_ptr<scalar_t>() : nullptr, n);
+  });
+  return out;
+}
+
+// The backward of the save points interpolated in one step, rows = W [m, n] times the n terms
+// (plus the base u0 for an interpolant on the stages): term j gets sum_i W[i, j] g[i], the base
+// the sum of the rows of g. A contiguous CPU float/double gradient that records nothing takes
+// host loops (rows in order, one product and one addition at a time); others ATen's product.
+struct InterpolationNode : public torch::autograd::Node {
+  InterpolationNode(std::vector<double> w, int64_t m, bool base)
+      : w_(std::move(w)), m_(m), base_(base) {}
+  std::string name() const override { return "diffeqlayers::InterpolationBackward"; }
+
+  torch::autograd::variable_list apply(torch::autograd::variable_list&& grad_out) override {
+    const int64_t n = static_cast<int64_t>(w_.size()) / m_;
+    torch::autograd::variable_list grads(static_cast<size_t>(n) + (base_ ? 1 : 0));
+    const torch::Tensor& g = grad_out[0];
+    if (!g.defined()) return grads;
+    const auto shape = g.sizes().slice(1);
+    auto wanted = [&](int64_t j) { return should_compute_output(static_cast<size_t>(j)); };
+    const auto dtype = g.scalar_type();
+    if ((dtype == at::kFloat || dtype == at::kDouble) && plain_cpu(g, dtype) && g.is_contiguous() &&
+        !(at::GradMode::is_enabled() && g.requires_grad())) {
+      const int64_t len = g.numel() / m_;
+      AT_DISPATCH_FLOATING_TYPES(dtype, "diffeqlayers_interpolate_backward", [&] {
+        const scalar_t* gd = g.const_data_ptr<scalar_t>();
+        for (int64_t j = 0; j < n; ++j) {
+          if (!wanted(j)) continue;
+          torch::Tensor out = at::empty(shape, g.options());
+          scalar_t* o = out.mutable_data_ptr<scalar_t>();
+          for (int64_t i = 0; i < m_; ++i) {
+            const auto wij = static_cast<scalar_t>(w_[static_cast<size_t>(i * n + j)]);
+            const scalar_t* gi = gd + i * len;
+            if (i == 0) {
+              for (int64_t e = 0; e < len; ++e) o[e] = wij * gi[e];
+            } else {
+              for (int64_t e = 0; e < len; ++e) o[e] += wij * gi[e];
+            }
+          }
+          grads[static_cast<size_t>(j)] = std::move(out);
+        }
+        if (base_ && wanted(n)) {
+          torch::Tensor out = at::empty(shape, g.options());
+          scalar_t* o = out.mutable_data_ptr<scalar_t>();
+          std::memcpy(o, gd, sizeof(scalar_t) * static_cast<size_t>(len));
+          for (int64_t i = 1; i < m_; ++i)
+            for (int64_t e = 0; e < len; ++e) o[e] += gd[i * len + e];
+          grads.back() = std::move(out);
+        }
+      });
+      return grads;
+    }
+    const torch::Tensor g2 = g.reshape({m_, -1});
+    const torch::Tensor gk = at::mm(copy_to_device(w_.data(), {m_, n}, g.options()).t(), g2);
+    for (int64_t j = 0; j < n; ++j)
+      if (wanted(j)) grads[static_cast<size_t>(j)] = gk.select(0, j).view(shape);
+    if (base_ && wanted(n)) grads.back() = g2.sum(0).view(shape);
+    return grads;
+  }
+
+ private:
+  std::vector<double> w_;  // [m, n] row-major
+  int64_t m_;
+  bool base_;
+};
 
 }  // namespace
 
@@ -134,14 +198,31 @@ torch::Tensor interpolate_many(const Tableau& tab, const DenseStep& step,
   for (int64_t j = 0; j < m; ++j)
     interpolation_weights(tab, thetas[static_cast<size_t>(j)], step.h, w.data() + j * ns);
   const torch::Tensor& u0 = step.u0;
-  const torch::Tensor W = copy_to_device(w.data(), {m, ns}, u0.options());
   std::vector<int64_t> shape{m};
   for (int64_t d : u0.sizes()) shape.push_back(d);
   const std::vector<torch::Tensor> terms = interpolation_terms(tab, step);
+  const torch::Tensor base = own ? u0 : torch::Tensor();
+  // Small plain CPU terms: host loops, recorded (when autograd records) as one node
+  // (InterpolationNode) instead of the five of a stack, two views, a product and a sum, and
+  // without the product's fixed cost, which exceeds its arithmetic on small states.
+  if (loop_takes(terms, base)) {
+    const bool record = any_records(terms, base);
+    torch::Tensor out = rows_by_loop(w, m, terms, base, shape);
+    if (record) {
+      std::vector<torch::Tensor> inputs = terms;
+      if (own) inputs.push_back(u0);
+      detail::record_node(out, detail::make_node<InterpolationNode>(std::move(w), m, own), inputs);
+    }
+    return out;
+  }
+  const torch::Tensor W = copy_to_device(w.data(), {m, ns}, u0.options());
   // Stack the stages as they are and flatten once: two view nodes per step, not one per stage.
-  auto combine = [&](const std::vector<torch::Tensor>& ks, const torch::Tensor& base) {
+  // Terms the loop takes (the primals of duals here) are combined as in the plain case.
+  auto combine = [&](const std::vector<torch::Tensor>& ks, const torch::Tensor& b) {
+    if (!any_records(ks, b) && loop_takes(ks, own ? b : torch::Tensor()))
+      return rows_by_loop(w, m, ks, own ? b : torch::Tensor(), {m, ks[0].numel()});
     torch::Tensor out = at::mm(W, at::stack(ks).reshape({ns, -1}));  // [m, N] ([m, K N])
-    if (own) out = out + base.reshape({1, -1});
+    if (own) out = out + b.reshape({1, -1});
     return out;
   };
   // Forward mode without recording: primals and tangents interpolated apart (as lincomb does),
@@ -169,21 +250,6 @@ torch::Tensor interpolate_many(const Tableau& tab, const DenseStep& step,
       }
       return make_dual(primal, tangent, parts.level);
     }
-  }
-  // Recorded, on plain CPU terms: the same products computed unrecorded, and one node for them
-  // (InterpolationNode) instead of the five of the stack, the views, the product and the sum.
-  if (records_plain_cpu(terms, own ? u0 : torch::Tensor())) {
-    torch::Tensor out = at::empty(shape, u0.options());
-    {
-      at::NoGradGuard no_grad;
-      torch::Tensor rows = out.view({m, -1});
-      at::mm_out(rows, W, at::stack(terms).reshape({ns, -1}));
-      if (own) rows.add_(u0.reshape({1, -1}));
-    }
-    std::vector<torch::Tensor> inputs = terms;
-    if (own) inputs.push_back(u0);
-    detail::record_node(out, detail::make_node<InterpolationNode>(W, own), inputs);
-    return out;
   }
   return combine(terms, u0).reshape(shape);
 }

@@ -300,22 +300,33 @@ Solution run(const HostFunctions<T>& hf, const Dynamics& f, const Tableau& tab,
         // conversion op per step.
         wt.resize(w.size());
         for (size_t e = 0; e < w.size(); ++e) wt[e] = static_cast<T>(w[e]);
-        const torch::Tensor W = torch::from_blob(wt.data(), {m, nw}, opts);
-        const T* terms = kb;
-        if (!tab.has_dense()) {
-          const T* basis[4] = {u.data(), unew.data(), k(0), knew};
-          for (int64_t j = 0; j < 4; ++j)
-            std::memcpy(hermite.data() + j * n, basis[j], sizeof(T) * static_cast<size_t>(n));
-          terms = hermite.data();
-        }
-        const torch::Tensor R =
-            at::mm(W, torch::from_blob(const_cast<T*>(terms), {nw, n}, opts)).contiguous();
-        const T* r = R.const_data_ptr<T>();
         T* dst = out_data + (static_cast<int64_t>(out_t.size()) - m) * n;
-        if (tab.has_dense()) {
-          for (int64_t e = 0; e < m * n; ++e) dst[e] = r[e] + u[static_cast<size_t>(e % n)];
+        if (n <= kLoopInterpolationMax) {
+          std::vector<const T*> terms;
+          if (tab.has_dense()) {
+            for (int64_t j = 0; j < nw; ++j) terms.push_back(kb + j * n);
+          } else {
+            terms = {u.data(), unew.data(), k(0), knew};
+          }
+          interpolate_rows_loop<T>(dst, terms, wt.data(), m, tab.has_dense() ? u.data() : nullptr,
+                                   n);
         } else {
-          std::memcpy(dst, r, sizeof(T) * static_cast<size_t>(m * n));
+          const torch::Tensor W = torch::from_blob(wt.data(), {m, nw}, opts);
+          const T* terms = kb;
+          if (!tab.has_dense()) {
+            const T* basis[4] = {u.data(), unew.data(), k(0), knew};
+            for (int64_t j = 0; j < 4; ++j)
+              std::memcpy(hermite.data() + j * n, basis[j], sizeof(T) * static_cast<size_t>(n));
+            terms = hermite.data();
+          }
+          const torch::Tensor R =
+              at::mm(W, torch::from_blob(const_cast<T*>(terms), {nw, n}, opts)).contiguous();
+          const T* r = R.const_data_ptr<T>();
+          if (tab.has_dense()) {
+            for (int64_t e = 0; e < m * n; ++e) dst[e] = r[e] + u[static_cast<size_t>(e % n)];
+          } else {
+            std::memcpy(dst, r, sizeof(T) * static_cast<size_t>(m * n));
+          }
         }
       }
       if (save_idx < saveat.size() && saveat[save_idx] == tnew) {

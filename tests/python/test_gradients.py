@@ -486,3 +486,24 @@ def test_long_recorded_chain_is_freed():
     n, dt = 100_000, 1e-5
     assert torch.allclose(g, torch.tensor([-n * dt * (1 - 0.5 * dt) ** (n - 1)], dtype=p.dtype))
     del sol
+
+
+@pytest.mark.parametrize("method", ["dopri5", "rk4"])
+def test_save_points_agree_across_the_interpolation_loops_size_limit(method):
+    # Save points inside a step are interpolated by a host loop up to 1024 state elements and by
+    # a matrix product beyond: an uncoupled system solved whole (1100 elements) and its first 8
+    # components alone, on the same fixed steps, give the same save points and gradients.
+    a = torch.tensor(0.8, dtype=torch.float64)
+    big0 = torch.linspace(0.5, 1.5, 1100, dtype=torch.float64)
+
+    def run(u0):
+        p = a.clone().requires_grad_()
+        prob = dl.ODEProblem(lambda u, p, t: -p * u + torch.sin(u), u0, (0.0, 1.0), p)
+        sol = dl.solve(prob, method, dt=0.1, adaptive=False, saveat=[0.23, 0.55, 0.61, 1.0])
+        (g,) = torch.autograd.grad(sol.u[:, :8].sum(), p)
+        return sol.u[:, :8].detach(), g
+
+    u_big, g_big = run(big0)
+    u_small, g_small = run(big0[:8].clone())
+    assert torch.allclose(u_big, u_small, rtol=1e-14, atol=1e-15)
+    assert torch.allclose(g_big, g_small, rtol=1e-13, atol=1e-15)
