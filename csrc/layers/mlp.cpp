@@ -2,6 +2,8 @@
 #include "diffeqlayers/mlp.h"
 
 #include <ATen/Dispatch.h>
+#include <ATen/record_function.h>
+#include <torch/csrc/autograd/saved_variable.h>
 
 #include <algorithm>
 #include <cmath>
@@ -11,6 +13,7 @@
 #include <type_traits>
 #include <utility>
 
+#include "core/autograd_node.h"
 #include "core/lincomb.h"
 
 namespace diffeqlayers {
@@ -78,7 +81,7 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& w, const torch
 // For the sizes neural ODEs use (2 -> 50 -> 2), the generic path above pays a dispatch, an
 // allocation and, when a gradient is recorded, an autograd node for every op (pow, addmv, tanh,
 // addmv): far more than its few hundred multiply-adds, forward and backward. Here one evaluation
-// is one loop nest and, when recorded, one autograd node (MLPEval) whose backward returns the
+// is one loop nest and, when recorded, one autograd node (MLPEvalNode) whose backward returns the
 // gradients of the input and of every weight from saved activations. The choice depends only on
 // the tensors (never on grad mode), so that recorded and unrecorded solves, and an adjoint's
 // replays, evaluate f with the same arithmetic. Forward-mode duals, functorch wrappers, CUDA,
@@ -461,105 +464,81 @@ torch::Tensor generic_forward(const MLPSpec& spec, at::TensorList params, double
   return x;
 }
 
-// What the backward needs besides tensors: the architecture and t, in one saved entry.
-std::vector<double> pack_spec(const MLPSpec& spec, double t) {
-  std::vector<double> v{t, spec.input_power, spec.time_input ? 1.0 : 0.0, spec.bias ? 1.0 : 0.0};
-  for (int64_t s : spec.sizes) v.push_back(static_cast<double>(s));
-  return v;
-}
-
-MLPSpec unpack_spec(const std::vector<double>& v, const std::vector<Activation>& acts, double* t) {
-  MLPSpec spec;
-  *t = v[0];
-  spec.input_power = v[1];
-  spec.time_input = v[2] != 0.0;
-  spec.bias = v[3] != 0.0;
-  for (size_t i = 4; i < v.size(); ++i) spec.sizes.push_back(static_cast<int64_t>(v[i]));
-  spec.activations = acts;
-  return spec;
-}
-
-// Non-tensor argument of MLPEval (a struct, so that the argument extractor does not expand it).
-struct EvalArgs {
-  const MLPSpec* spec;
-  double t;
-};
-
-// One evaluation as one autograd node: forward by host loops (keeping x, z and h per row),
-// backward the vector-Jacobian product for u and every weight by host loops. Under create_graph
-// (grad mode on in the backward) it differentiates the generic path instead, so that higher
-// derivatives are recorded.
-struct MLPEval : public torch::autograd::Function<MLPEval> {
-  using AutogradContext = torch::autograd::AutogradContext;
+// One evaluation as one autograd node, made directly (no custom-Function machinery: with the
+// MLP this small, its boxing of the spec and saved tensors cost as much as the evaluation): the
+// forward by host loops keeps x, z and h per row (ws), the backward is the vector-Jacobian
+// product for u and every weight by host loops. Under create_graph (grad mode on in the
+// backward) it differentiates the generic path instead, so that higher derivatives are
+// recorded. Inputs: u, then the weights.
+struct MLPEvalNode : public torch::autograd::Node {
   using variable_list = torch::autograd::variable_list;
 
-  static torch::Tensor forward(AutogradContext* ctx, const EvalArgs& args, const torch::Tensor& u,
-                               at::TensorList params) {
-    const MLPSpec& spec = *args.spec;
-    torch::Tensor ws;
-    torch::Tensor y = host_forward(spec, params, args.t, u, /*keep=*/true, &ws);
-    ctx->saved_data["spec"] = pack_spec(spec, args.t);
-    std::vector<int64_t> acts;
-    for (Activation a : spec.activations) acts.push_back(static_cast<int64_t>(a));
-    ctx->saved_data["acts"] = acts;
-    std::vector<torch::Tensor> saved;
-    saved.reserve(params.size() + 2);
-    saved.push_back(u);
-    saved.insert(saved.end(), params.begin(), params.end());
-    saved.push_back(ws);
-    ctx->save_for_backward(saved);
-    return y;
+  MLPEvalNode(const MLPSpec& spec, double t, const torch::Tensor& u, at::TensorList params,
+              torch::Tensor ws)
+      : spec_(spec), t_(t), u_(u, /*is_output=*/false), ws_(std::move(ws)) {
+    params_.reserve(params.size());
+    for (const auto& w : params) params_.emplace_back(w, /*is_output=*/false);
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grad_out) {
-    std::vector<Activation> acts;
-    for (int64_t a : ctx->saved_data["acts"].toIntVector())
-      acts.push_back(static_cast<Activation>(a));
-    double t = 0.0;
-    const MLPSpec spec = unpack_spec(ctx->saved_data["spec"].toDoubleVector(), acts, &t);
-    variable_list saved = ctx->get_saved_variables();
-    const torch::Tensor u = saved[0];
-    const std::vector<torch::Tensor> params(saved.begin() + 1, saved.end() - 1);
-    const torch::Tensor ws = saved.back();
-    const size_t np = params.size();
-    variable_list grads(np + 2);  // [args, u, params...]
+  std::string name() const override { return "diffeqlayers::MLPBackward"; }
+
+  void release_variables() override {
+    u_.reset_data();
+    for (auto& w : params_) w.reset_data();
+    ws_.reset();
+  }
+
+  variable_list apply(variable_list&& grad_out) override {
+    const size_t np = params_.size();
+    variable_list grads(np + 1);  // [u, params...]
     const torch::Tensor& g = grad_out[0];
     if (!g.defined()) return grads;
-    // needs_input_grad counts the tensor inputs only: u is 0, params[i] is i + 1.
-    const bool need_u = ctx->needs_input_grad(0);
+    // Unpacked (checked against in-place changes since the forward) only when a gradient flows.
+    const torch::Tensor u = u_.unpack();
+    std::vector<torch::Tensor> params;
+    params.reserve(np);
+    for (const auto& w : params_) params.push_back(w.unpack());
+    const bool need_u = should_compute_output(0);
     if (at::GradMode::is_enabled()) {
       // create_graph: the generic path's graph, recorded, differentiated.
       std::vector<torch::Tensor> inputs;
       std::vector<size_t> where;
       if (need_u) {
         inputs.push_back(u);
-        where.push_back(1);
+        where.push_back(0);
       }
       for (size_t i = 0; i < np; ++i)
-        if (ctx->needs_input_grad(i + 1)) {
+        if (should_compute_output(i + 1)) {
           inputs.push_back(params[i]);
-          where.push_back(i + 2);
+          where.push_back(i + 1);
         }
       if (inputs.empty()) return grads;
-      torch::Tensor y = generic_forward(spec, params, t, u);
+      torch::Tensor y = generic_forward(spec_, params, t_, u);
       variable_list d = torch::autograd::grad({y}, inputs, {g}, /*retain_graph=*/true,
                                               /*create_graph=*/true, /*allow_unused=*/true);
       for (size_t k = 0; k < d.size(); ++k) {
         const size_t i = where[k];
-        const torch::Tensor& ref = i == 1 ? u : params[i - 2];
+        const torch::Tensor& ref = i == 0 ? u : params[i - 1];
         grads[i] = d[k].defined() ? d[k] : at::zeros_like(ref);
       }
       return grads;
     }
     std::vector<bool> need_w(np);
-    for (size_t i = 0; i < np; ++i) need_w[i] = ctx->needs_input_grad(i + 1);
+    for (size_t i = 0; i < np; ++i) need_w[i] = should_compute_output(i + 1);
     torch::Tensor du;
     std::vector<torch::Tensor> dparams;
-    host_vjp(spec, params, u, ws, g, need_u, need_w, &du, &dparams);
-    if (need_u) grads[1] = du;
-    for (size_t i = 0; i < np; ++i) grads[i + 2] = dparams[i];
+    host_vjp(spec_, params, u, ws_, g, need_u, need_w, &du, &dparams);
+    if (need_u) grads[0] = du;
+    for (size_t i = 0; i < np; ++i) grads[i + 1] = dparams[i];
     return grads;
   }
+
+ private:
+  MLPSpec spec_;
+  double t_;
+  torch::autograd::SavedVariable u_;
+  std::vector<torch::autograd::SavedVariable> params_;
+  torch::Tensor ws_;  // the forward's activations per row (no grad)
 };
 
 }  // namespace
@@ -676,7 +655,15 @@ torch::Tensor mlp_forward(const MLPSpec& spec, at::TensorList params, double t,
   bool record = at::GradMode::is_enabled() && u.requires_grad();
   for (const auto& w : params) record = record || (at::GradMode::is_enabled() && w.requires_grad());
   if (!record) return host_forward(spec, params, t, u, /*keep=*/false, nullptr);
-  return MLPEval::apply(EvalArgs{&spec, t}, u, params);
+  RECORD_FUNCTION("diffeqlayers::mlp", std::vector<c10::IValue>());
+  torch::Tensor ws;
+  torch::Tensor y = host_forward(spec, params, t, u, /*keep=*/true, &ws);
+  std::vector<torch::Tensor> inputs;
+  inputs.reserve(params.size() + 1);
+  inputs.push_back(u);
+  inputs.insert(inputs.end(), params.begin(), params.end());
+  detail::record_node(y, detail::make_node<MLPEvalNode>(spec, t, u, params, std::move(ws)), inputs);
+  return y;
 }
 
 namespace {

@@ -87,17 +87,20 @@ def test_one_node_per_small_evaluation_and_generic_ops_otherwise():
     mlp = make("tanh", power=3.0)
     x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
     y = mlp(x)
-    assert "MLPEval" in y.grad_fn.name()
+    assert y.grad_fn.name() == "diffeqlayers::MLPBackward"
     # Its inputs are x and the weights themselves: no other node in between.
     nexts = [fn for fn, _ in y.grad_fn.next_functions]
     assert all(type(fn).__name__ == "AccumulateGrad" for fn in nexts)
     assert len(nexts) == 1 + len(list(mlp.parameters()))
     # float32 too.
-    assert "MLPEval" in mlp.float()(x.detach().float().requires_grad_()).grad_fn.name()
+    assert (
+        mlp.float()(x.detach().float().requires_grad_()).grad_fn.name()
+        == "diffeqlayers::MLPBackward"
+    )
     mlp.double()
     # A large batch goes to BLAS through the generic path.
     big = torch.randn(4000, 3, dtype=torch.float64, requires_grad=True)
-    assert "MLPEval" not in mlp(big).grad_fn.name()
+    assert "MLPBackward" not in mlp(big).grad_fn.name()
     # Nothing recorded: no node at all.
     with torch.no_grad():
         assert mlp(x).grad_fn is None
@@ -115,6 +118,23 @@ def test_large_batches_take_the_generic_path_with_equal_results():
     torch.testing.assert_close(gx, gx_twin, rtol=1e-12, atol=1e-12)
 
 
+def test_a_weight_changed_in_place_before_backward_is_refused():
+    # The node keeps its inputs as saved variables: an in-place change of one between the
+    # forward and the backward (an optimizer step in between, say) fails loudly instead of
+    # differentiating with the new values; the same holds after backward freed them.
+    mlp = make("tanh", power=3.0)
+    x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    y = mlp(x)
+    with torch.no_grad():
+        mlp.layers[0].weight.add_(0.1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+    y = mlp(x)
+    y.sum().backward()
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        y.sum().backward()
+
+
 def test_only_the_inputs_that_require_grad_get_gradients():
     mlp = make("gelu", power=3.0)
     twin, f_twin = twin_of(mlp)
@@ -123,7 +143,7 @@ def test_only_the_inputs_that_require_grad_get_gradients():
     mlp.layers[1].weight.requires_grad_(True)
     x = torch.randn(5, 3, dtype=torch.float64)
     y = mlp(x)
-    assert "MLPEval" in y.grad_fn.name()
+    assert y.grad_fn.name() == "diffeqlayers::MLPBackward"
     y.pow(2).sum().backward()
     f_twin(x, 0.0).pow(2).sum().backward()
     lin_twin = linears(twin)
@@ -154,7 +174,7 @@ def test_gradcheck_and_gradgradcheck(activation):
     # Away from relu's kink, where finite differences are meaningless.
     x = (torch.rand(3, 2, dtype=torch.float64) + 0.2).requires_grad_()
     params = [p.detach().clone().requires_grad_() for p in mlp.parameters()]
-    assert "MLPEval" in fn(x, *params).grad_fn.name()
+    assert "MLPBackward" in fn(x, *params).grad_fn.name()
     assert torch.autograd.gradcheck(fn, (x, *params))
     assert torch.autograd.gradgradcheck(fn, (x, *params))
 
