@@ -138,6 +138,12 @@ bool plain_cpu(const torch::Tensor& x, at::ScalarType dtype) {
          !x.is_neg() && !x._fw_grad(/*level=*/0).defined();
 }
 
+bool host_loop_grad(const torch::Tensor& g) {
+  const auto dtype = g.scalar_type();
+  return (dtype == at::kFloat || dtype == at::kDouble) && plain_cpu(g, dtype) &&
+         g.is_contiguous() && !(at::GradMode::is_enabled() && g.requires_grad());
+}
+
 bool positions_by_identity(at::TensorList wrt, at::TensorList params, std::vector<int64_t>& which) {
   which.assign(wrt.size(), -1);
   std::vector<bool> taken(params.size(), false);

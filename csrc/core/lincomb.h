@@ -55,6 +55,10 @@ bool plain_strided(const torch::Tensor& t);
 // forward-mode tangent: its elements can be read (and written) in place by host loops.
 bool plain_cpu(const torch::Tensor& x, at::ScalarType dtype);
 
+// Whether a backward can read its incoming gradient g by host loops: g is a contiguous plain_cpu
+// float/double tensor, and the backward records nothing (no create_graph with g requiring grad).
+bool host_loop_grad(const torch::Tensor& g);
+
 // For each tensor of wrt, the position in params of the very same tensor (by identity), or -1.
 // Returns false, leaving which unspecified, when two entries of wrt are one tensor of params
 // (one accumulation buffer per tensor of params could not serve both).

@@ -141,11 +141,9 @@ struct InterpolationNode : public torch::autograd::Node {
     if (!g.defined()) return grads;
     const auto shape = g.sizes().slice(1);
     auto wanted = [&](int64_t j) { return should_compute_output(static_cast<size_t>(j)); };
-    const auto dtype = g.scalar_type();
-    if ((dtype == at::kFloat || dtype == at::kDouble) && plain_cpu(g, dtype) && g.is_contiguous() &&
-        !(at::GradMode::is_enabled() && g.requires_grad())) {
+    if (host_loop_grad(g)) {
       const int64_t len = g.numel() / m_;
-      AT_DISPATCH_FLOATING_TYPES(dtype, "diffeqlayers_interpolate_backward", [&] {
+      AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "diffeqlayers_interpolate_backward", [&] {
         const scalar_t* gd = g.const_data_ptr<scalar_t>();
         for (int64_t j = 0; j < n; ++j) {
           if (!wanted(j)) continue;

@@ -102,8 +102,10 @@ Solution run(const HostFunctions<T>& hf, const Dynamics& f, const Tableau& tab,
   std::vector<T> kstack(s * static_cast<size_t>(n));
   T* const kb = kstack.data();
   auto k = [&](size_t i) { return kb + static_cast<int64_t>(i) * n; };
-  // [u0, u1, f0, f1] stacked, for the cubic Hermite interpolant.
-  std::vector<T> hermite(tab.has_dense() ? 0 : 4 * static_cast<size_t>(n));
+  // [u0, u1, f0, f1] stacked, for the cubic Hermite interpolant's matrix product (states beyond
+  // kLoopInterpolationMax; smaller ones are interpolated by a loop over the four arrays).
+  std::vector<T> hermite(
+      tab.has_dense() || n <= kLoopInterpolationMax ? 0 : 4 * static_cast<size_t>(n));
 
   // Saved rows: every step's state (grown), or one row per save time (allocated once).
   std::vector<double> out_t;

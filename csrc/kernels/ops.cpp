@@ -187,10 +187,8 @@ variable_list lincomb_grads(const torch::Tensor& g, const std::vector<double>& w
   // same bits). The ATen route below (a weight tensor from host data, a broadcast product, an
   // unbind) cost 4-5x the arithmetic here on small states: with the foundation's small neural
   // ODE a quarter of the solver's share of a diffeq_rd training step.
-  const auto dtype = g.scalar_type();
-  if ((dtype == at::kFloat || dtype == at::kDouble) && plain_cpu(g, dtype) && g.is_contiguous() &&
-      !(at::GradMode::is_enabled() && g.requires_grad())) {
-    AT_DISPATCH_FLOATING_TYPES(dtype, "diffeqlayers_lincomb_backward", [&] {
+  if (host_loop_grad(g)) {
+    AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "diffeqlayers_lincomb_backward", [&] {
       const scalar_t* src = g.const_data_ptr<scalar_t>();
       const int64_t numel = g.numel();
       for (size_t j = 0; j < w.size(); ++j) {
