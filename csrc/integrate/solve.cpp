@@ -10,6 +10,7 @@
 
 #include "control/controller.h"
 #include "core/format.h"
+#include "core/grad_sinks.h"
 #include "core/lincomb.h"
 #include "diffeqlayers/adams.h"
 #include "diffeqlayers/solve.h"
@@ -155,6 +156,9 @@ class Integrator {
     }
     std::vector<DenseStep> dense_steps;
 
+    // A recorded solve on the CPU: the built-in modules' weight gradients gather in one sink per
+    // weight (core/grad_sinks.h).
+    detail::GradSinks::Scope sinks(at::GradMode::is_enabled() && u.device().is_cpu());
     double t = t0;
     torch::Tensor k1 = eval(t, u);
     if (o_.check_finite) {

@@ -14,6 +14,7 @@
 #include <utility>
 
 #include "core/autograd_node.h"
+#include "core/grad_sinks.h"
 #include "core/lincomb.h"
 
 namespace diffeqlayers {
@@ -494,18 +495,103 @@ torch::Tensor generic_forward(const MLPSpec& spec, at::TensorList params, double
   return x;
 }
 
+// g * act'(z) in ATen ops (differentiable: the create_graph path), given z and h = act(z):
+// the formulas of act_backward.
+torch::Tensor activation_backward(Activation a, const torch::Tensor& g, const torch::Tensor& z,
+                                  const torch::Tensor& h) {
+  switch (a) {
+    case Activation::Tanh:
+      return g * (1 - h * h);
+    case Activation::ReLU:
+      return g * (h > 0).to(g.scalar_type());
+    case Activation::Softplus:
+      return at::where(z > 20, g, g * at::sigmoid(z));
+    case Activation::Sigmoid:
+      return g * (1 - h) * h;
+    case Activation::GELU: {
+      const torch::Tensor cdf = 0.5 * (1 + at::erf(z * M_SQRT1_2));
+      const torch::Tensor pdf = (M_2_SQRTPI * M_SQRT1_2 * 0.5) * at::exp(z * z * -0.5);
+      return g * (cdf + z * pdf);
+    }
+    case Activation::ELU:
+      return at::where(z <= 0, g * at::exp(z), g);
+    case Activation::SiLU: {
+      const torch::Tensor sg = at::sigmoid(z);
+      return g * sg * (1 + z * (1 - sg));
+    }
+    case Activation::Identity:
+      return g;
+  }
+  TORCH_INTERNAL_ASSERT(false, "unknown activation");
+  return g;
+}
+
+// The vector-Jacobian product of one evaluation in ATen ops on u, the weights and g, so that a
+// backward that records (create_graph) records it: partial derivatives at this evaluation, u
+// and the weights held fixed (an autograd.grad of the generic path from u would also follow u's
+// own history back through the earlier evaluations of a solve, which depend on the same
+// weights: every earlier evaluation again per evaluation, and those paths counted twice).
+// Returns [du, dparams...], undefined where not wanted (want[0]: u, want[i + 1]: params[i]).
+std::vector<torch::Tensor> generic_vjp(const MLPSpec& spec, at::TensorList params, double t,
+                                       const torch::Tensor& u, const torch::Tensor& g,
+                                       const std::vector<bool>& want) {
+  const double p = spec.input_power;
+  torch::Tensor x0 = p == 1.0 ? u : at::pow(u, p);
+  if (spec.time_input) {
+    std::vector<int64_t> shape = x0.sizes().vec();
+    shape.back() = 1;
+    x0 = at::cat({x0, at::full(shape, t, x0.options())}, -1);
+  }
+  const int64_t n = spec.num_layers();
+  const size_t per = spec.bias ? 2 : 1;
+  // Each layer's input a_i and, for the hidden layers, the pre-activation z_i.
+  std::vector<torch::Tensor> a{x0}, z;
+  for (int64_t i = 0; i + 1 < n; ++i) {
+    const size_t j = per * static_cast<size_t>(i);
+    z.push_back(linear(a.back(), params[j], spec.bias ? &params[j + 1] : nullptr));
+    // activate works in place on what records nothing; z is needed after.
+    const torch::Tensor& zi = z.back();
+    a.push_back(activate(spec.activations[static_cast<size_t>(i)], records(zi) ? zi : zi.clone()));
+  }
+  std::vector<torch::Tensor> out(params.size() + 1);
+  torch::Tensor gz = g.to(u.scalar_type());
+  for (int64_t i = n - 1; i >= 0; --i) {
+    const size_t j = per * static_cast<size_t>(i);
+    const int64_t m = params[j].size(0);
+    const torch::Tensor g2 = gz.reshape({-1, m});
+    if (want[j + 1])
+      out[j + 1] = at::mm(g2.t(), a[static_cast<size_t>(i)].reshape({-1, params[j].size(1)}));
+    if (spec.bias && want[j + 2]) out[j + 2] = g2.sum(0);
+    if (i == 0 && !want[0]) break;
+    torch::Tensor ga = at::matmul(gz, params[j]);
+    if (i > 0) {
+      gz = activation_backward(spec.activations[static_cast<size_t>(i - 1)], ga,
+                               z[static_cast<size_t>(i - 1)], a[static_cast<size_t>(i)]);
+    } else {
+      if (spec.time_input) ga = ga.narrow(-1, 0, spec.sizes[0]);
+      // pow's derivative p u^(p - 1), zero for p = 0 (as ATen's pow_backward).
+      out[0] = p == 1.0 ? ga : p == 0.0 ? at::zeros_like(u) : ga * (p * at::pow(u, p - 1.0));
+    }
+  }
+  return out;
+}
+
 // One evaluation as one autograd node, made directly (no custom-Function machinery: with the
 // MLP this small, its boxing of the spec and saved tensors cost as much as the evaluation): the
 // forward by host loops keeps x, z and h per row (ws), the backward is the vector-Jacobian
 // product for u and every weight by host loops. Under create_graph (grad mode on in the
-// backward) it differentiates the generic path instead, so that higher derivatives are
-// recorded. Inputs: u, then the weights.
+// backward) it computes the product in ATen ops instead (generic_vjp), so that higher
+// derivatives are recorded. Inputs: u, then the weights.
 struct MLPEvalNode : public torch::autograd::Node {
   using variable_list = torch::autograd::variable_list;
 
   MLPEvalNode(const MLPSpec& spec, double t, const torch::Tensor& u, at::TensorList params,
-              torch::Tensor ws)
-      : spec_(spec), t_(t), u_(u, /*is_output=*/false), ws_(std::move(ws)) {
+              torch::Tensor ws, std::vector<detail::GradSinkPtr> sinks)
+      : spec_(spec),
+        t_(t),
+        u_(u, /*is_output=*/false),
+        ws_(std::move(ws)),
+        sinks_(std::move(sinks)) {
     params_.reserve(params.size());
     for (const auto& w : params) params_.emplace_back(w, /*is_output=*/false);
   }
@@ -530,36 +616,27 @@ struct MLPEvalNode : public torch::autograd::Node {
     for (const auto& w : params_) params.push_back(w.unpack());
     const bool need_u = should_compute_output(0);
     if (at::GradMode::is_enabled()) {
-      // create_graph: the generic path's graph, recorded, differentiated.
-      std::vector<torch::Tensor> inputs;
-      std::vector<size_t> where;
-      if (need_u) {
-        inputs.push_back(u);
-        where.push_back(0);
-      }
-      for (size_t i = 0; i < np; ++i)
-        if (should_compute_output(i + 1)) {
-          inputs.push_back(params[i]);
-          where.push_back(i + 1);
-        }
-      if (inputs.empty()) return grads;
-      torch::Tensor y = generic_forward(spec_, params, t_, u);
-      variable_list d = torch::autograd::grad({y}, inputs, {g}, /*retain_graph=*/true,
-                                              /*create_graph=*/true, /*allow_unused=*/true);
-      for (size_t k = 0; k < d.size(); ++k) {
-        const size_t i = where[k];
-        const torch::Tensor& ref = i == 0 ? u : params[i - 1];
-        grads[i] = d[k].defined() ? d[k] : at::zeros_like(ref);
-      }
-      return grads;
+      // create_graph: the vector-Jacobian product in recorded ATen ops. Weights whose edge goes
+      // to a sink get theirs through the edge too (the sink passes it on).
+      std::vector<bool> want(np + 1);
+      want[0] = need_u;
+      bool any = need_u;
+      for (size_t i = 0; i < np; ++i) any = (want[i + 1] = should_compute_output(i + 1)) || any;
+      if (!any) return grads;
+      return generic_vjp(spec_, params, t_, u, g, want);
     }
     std::vector<bool> need_w(np);
     for (size_t i = 0; i < np; ++i) need_w[i] = should_compute_output(i + 1);
     torch::Tensor du;
-    std::vector<torch::Tensor> dparams;
+    // A weight whose edge goes to a sink: added into the sink's buffer (host_vjp adds into
+    // entries given), its edge handed an undefined gradient.
+    std::vector<torch::Tensor> dparams(np);
+    for (size_t i = 0; i < np; ++i)
+      if (need_w[i] && sinks_[i]) dparams[i] = sinks_[i]->buffer();
     host_vjp(spec_, params, u, ws_, g, need_u, need_w, &du, &dparams);
     if (need_u) grads[0] = du;
-    for (size_t i = 0; i < np; ++i) grads[i + 1] = dparams[i];
+    for (size_t i = 0; i < np; ++i)
+      if (!sinks_[i]) grads[i + 1] = dparams[i];
     return grads;
   }
 
@@ -569,6 +646,8 @@ struct MLPEvalNode : public torch::autograd::Node {
   torch::autograd::SavedVariable u_;
   std::vector<torch::autograd::SavedVariable> params_;
   torch::Tensor ws_;  // the forward's activations per row (no grad)
+  // Per weight: the sink its edge goes to (see mlp_forward), or null.
+  std::vector<detail::GradSinkPtr> sinks_;
 };
 
 }  // namespace
@@ -692,7 +771,15 @@ torch::Tensor mlp_forward(const MLPSpec& spec, at::TensorList params, double t,
   inputs.reserve(params.size() + 1);
   inputs.push_back(u);
   inputs.insert(inputs.end(), params.begin(), params.end());
-  detail::record_node(y, detail::make_node<MLPEvalNode>(spec, t, u, params, std::move(ws)), inputs);
+  // Within a recorded solve, every evaluation feeds the weights: their gradients gather in one
+  // sink per weight (core/grad_sinks.h).
+  std::vector<detail::GradSinkPtr> sinks(params.size());
+  if (detail::GradSinks* scope = detail::GradSinks::current())
+    for (size_t i = 0; i < params.size(); ++i) sinks[i] = scope->sink(params[i]);
+  auto node = detail::make_node<MLPEvalNode>(spec, t, u, params, std::move(ws), sinks);
+  detail::record_node(y, node, inputs);
+  for (size_t i = 0; i < params.size(); ++i)
+    if (sinks[i]) node->set_next_edge(i + 1, torch::autograd::Edge(sinks[i], 0));
   return y;
 }
 
