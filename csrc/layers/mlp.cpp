@@ -475,9 +475,8 @@ void host_vjp(const MLPSpec& spec, at::TensorList params, const torch::Tensor& u
   });
 }
 
-// The generic path: one ATen op per layer and activation (autograd records each).
-torch::Tensor generic_forward(const MLPSpec& spec, at::TensorList params, double t,
-                              const torch::Tensor& u) {
+// The first layer's input in ATen ops: u^p, then t as a last column when the MLP takes time.
+torch::Tensor generic_input(const MLPSpec& spec, double t, const torch::Tensor& u) {
   // Integer powers go to ATen's pow kernel as torch's u ** p does (exact same rounding).
   torch::Tensor x = spec.input_power == 1.0 ? u : at::pow(u, spec.input_power);
   if (spec.time_input) {
@@ -485,6 +484,13 @@ torch::Tensor generic_forward(const MLPSpec& spec, at::TensorList params, double
     shape.back() = 1;
     x = at::cat({x, at::full(shape, t, x.options())}, -1);
   }
+  return x;
+}
+
+// The generic path: one ATen op per layer and activation (autograd records each).
+torch::Tensor generic_forward(const MLPSpec& spec, at::TensorList params, double t,
+                              const torch::Tensor& u) {
+  torch::Tensor x = generic_input(spec, t, u);
   const int64_t n = spec.num_layers();
   const size_t per = spec.bias ? 2 : 1;
   for (int64_t i = 0; i < n; ++i) {
@@ -536,12 +542,7 @@ std::vector<torch::Tensor> generic_vjp(const MLPSpec& spec, at::TensorList param
                                        const torch::Tensor& u, const torch::Tensor& g,
                                        const std::vector<bool>& want) {
   const double p = spec.input_power;
-  torch::Tensor x0 = p == 1.0 ? u : at::pow(u, p);
-  if (spec.time_input) {
-    std::vector<int64_t> shape = x0.sizes().vec();
-    shape.back() = 1;
-    x0 = at::cat({x0, at::full(shape, t, x0.options())}, -1);
-  }
+  const torch::Tensor x0 = generic_input(spec, t, u);
   const int64_t n = spec.num_layers();
   const size_t per = spec.bias ? 2 : 1;
   // Each layer's input a_i and, for the hidden layers, the pre-activation z_i.
