@@ -6,6 +6,7 @@
 #include <cstring>
 
 #include "core/autograd_node.h"
+#include "core/grad_sinks.h"
 #include "core/host_copy.h"
 #include "core/host_loops.h"
 #include "core/lincomb.h"
@@ -147,18 +148,24 @@ struct InterpolationNode : public torch::autograd::Node {
         const scalar_t* gd = g.const_data_ptr<scalar_t>();
         for (int64_t j = 0; j < n; ++j) {
           if (!wanted(j)) continue;
-          torch::Tensor out = at::empty(shape, g.options());
+          // A stage whose gradient is deferred (core/grad_sinks.h): its share is added into the
+          // box, handing its emitter an undefined gradient.
+          const detail::DepositRole* role =
+              roles_.empty() ? nullptr : &roles_[static_cast<size_t>(j)];
+          const bool deposit = role != nullptr && role->box && !role->emit &&
+                               role->box->matches(g.scalar_type(), len);
+          torch::Tensor out = deposit ? role->box->buffer() : at::empty(shape, g.options());
           scalar_t* o = out.mutable_data_ptr<scalar_t>();
           for (int64_t i = 0; i < m_; ++i) {
             const auto wij = static_cast<scalar_t>(w_[static_cast<size_t>(i * n + j)]);
             const scalar_t* gi = gd + i * len;
-            if (i == 0) {
+            if (i == 0 && !deposit) {
               for (int64_t e = 0; e < len; ++e) o[e] = wij * gi[e];
             } else {
               for (int64_t e = 0; e < len; ++e) o[e] += wij * gi[e];
             }
           }
-          grads[static_cast<size_t>(j)] = std::move(out);
+          if (!deposit) grads[static_cast<size_t>(j)] = std::move(out);
         }
         if (base_ && wanted(n)) {
           torch::Tensor out = at::empty(shape, g.options());
@@ -183,6 +190,9 @@ struct InterpolationNode : public torch::autograd::Node {
   std::vector<double> w_;  // [m, n] row-major
   int64_t m_;
   bool base_;
+
+ public:
+  std::vector<detail::DepositRole> roles_;  // per input; empty outside a GradSinks scope
 };
 
 }  // namespace
@@ -209,7 +219,10 @@ torch::Tensor interpolate_many(const Tableau& tab, const DenseStep& step,
     if (record) {
       std::vector<torch::Tensor> inputs = terms;
       if (own) inputs.push_back(u0);
-      detail::record_node(out, detail::make_node<InterpolationNode>(std::move(w), m, own), inputs);
+      auto node = detail::make_node<InterpolationNode>(std::move(w), m, own);
+      detail::record_node(out, node, inputs);
+      if (detail::GradSinks* scope = detail::GradSinks::current())
+        node->roles_ = scope->record_reader(node, inputs, /*can_emit=*/false);
     }
     return out;
   }

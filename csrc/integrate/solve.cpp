@@ -157,10 +157,11 @@ class Integrator {
     std::vector<DenseStep> dense_steps;
 
     // A recorded solve on the CPU: the built-in modules' weight gradients gather in one sink per
-    // weight (core/grad_sinks.h).
+    // weight, and the stages' gradients are deferred to their first readers (core/grad_sinks.h).
     detail::GradSinks::Scope sinks(at::GradMode::is_enabled() && u.device().is_cpu());
     double t = t0;
     torch::Tensor k1 = eval(t, u);
+    detail::GradSinks::share_if_open(k1);
     if (o_.check_finite) {
       if (!all_finite(k1) || !all_finite(u))
         return fail(ReturnCode::Unstable, t, 0.0,
@@ -228,6 +229,7 @@ class Integrator {
         knew = k[s - 1];
       } else if (!last || (needs_interp && !tab_.has_dense())) {
         knew = eval(tnew, unew);
+        detail::GradSinks::share_if_open(knew);
       }
 
       DenseStep step;
@@ -464,6 +466,9 @@ torch::Tensor rk_step(const Dynamics& f, const Tableau& tab, double t, double hh
   for (int i = 1; i < s; ++i) {
     ui = combine(u, hh, tab.a[i], k, static_cast<size_t>(i), pool);
     k[i] = checked_eval(f, t + tab.c[i] * hh, ui, nfe);
+    // Read by the later stage combinations, the step's end and its save points: its gradient
+    // is deferred while a recorded solve runs (core/grad_sinks.h).
+    GradSinks::share_if_open(k[i]);
   }
   // With FSAL the last stage was evaluated at u_new itself.
   if (tab.fsal()) return ui;

@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "core/autograd_node.h"
+#include "core/grad_sinks.h"
 #include "core/host_copy.h"
 #include "core/host_loops.h"
 #include "core/lincomb.h"
@@ -255,12 +256,37 @@ struct LinComb : public torch::autograd::Function<LinComb> {
 // combinations of plain CPU terms (lincomb_recorded): a node per stage is most of the unrolled
 // graph of a small f, and the generic route (two dispatches, the terms checked twice, the
 // weights boxed into the context) cost more than the arithmetic and the node together.
+//
+// Within a recorded solve (a GradSinks scope, core/grad_sinks.h) it also takes part in the
+// deferred gradients of the stages: a term it reads after the term's first reader gets its
+// share added into the term's DepositBox (host loops) instead of returned, and a term it reads
+// first it emits, with the deposits and whatever came through its extra inputs added.
 struct LinCombNode : public torch::autograd::Node {
   explicit LinCombNode(std::vector<double> w) : w_(std::move(w)) {}
   std::string name() const override { return "diffeqlayers::LinCombBackward"; }
   variable_list apply(variable_list&& grad_out) override {
-    return lincomb_grads(grad_out[0], w_, [this](size_t j) { return should_compute_output(j); });
+    const torch::Tensor& g = grad_out[0];
+    if (roles_.empty())
+      return lincomb_grads(g, w_, [this](size_t j) { return should_compute_output(j); });
+    const bool host = g.defined() && host_loop_grad(g);
+    auto deposits = [&](size_t j) {
+      const detail::DepositRole& r = roles_[j];
+      return host && r.box && !r.emit && r.box->accepts(g);
+    };
+    variable_list grads =
+        lincomb_grads(g, w_, [&](size_t j) { return should_compute_output(j) && !deposits(j); });
+    for (size_t j = 0; j < w_.size(); ++j) {
+      const detail::DepositRole& r = roles_[j];
+      if (!r.box || !should_compute_output(j)) continue;
+      if (!r.emit) {
+        if (deposits(j)) r.box->add(g, w_[j]);
+        continue;
+      }
+      grads[j] = r.box->emit(grads[j], grad_out[r.slot]);
+    }
+    return grads;
   }
+  std::vector<detail::DepositRole> roles_;  // per term; empty outside a GradSinks scope
 
  private:
   std::vector<double> w_;
@@ -528,7 +554,10 @@ torch::Tensor error_norm(at::TensorList ks, at::ArrayRef<double> weights, double
 torch::Tensor lincomb_recorded(at::TensorList terms, std::vector<double> weights) {
   RECORD_FUNCTION("diffeqlayers::lincomb", std::vector<c10::IValue>());
   torch::Tensor out = combine_terms(terms, weights);
-  record_node(out, make_node<LinCombNode>(std::move(weights)), terms);
+  auto node = make_node<LinCombNode>(std::move(weights));
+  record_node(out, node, terms);
+  if (detail::GradSinks* scope = detail::GradSinks::current())
+    node->roles_ = scope->record_reader(node, terms, /*can_emit=*/true);
   return out;
 }
 

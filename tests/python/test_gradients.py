@@ -507,3 +507,41 @@ def test_save_points_agree_across_the_interpolation_loops_size_limit(method):
     u_small, g_small = run(big0[:8].clone())
     assert torch.allclose(u_big, u_small, rtol=1e-14, atol=1e-15)
     assert torch.allclose(g_big, g_small, rtol=1e-13, atol=1e-15)
+
+
+def test_deferred_stage_gradients_with_rejected_steps_and_retained_graphs():
+    # In a recorded solve each stage's gradient is handed on by its first reader, the next
+    # stage combination, after the later readers deposit their shares (core/grad_sinks.h). A
+    # rejected step's first reader still hands on the shares the retried step deposited. The
+    # result must equal the generic path's (non-contiguous stages: no deposits), also when the
+    # graph is differentiated again, or for the state alone.
+    mu = torch.tensor(8.0, dtype=torch.float64)
+    u0 = torch.tensor([2.0, 0.0], dtype=torch.float64)
+
+    def run(transposed: bool):
+        p = mu.clone().requires_grad_()
+        x0 = u0.clone().requires_grad_()
+
+        def f(u, p, t):
+            out = torch.stack([u[1], p * (1 - u[0] ** 2) * u[1] - u[0]]).view(1, 2)
+            return out.t().view(2) if not transposed else out.expand(2, 2)[0]
+
+        prob = dl.ODEProblem(f, x0, (0.0, 3.0), p)
+        # A first step far too large: rejected, retried smaller.
+        sol = dl.solve(
+            prob, "dopri5", saveat=torch.linspace(0, 3, 17), rtol=1e-6, atol=1e-8, dt=1.0
+        )
+        loss = (sol.u**2).sum()
+        first = torch.autograd.grad(loss, [p, x0], retain_graph=True)
+        again = torch.autograd.grad(loss, [p, x0], retain_graph=True)
+        (alone,) = torch.autograd.grad(loss, [x0])
+        return sol, first, again, alone
+
+    sol, first, again, alone = run(False)
+    assert sol.stats.nreject > 0
+    _, first_g, _, _ = run(True)
+    for a, b in zip(first, again):
+        assert torch.equal(a, b)
+    assert torch.equal(alone, first[1])
+    for a, b in zip(first, first_g):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
