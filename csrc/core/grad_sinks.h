@@ -172,10 +172,12 @@ std::vector<DepositRole> GradSinks::record_reader(const NodePtr& node, at::Tenso
       const uint32_t slot = node->add_input_metadata(t);
       sh.emitter = torch::autograd::Edge(node, slot);
       roles[j] = DepositRole{sh.box, true, slot};
-    } else {
+    } else if (sh.emitter.function.get() != node.get()) {
       node->set_next_edge(j, sh.emitter);
       roles[j] = DepositRole{sh.box, false, 0};
     }
+    // (The emitter reading the tensor again, f(u) = u say, keeps that input's own edge: an edge
+    // to itself would be a cycle.)
   }
   if (!any) return {};
   return roles;

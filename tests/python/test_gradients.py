@@ -545,3 +545,16 @@ def test_deferred_stage_gradients_with_rejected_steps_and_retained_graphs():
     assert torch.equal(alone, first[1])
     for a, b in zip(first, first_g):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["dopri5", "tsit5", "rk4"])
+def test_f_returning_its_input_differentiates(method):
+    # f(u) = u: the first stage is the state itself, read twice by the first stage combination
+    # (as the state and as the stage); d/du0 of u(0.5) + u(1) is e^0.5 + e.
+    u0 = torch.tensor([1.0, 2.0], dtype=torch.float64, requires_grad=True)
+    prob = dl.ODEProblem(lambda u, p, t: u, u0, (0.0, 1.0))
+    kwargs = {"dt": 0.01} if method == "rk4" else {"rtol": 1e-10, "atol": 1e-12}
+    sol = dl.solve(prob, method, saveat=[0.5, 1.0], **kwargs)
+    sol.u.sum().backward()
+    expected = torch.full((2,), math.exp(0.5) + math.e, dtype=torch.float64)
+    torch.testing.assert_close(u0.grad, expected, rtol=1e-8, atol=0)
