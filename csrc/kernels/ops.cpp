@@ -277,7 +277,11 @@ struct LinCombNode : public torch::autograd::Node {
         lincomb_grads(g, w_, [&](size_t j) { return should_compute_output(j) && !deposits(j); });
     for (size_t j = 0; j < w_.size(); ++j) {
       const detail::DepositRole& r = roles_[j];
-      if (!r.box || !should_compute_output(j)) continue;
+      if (!r.box) continue;
+      if (!should_compute_output(j)) {
+        if (r.emit) r.box->take();  // drops this pass's deposits, if any
+        continue;
+      }
       if (!r.emit) {
         if (deposits(j)) r.box->add(g, w_[j]);
         continue;
