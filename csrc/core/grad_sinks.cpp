@@ -4,6 +4,8 @@
 #include <torch/csrc/autograd/graph_task.h>
 #include <torch/csrc/autograd/variable.h>
 
+#include <algorithm>
+
 #include "core/lincomb.h"
 
 namespace diffeqlayers::detail {
@@ -12,25 +14,46 @@ namespace {
 thread_local GradSinks* tls_current = nullptr;
 }  // namespace
 
+namespace {
+// dst[i] += w * src[i] (w rounded to the dtype first, as ATen's product rounds it), n elements.
+void add_scaled(const torch::Tensor& dst, const torch::Tensor& src, double w) {
+  AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "diffeqlayers_deposit", [&] {
+    const scalar_t* s = src.const_data_ptr<scalar_t>();
+    scalar_t* d = dst.mutable_data_ptr<scalar_t>();
+    const auto c = static_cast<scalar_t>(w);
+    const int64_t n = src.numel();
+    if (w == 1.0) {
+      for (int64_t i = 0; i < n; ++i) d[i] += s[i];
+    } else {
+      for (int64_t i = 0; i < n; ++i) d[i] += s[i] * c;
+    }
+  });
+}
+}  // namespace
+
 GradSinkNode::GradSinkNode(torch::autograd::Edge target, const torch::Tensor& like)
-    : box_(like.defined() ? like.sizes().vec() : std::vector<int64_t>{},
-           like.defined() ? like.options() : at::TensorOptions()) {
+    : box_(like.sizes().vec(), like.options()) {
   add_next_edge(std::move(target));
-  if (like.defined()) add_input_metadata(like);
+  add_input_metadata(like);
 }
 
 torch::autograd::variable_list GradSinkNode::apply(torch::autograd::variable_list&& grads) {
   torch::Tensor acc = box_.take();
-  torch::Tensor g = grads.empty() ? torch::Tensor() : grads[0];
+  const torch::Tensor& g = grads[0];
   if (!acc.defined()) return {g};
   return {g.defined() ? acc + g : acc};
+}
+
+std::vector<std::pair<int, torch::Tensor>>::iterator DepositBox::find_locked(int task) {
+  return std::find_if(buffers_.begin(), buffers_.end(),
+                      [task](const auto& entry) { return entry.first == task; });
 }
 
 torch::Tensor DepositBox::buffer() {
   const int task = torch::autograd::get_current_graph_task_id();
   std::lock_guard<std::mutex> lock(mutex_);
-  for (auto& [id, buf] : buffers_)
-    if (id == task) return buf;
+  auto it = find_locked(task);
+  if (it != buffers_.end()) return it->second;
   torch::Tensor buf = at::zeros(sizes_, options_);
   buffers_.emplace_back(task, buf);
   return buf;
@@ -39,51 +62,26 @@ torch::Tensor DepositBox::buffer() {
 torch::Tensor DepositBox::take() {
   const int task = torch::autograd::get_current_graph_task_id();
   std::lock_guard<std::mutex> lock(mutex_);
-  for (auto it = buffers_.begin(); it != buffers_.end(); ++it)
-    if (it->first == task) {
-      torch::Tensor buf = std::move(it->second);
-      buffers_.erase(it);
-      return buf;
-    }
-  return {};
-}
-
-bool DepositBox::accepts(const torch::Tensor& g) const {
-  return host_loop_grad(g) && g.scalar_type() == options_.dtype().toScalarType() &&
-         g.sizes() == c10::IntArrayRef(sizes_);
+  auto it = find_locked(task);
+  if (it == buffers_.end()) return {};
+  torch::Tensor buf = std::move(it->second);
+  buffers_.erase(it);
+  return buf;
 }
 
 bool DepositBox::matches(at::ScalarType dtype, int64_t numel) const {
   return dtype == options_.dtype().toScalarType() && c10::multiply_integers(sizes_) == numel;
 }
 
-void DepositBox::add(const torch::Tensor& g, double w) {
-  torch::Tensor buf = buffer();
-  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "diffeqlayers_deposit", [&] {
-    const scalar_t* src = g.const_data_ptr<scalar_t>();
-    scalar_t* dst = buf.mutable_data_ptr<scalar_t>();
-    const auto c = static_cast<scalar_t>(w);
-    const int64_t n = g.numel();
-    if (w == 1.0) {
-      for (int64_t i = 0; i < n; ++i) dst[i] += src[i];
-    } else {
-      for (int64_t i = 0; i < n; ++i) dst[i] += src[i] * c;
-    }
-  });
-}
+void DepositBox::add(const torch::Tensor& g, double w) { add_scaled(buffer(), g, w); }
 
 torch::Tensor DepositBox::emit(const torch::Tensor& own, const torch::Tensor& extra) {
   torch::Tensor out = take();
   if (own.defined()) {
     if (!out.defined()) {
       out = own;
-    } else if (accepts(own)) {
-      // The buffer is this pass's own: the share is added into it.
-      AT_DISPATCH_FLOATING_TYPES(own.scalar_type(), "diffeqlayers_emit", [&] {
-        const scalar_t* src = own.const_data_ptr<scalar_t>();
-        scalar_t* dst = out.mutable_data_ptr<scalar_t>();
-        for (int64_t i = 0; i < own.numel(); ++i) dst[i] += src[i];
-      });
+    } else if (host_loop_grad(own) && matches(own.scalar_type(), own.numel())) {
+      add_scaled(out, own, 1.0);  // the buffer is this pass's own: the share is added into it
     } else {
       out = out + own;
     }

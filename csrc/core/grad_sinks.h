@@ -45,12 +45,10 @@ struct DepositBox {
   // Removes and returns the running pass's buffer (undefined when nothing was deposited).
   torch::Tensor take();
 
-  // Whether a share g can be added here by host loops (deposited): a gradient host loops read
-  // (host_loop_grad), of the box's dtype and shape.
-  bool accepts(const torch::Tensor& g) const;
-  // Whether the box holds `numel` elements of `dtype` (for shares summed by the caller).
+  // Whether the box holds `numel` elements of `dtype`: a share of that kind, read by host loops
+  // (host_loop_grad), can be deposited.
   bool matches(at::ScalarType dtype, int64_t numel) const;
-  // Deposits w * g (w rounded to g's dtype first, as ATen's product rounds it).
+  // Deposits w * g (w rounded to g's dtype first, as ATen's product rounds it); g matches.
   void add(const torch::Tensor& g, double w);
   // The emitter's gradient for the tensor: its own share plus what came through its extra input
   // plus the running pass's deposits (any of them undefined; undefined if all are).
@@ -61,10 +59,13 @@ struct DepositBox {
   at::TensorOptions options_;
   std::mutex mutex_;
   std::vector<std::pair<int, torch::Tensor>> buffers_;
+  // The entry of graph task `task` in buffers_ (end() if none); mutex_ held.
+  std::vector<std::pair<int, torch::Tensor>>::iterator find_locked(int task);
 };
 
 struct GradSinkNode : public torch::autograd::Node {
-  // target: the weight's gradient edge; like: the weight (its metadata is this node's input's).
+  // target: the weight's gradient edge; like: the weight, defined (its metadata is this node's
+  // input's).
   GradSinkNode(torch::autograd::Edge target, const torch::Tensor& like);
   std::string name() const override { return "diffeqlayers::GradSinkBackward"; }
 

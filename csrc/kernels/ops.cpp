@@ -271,7 +271,7 @@ struct LinCombNode : public torch::autograd::Node {
     const bool host = g.defined() && host_loop_grad(g);
     auto deposits = [&](size_t j) {
       const detail::DepositRole& r = roles_[j];
-      return host && r.box && !r.emit && r.box->accepts(g);
+      return host && r.box && !r.emit && r.box->matches(g.scalar_type(), g.numel());
     };
     variable_list grads =
         lincomb_grads(g, w_, [&](size_t j) { return should_compute_output(j) && !deposits(j); });
