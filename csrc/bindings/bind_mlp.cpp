@@ -44,7 +44,10 @@ void bind_mlp(py::module& m) {
   py::class_<NativeDynamics>(m, "NativeDynamics",
                              "Dynamics evaluated in C++; solve() accepts it in place of f.")
       .def("__call__",
-           [](const NativeDynamics& d, double t, const torch::Tensor& u) { return d.f(t, u); })
+           [](const NativeDynamics& d, double t, const torch::Tensor& u) {
+             if (d.check) d.check();
+             return d.f(t, u);
+           })
       .def("__repr__", [](const NativeDynamics& d) { return "NativeDynamics(" + d.what + ")"; });
 
   m.def("mlp_activations", &mlp_activations, "Names of the MLP's activations.");
@@ -60,13 +63,15 @@ void bind_mlp(py::module& m) {
   m.def(
       "mlp_dynamics",
       [](const MLPSpec& spec, std::vector<torch::Tensor> params) {
+        std::vector<torch::Tensor> held = params;
         MLPFunctions fs = mlp_functions(spec, std::move(params));
         return NativeDynamics{std::move(fs.f), "MLP" + spec.repr(), std::move(fs.vjp),
-                              std::move(fs.host)};
+                              std::move(fs.host),
+                              [spec, held = std::move(held)] { spec.check_params(held); }};
       },
       py::arg("spec"), py::arg("params"),
       "Native dynamics f(t, u) = the MLP with these weights (the same tensors: gradients reach "
-      "them); checked once here.");
+      "them); checked here and again by every solve that takes it.");
   // For benchmarks: whether solves may run on host arrays (SolveOptions::host; on by default),
   // so that one build measures the host loop against the tensor loop.
   m.def(
@@ -78,6 +83,7 @@ void bind_mlp(py::module& m) {
       "_time_dynamics",
       [](const NativeDynamics& d, double t, const torch::Tensor& u, int64_t n) {
         TORCH_CHECK_VALUE(n > 0, "n must be positive");
+        if (d.check) d.check();
         py::gil_scoped_release release;
         const auto start = std::chrono::steady_clock::now();
         for (int64_t i = 0; i < n; ++i) d.f(t, u);

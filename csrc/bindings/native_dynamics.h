@@ -4,6 +4,7 @@
 
 #include <torch/extension.h>
 
+#include <functional>
 #include <memory>
 #include <string>
 #include <utility>
@@ -20,7 +21,18 @@ struct NativeDynamics {
   std::string what;  // for repr and error messages
   DynamicsVjp vjp;   // f's own vector-Jacobian product for the adjoints (empty: autograd's)
   std::shared_ptr<const HostDynamics> host;  // f on host arrays (SolveOptions::host), or empty
+  // Re-checks what f holds (the MLP's weights: shapes, dtypes, devices) before each solve, so
+  // that a NativeDynamics kept between solves (MLP.dynamics caches it while the module holds
+  // the same parameter tensors) sees a `.data` swap or a dtype change; empty: nothing to check.
+  std::function<void()> check;
 };
+
+// `f` as a NativeDynamics, checked (see NativeDynamics::check).
+inline const NativeDynamics& checked_native(const py::handle& f) {
+  const auto& native = f.cast<const NativeDynamics&>();
+  if (native.check) native.check();
+  return native;
+}
 
 Dynamics python_dynamics(py::object f);    // module.cpp
 Jacobian python_jacobian(py::object jac);  // module.cpp
@@ -36,10 +48,10 @@ inline Dynamics dynamics_from(py::object f, bool* native = nullptr,
   const bool is_native = py::isinstance<NativeDynamics>(f);
   if (native) *native = is_native;
   // Its host functions, unless the options bring their own.
-  if (is_native && options != nullptr && !options->host)
-    options->host = f.cast<const NativeDynamics&>().host;
-  if (is_native) return f.cast<const NativeDynamics&>().f;
-  return python_dynamics(std::move(f));
+  if (!is_native) return python_dynamics(std::move(f));
+  const NativeDynamics& nd = checked_native(f);
+  if (options != nullptr && !options->host) options->host = nd.host;
+  return nd.f;
 }
 
 }  // namespace diffeqlayers::bindings

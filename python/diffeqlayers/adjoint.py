@@ -49,6 +49,9 @@ def _tolerance(name: str, value: Any) -> float:
     return float(value)
 
 
+_SENSEALGS = frozenset(_C.adjoint_sensealgs())
+
+
 @functools.lru_cache(maxsize=1)
 def _known_methods() -> frozenset[str]:
     return frozenset(_C.methods()) | frozenset(_C.stiff_methods())
@@ -64,7 +67,7 @@ def adjoint_options(
     checkpoints: int = 0,
 ) -> _C.AdjointOptions:
     """The checked options of an adjoint (see :func:`diffeq_adjoint` for their meaning)."""
-    if sensealg not in adjoint_sensealgs():
+    if not isinstance(sensealg, str) or sensealg not in _SENSEALGS:
         raise ValueError(
             f"sensealg must be one of {adjoint_sensealgs()} for diffeq_adjoint, got {sensealg!r}"
         )

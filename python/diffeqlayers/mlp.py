@@ -99,6 +99,7 @@ class MLP(nn.Module):
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         del state["_spec"]
+        state.pop("_native", None)  # C++ dynamics, rebuilt on use
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -151,9 +152,27 @@ class MLP(nn.Module):
         return _C.mlp_forward(self._spec, self.weights(), t, x)
 
     def dynamics(self) -> _C.NativeDynamics:
-        """Native dynamics ``f(t, u)`` with the current parameters, for ``_C.solve``; checks the
-        parameters against the architecture (shapes, dtypes) once."""
-        return _C.mlp_dynamics(self._spec, self.weights())
+        """Native dynamics ``f(t, u)`` with the current parameters, for ``_C.solve``.
+
+        Kept between calls while the module holds the same parameter objects (one built per
+        solve and a new span tensor cost a small training step about 5%); each solve checks
+        the kept tensors' shapes, dtypes and devices again in C++, so ``.data`` assignments
+        and ``.double()`` are seen. Tensors swapped in for the parameters (forward mode's) get
+        dynamics of their own.
+        """
+        weights = self.weights()
+        kept = self.__dict__.get("_native")
+        if kept is not None and len(kept[0]) == len(weights):
+            for held, w in zip(kept[0], weights):
+                if held is not w:
+                    break
+            else:
+                return kept[1]
+        native = _C.mlp_dynamics(self._spec, weights)
+        # Kept only for the module's own parameters: swapped-in tensors may carry a graph.
+        if all(isinstance(w, nn.Parameter) for w in weights):
+            self.__dict__["_native"] = (weights, native)
+        return native
 
     @property
     def rhs(self) -> MLPRhs:

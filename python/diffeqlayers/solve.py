@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import array
+import functools
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -15,6 +15,8 @@ from .mlp import MLPRhs
 from .problem import ODEProblem, SplitODEProblem, parameter_tensors
 from .script import ScriptRhs
 from .solution import SampleStats, Solution
+
+_ADAMS = frozenset(_C.adams_methods())
 
 _CONTROLLERS = {
     "I": _C.ControllerOptions.I,
@@ -73,11 +75,20 @@ def _positive_int(name: str, value: Any, low: int, high: Optional[int] = None) -
     return value
 
 
+@functools.lru_cache(maxsize=64)
+def _number_span(t0: float, t1: float) -> torch.Tensor:
+    """(t0, t1) as a float64 tensor, kept for the next solve over the same span: the solves
+    read it and never write into it or return it (sol.t is built from its values)."""
+    return torch.tensor([t0, t1], dtype=torch.float64)
+
+
 def _span_tensor(tspan: Sequence[Any]) -> torch.Tensor:
     """(t0, t1) as a float64 tensor, keeping the graph of entries that require grad."""
+    t0, t1 = tspan
+    if type(t0) in (int, float) and type(t1) in (int, float):  # the common case, kept
+        return _number_span(float(t0), float(t1))
     if all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in tspan):
-        # From a buffer: a third of torch.tensor's cost for a list (the tensor keeps the array).
-        return torch.frombuffer(array.array("d", [float(x) for x in tspan]), dtype=torch.float64)
+        return torch.tensor([float(x) for x in tspan], dtype=torch.float64)
     parts = []
     for x in tspan:
         if isinstance(x, torch.Tensor):
@@ -328,7 +339,8 @@ def solve(
     times = _save_times(saveat, span)
     if times is not None:
         opts.saveat = times
-    opts.tstops = [float(x) for x in tstops]
+    if not (isinstance(tstops, tuple) and not tstops):  # () is SolveOptions' default
+        opts.tstops = [float(x) for x in tstops]
     opts.dense = bool(dense)
     opts.save_start = bool(save_start)
     opts.check_finite = bool(check_finite)
@@ -392,7 +404,7 @@ def solve(
             f"(their stages evaluated in one call of f), not by {solver!r}"
         )
 
-    adams = solver in _C.adams_methods()
+    adams = solver in _ADAMS
     implicit_fixed = solver in _IMPLICIT_FIXED
     if max_order is not None:
         if not adams:

@@ -215,6 +215,49 @@ def test_native_solves_never_call_python():
     assert calls[0] == 1
 
 
+def test_kept_native_dynamics_follow_the_parameters():
+    """MLP.dynamics() is kept while the module holds the same parameters; each solve checks
+    the kept tensors again, so in-place updates, `.data` swaps and `.double()` are all seen."""
+    torch.manual_seed(5)
+    mlp = dl.MLP([2, 8, 2], "tanh")
+    assert mlp.dynamics() is mlp.dynamics()
+    u0 = torch.tensor([1.0, -0.5])
+
+    def end(m: dl.MLP, u: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return dl.solve(dl.ODEProblem(m, u, (0.0, 1.0)), "tsit5", rtol=1e-6).u[-1]
+
+    def fresh() -> dl.MLP:  # the same weights in a module that has never solved
+        other = dl.MLP([2, 8, 2], "tanh", dtype=mlp.layers[0].weight.dtype)
+        other.load_state_dict(mlp.state_dict())
+        return other
+
+    end(mlp, u0)
+    with torch.no_grad():  # as an optimizer steps: in place
+        mlp.layers[0].weight.mul_(1.5)
+    torch.testing.assert_close(end(mlp, u0), end(fresh(), u0), rtol=0, atol=0)
+    mlp.layers[1].bias.data = torch.full((2,), 0.25)  # new storage, same Parameter
+    torch.testing.assert_close(end(mlp, u0), end(fresh(), u0), rtol=0, atol=0)
+    mlp.double()
+    got = end(mlp, u0.double())
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, end(fresh(), u0.double()), rtol=0, atol=0)
+    # A swap to the wrong shape is refused by the solve, not read out of bounds.
+    mlp.layers[0].weight.data = torch.zeros(9, 2, dtype=torch.float64)
+    with pytest.raises(ValueError, match="weight of layer 0 must have shape"):
+        end(mlp, u0.double())
+    with pytest.raises(ValueError, match="weight of layer 0 must have shape"):
+        mlp.dynamics()(0.0, u0.double())
+    # A replaced Parameter gets new dynamics; copies do not carry the C++ object.
+    mlp.layers[0].weight = nn.Parameter(torch.ones(8, 2, dtype=torch.float64))
+    kept = mlp.dynamics()
+    assert kept is mlp.dynamics()
+    torch.testing.assert_close(end(mlp, u0.double()), end(fresh(), u0.double()), rtol=0, atol=0)
+    for clone in (copy.deepcopy(mlp), pickle.loads(pickle.dumps(mlp))):
+        assert clone.dynamics() is not kept
+        torch.testing.assert_close(end(clone, u0.double()), end(mlp, u0.double()), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("sensealg", SENSEALGS)
 def test_every_gradient_mode_equals_the_python_twin(sensealg):
     mlp = spiral_mlp()
