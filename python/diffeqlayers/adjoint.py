@@ -22,6 +22,8 @@ def adjoint_sensealgs() -> list[str]:
 
 
 def _distinct(tensors: Iterable[torch.Tensor]) -> list[torch.Tensor]:
+    if isinstance(tensors, list) and len(set(map(id, tensors))) == len(tensors):
+        return tensors  # the common case, checked without a Python loop
     out, seen = [], set()
     for t in tensors:
         if id(t) not in seen:
@@ -86,6 +88,27 @@ def adjoint_options(
     o.seminorm = bool(seminorm)
     o.checkpoints = int(checkpoints)
     return o
+
+
+# The options of the last few configurations, kept (typed: True and 1 stay apart): a training
+# loop asks for the same ones every step. Safe to share: the solves copy them.
+@functools.lru_cache(maxsize=32, typed=True)
+def _kept_adjoint_options(
+    sensealg: str,
+    adjoint_rtol: Optional[float],
+    adjoint_atol: Optional[float],
+    adjoint_method: Optional[str],
+    seminorm: bool,
+    checkpoints: int,
+) -> _C.AdjointOptions:
+    return adjoint_options(
+        sensealg,
+        adjoint_rtol=adjoint_rtol,
+        adjoint_atol=adjoint_atol,
+        adjoint_method=adjoint_method,
+        seminorm=seminorm,
+        checkpoints=checkpoints,
+    )
 
 
 def diffeq_adjoint(
@@ -175,14 +198,18 @@ def diffeq_adjoint(
     """
     if not callable(reduction):
         raise TypeError(f"reduction must be callable, got {type(reduction).__name__}")
-    options = adjoint_options(
-        sensealg,
-        adjoint_rtol=adjoint_rtol,
-        adjoint_atol=adjoint_atol,
-        adjoint_method=adjoint_method,
-        seminorm=seminorm,
-        checkpoints=checkpoints,
-    )
+    args = (sensealg, adjoint_rtol, adjoint_atol, adjoint_method, seminorm, checkpoints)
+    try:
+        options = _kept_adjoint_options(*args)
+    except TypeError:  # an unhashable argument: the checks name it
+        options = adjoint_options(
+            sensealg,
+            adjoint_rtol=adjoint_rtol,
+            adjoint_atol=adjoint_atol,
+            adjoint_method=adjoint_method,
+            seminorm=seminorm,
+            checkpoints=checkpoints,
+        )
     p_tensors = parameter_tensors(p)
     if adjoint_params is not None:
         params = checked_adjoint_params(adjoint_params)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from operator import is_
 from typing import Any, Optional, Union
 
 import torch
@@ -162,12 +163,8 @@ class MLP(nn.Module):
         """
         weights = self.weights()
         kept = self.__dict__.get("_native")
-        if kept is not None and len(kept[0]) == len(weights):
-            for held, w in zip(kept[0], weights):
-                if held is not w:
-                    break
-            else:
-                return kept[1]
+        if kept is not None and len(kept[0]) == len(weights) and all(map(is_, kept[0], weights)):
+            return kept[1]
         native = _C.mlp_dynamics(self._spec, weights)
         # Kept only for the module's own parameters: swapped-in tensors may carry a graph.
         if all(isinstance(w, nn.Parameter) for w in weights):

@@ -62,10 +62,20 @@ class Solution:
         self.t: torch.Tensor = raw.t
         self.u: torch.Tensor = raw.u
         self.stats = raw.stats
-        self.retcode = raw.retcode
-        self.message: str = raw.message
-        self.adjoint_stats: Optional[_C.AdjointStats] = raw.adjoint_stats
         self.sample_stats = sample_stats
+
+    # Read from the C++ solution when asked for (each read is a call into the extension).
+    @property
+    def retcode(self) -> _C.ReturnCode:
+        return self._raw.retcode
+
+    @property
+    def message(self) -> str:
+        return self._raw.message
+
+    @property
+    def adjoint_stats(self) -> Optional[_C.AdjointStats]:
+        return self._raw.adjoint_stats
 
     @property
     def success(self) -> bool:

@@ -315,23 +315,33 @@ def solve(
         raise TypeError(f"u0 must be a torch.Tensor, got {type(state).__name__}")
     span = _span_tensor(tspan)
 
+    # Only the options that differ from SolveOptions' defaults (the same as this function's)
+    # are set: each assignment is a call into the extension, and a small solve notices them.
     opts = _C.SolveOptions()
     opts.method = solver
-    opts.rtol = float(rtol)
-    opts.atol = float(atol)
-    opts.dt = 0.0 if dt is None else float(dt)
-    if dt is not None and not dt > 0:
-        raise ValueError(f"dt must be positive (its sign follows tspan), got {dt}")
-    opts.adaptive = bool(adaptive)
-    opts.dt_min = float(dt_min)
-    opts.dt_max = float(dt_max)
-    opts.max_num_steps = int(max_num_steps)
+    if rtol != 1e-7:
+        opts.rtol = float(rtol)
+    if atol != 1e-9:
+        opts.atol = float(atol)
+    if dt is not None:
+        opts.dt = float(dt)
+        if not dt > 0:
+            raise ValueError(f"dt must be positive (its sign follows tspan), got {dt}")
+    if adaptive is not True:
+        opts.adaptive = bool(adaptive)
+    if dt_min != 0.0:
+        opts.dt_min = float(dt_min)
+    if dt_max != math.inf:
+        opts.dt_max = float(dt_max)
+    if max_num_steps != 100_000:
+        opts.max_num_steps = int(max_num_steps)
     if isinstance(controller, str):
         if controller not in _CONTROLLERS:
             raise ValueError(
                 f"controller must be one of {sorted(_CONTROLLERS)}, got {controller!r}"
             )
-        opts.controller = _CONTROLLERS[controller]()
+        if controller != "PI":
+            opts.controller = _CONTROLLERS[controller]()
     elif isinstance(controller, _C.ControllerOptions):
         opts.controller = controller
     else:
@@ -341,10 +351,14 @@ def solve(
         opts.saveat = times
     if not (isinstance(tstops, tuple) and not tstops):  # () is SolveOptions' default
         opts.tstops = [float(x) for x in tstops]
-    opts.dense = bool(dense)
-    opts.save_start = bool(save_start)
-    opts.check_finite = bool(check_finite)
-    opts.throw_on_failure = bool(throw_on_failure)
+    if dense is not False:
+        opts.dense = bool(dense)
+    if save_start is not True:
+        opts.save_start = bool(save_start)
+    if check_finite is not True:
+        opts.check_finite = bool(check_finite)
+    if throw_on_failure is not True:
+        opts.throw_on_failure = bool(throw_on_failure)
     # The tensors in p (checked for dtype and device against u0); diffeq_adjoint has them.
     p_given = _adjoint is not None and len(_adjoint) > 2
     opts.params = _adjoint[2] if p_given else parameter_tensors(prob.p)
@@ -380,8 +394,10 @@ def solve(
         raise ValueError(f"jac_mode must be 'auto', 'forward' or 'reverse', got {jac_mode!r}")
     if jac_mode != "auto" and solver not in _C.stiff_methods():
         raise ValueError(f"jac_mode is an option of the stiff methods only, not of {solver!r}")
-    opts.jac_mode = jac_mode
-    opts.autonomous = _autonomous(autonomous, f)
+    if jac_mode != "auto":
+        opts.jac_mode = jac_mode
+    if _autonomous(autonomous, f):
+        opts.autonomous = True
     if not isinstance(independent_batch, bool):
         raise TypeError(f"independent_batch must be a bool, got {type(independent_batch).__name__}")
     if independent_batch:
@@ -394,7 +410,8 @@ def solve(
                 "independent_batch needs a state with a leading batch dimension, got shape "
                 f"{tuple(state.shape)}"
             )
-    opts.independent_batch = independent_batch
+    if independent_batch:
+        opts.independent_batch = True
 
     if not isinstance(vectorized, bool):
         raise TypeError(f"vectorized must be a bool, got {type(vectorized).__name__}")
