@@ -189,8 +189,16 @@ Solution run(const HostFunctions<T>& hf, const Dynamics& f, const Tableau& tab,
     return fail(ReturnCode::Unstable, 0.0,
                 "the initial state or f(t0, u0) is not finite (NaN/Inf)");
 
-  // The tensor loop's first step, on views of the host arrays (its f evaluation included).
-  double h = first_step(f, tab, o, t0, t1, torch::from_blob(u.data(), shape, opts),
+  // The tensor loop's first step, on views of the host arrays; its trial evaluation of f by the
+  // host function (bitwise f's, and without f's tensor ops).
+  const Dynamics host_f = [&](double ti, const torch::Tensor& x) {
+    if (!(x.numel() == n && x.is_contiguous() && plain_cpu(x, opts.dtype().toScalarType())))
+      return f(ti, x);
+    torch::Tensor y = at::empty_like(x);
+    hf.f(ti, n, x.const_data_ptr<T>(), y.mutable_data_ptr<T>());
+    return y;
+  };
+  double h = first_step(host_f, tab, o, t0, t1, torch::from_blob(u.data(), shape, opts),
                         torch::from_blob(k(0), shape, opts), {}, stats.nfe);
 
   StepController controller(o.controller, tab.controller_order());

@@ -151,7 +151,7 @@ class Integrator {
       }
     }
     if (tape_) {
-      tape_->u_end = u.detach();
+      tape_->u_end = detached(u);
       tape_->t_end = t0;
     }
     std::vector<DenseStep> dense_steps;
@@ -324,6 +324,25 @@ void check_state(const torch::Tensor& u0, const SolveOptions& o) {
 }
 
 // The save times as doubles, checked: 1-D, finite, strictly monotone along the span, inside it.
+// The values of a real tensor, in order, as doubles: read in place from a contiguous CPU float or
+// double tensor (the usual span and save times), else through a converted copy.
+std::vector<double> host_doubles(const torch::Tensor& x) {
+  const int64_t n = x.numel();
+  if (x.device().is_cpu() && x.is_contiguous() && plain_strided(x) && !x.is_neg()) {
+    if (x.scalar_type() == at::kDouble) {
+      const double* p = x.const_data_ptr<double>();
+      return std::vector<double>(p, p + n);
+    }
+    if (x.scalar_type() == at::kFloat) {
+      const float* p = x.const_data_ptr<float>();
+      return std::vector<double>(p, p + n);
+    }
+  }
+  const torch::Tensor c = x.detach().to(at::kCPU, at::kDouble).contiguous();
+  const double* p = c.const_data_ptr<double>();
+  return std::vector<double>(p, p + n);
+}
+
 std::vector<double> check_saveat(const torch::Tensor& saveat, double t0, double t1) {
   std::vector<double> out;
   if (!saveat.defined()) return out;
@@ -331,9 +350,7 @@ std::vector<double> check_saveat(const torch::Tensor& saveat, double t0, double 
                    "saveat must hold real numbers, got ", saveat.scalar_type());
   TORCH_CHECK_VALUE(saveat.dim() <= 1, "saveat must be 1-D, got shape ", saveat.sizes());
   TORCH_CHECK_VALUE(saveat.numel() > 0, "saveat is empty");
-  torch::Tensor ts = saveat.detach().to(at::kCPU, at::kDouble).contiguous().reshape({-1});
-  const double* p = ts.data_ptr<double>();
-  out.assign(p, p + ts.numel());
+  out = host_doubles(saveat);
   const int dir = t1 > t0 ? 1 : -1;
   // float32 times are accepted within their own rounding of the span's ends.
   const double rel = saveat.scalar_type() == at::kDouble ? 1e-12 : 1e-6;
@@ -520,10 +537,10 @@ void Tape::record(double t0, double hh, const torch::Tensor& u, const torch::Ten
   const int64_t j = steps();
   t.push_back(t0);
   h.push_back(hh);
-  if (unew.defined()) u_end = unew.detach();
+  if (unew.defined()) u_end = detached(unew);
   t_end = t0 + hh;
   if (!store_states) return;
-  if (keeps(j)) checkpoints.emplace(j, u.detach());
+  if (keeps(j)) checkpoints.emplace(j, detached(u));
   if (cap > 0 && static_cast<int64_t>(checkpoints.size()) > cap) {
     stride *= 2;
     for (auto it = checkpoints.begin(); it != checkpoints.end();)
@@ -557,10 +574,10 @@ Prepared prepare(const Dynamics& f, const torch::Tensor& u0, const torch::Tensor
   TORCH_CHECK_TYPE(tspan.defined(), "tspan is undefined");
   TORCH_CHECK_VALUE(tspan.numel() == 2, "tspan must hold two times (t0, t1), got shape ",
                     tspan.sizes());
-  torch::Tensor span = tspan.detach().to(at::kCPU, at::kDouble).reshape({-1});
+  const std::vector<double> span = host_doubles(tspan);
   Prepared prep;
-  prep.t0 = span[0].item<double>();
-  prep.t1 = span[1].item<double>();
+  prep.t0 = span[0];
+  prep.t1 = span[1];
   TORCH_CHECK_VALUE(std::isfinite(prep.t0) && std::isfinite(prep.t1),
                     "tspan holds a non-finite time");
   TORCH_CHECK_VALUE(prep.t0 != prep.t1, "tspan is empty: t0 == t1 == ", prep.t0);
