@@ -125,6 +125,10 @@ Solution run(const HostFunctions<T>& hf, const Dynamics& f, const Tableau& tab,
     out_t.push_back(ts);
   };
   size_t save_idx = 0;
+  if (!every) {
+    out_t.reserve(saveat.size());
+    if (tape) tape->saves.reserve(saveat.size());
+  }
   if (every) {
     if (o.save_start) {
       save_row(t0, u.data());
