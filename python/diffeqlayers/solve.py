@@ -78,8 +78,10 @@ def _positive_int(name: str, value: Any, low: int, high: Optional[int] = None) -
 @functools.lru_cache(maxsize=64)
 def _number_span(t0: float, t1: float) -> torch.Tensor:
     """(t0, t1) as a float64 tensor, kept for the next solve over the same span: the solves
-    read it and never write into it or return it (sol.t is built from its values)."""
-    return torch.tensor([t0, t1], dtype=torch.float64)
+    read it and never write into it or return it (sol.t is built from its values). Made
+    outside inference mode, so that a span first used there serves recorded solves too."""
+    with torch.inference_mode(False):
+        return torch.tensor([t0, t1], dtype=torch.float64)
 
 
 def _span_tensor(tspan: Sequence[Any]) -> torch.Tensor:
