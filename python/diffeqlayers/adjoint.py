@@ -90,10 +90,7 @@ def adjoint_options(
     return o
 
 
-# The options of the last few configurations, kept (typed: True and 1 stay apart): a training
-# loop asks for the same ones every step. Safe to share: the solves copy them.
-@functools.lru_cache(maxsize=32, typed=True)
-def _kept_adjoint_options(
+def _options_from(
     sensealg: str,
     adjoint_rtol: Optional[float],
     adjoint_atol: Optional[float],
@@ -101,6 +98,7 @@ def _kept_adjoint_options(
     seminorm: bool,
     checkpoints: int,
 ) -> _C.AdjointOptions:
+    """adjoint_options with positional arguments."""
     return adjoint_options(
         sensealg,
         adjoint_rtol=adjoint_rtol,
@@ -109,6 +107,11 @@ def _kept_adjoint_options(
         seminorm=seminorm,
         checkpoints=checkpoints,
     )
+
+
+# The options of the last few configurations, kept (typed: True and 1 stay apart): a training
+# loop asks for the same ones every step. Safe to share: the solves copy them.
+_kept_adjoint_options = functools.lru_cache(maxsize=32, typed=True)(_options_from)
 
 
 def diffeq_adjoint(
@@ -202,14 +205,7 @@ def diffeq_adjoint(
     try:
         options = _kept_adjoint_options(*args)
     except TypeError:  # an unhashable argument: the checks name it
-        options = adjoint_options(
-            sensealg,
-            adjoint_rtol=adjoint_rtol,
-            adjoint_atol=adjoint_atol,
-            adjoint_method=adjoint_method,
-            seminorm=seminorm,
-            checkpoints=checkpoints,
-        )
+        options = _options_from(*args)
     p_tensors = parameter_tensors(p)
     if adjoint_params is not None:
         params = checked_adjoint_params(adjoint_params)

@@ -291,6 +291,30 @@ def test_bad_controller():
         dl.solve(osc_problem(), "tsit5", controller=3)
 
 
+def test_bad_adjoint_options_raise_even_after_good_ones_were_kept():
+    """diffeq_adjoint keeps the options of recent configurations: a bad value must still be
+    refused after a good one that compares equal to it (True == 1) was kept."""
+
+    def run(**kw):
+        return dl.diffeq_adjoint(None, lambda s: s.u, osc_problem(), "tsit5", saveat=[1.0], **kw)
+
+    run(sensealg="discrete", checkpoints=1, adjoint_rtol=1e-6)
+    with pytest.raises(ValueError, match=r"checkpoints must be a non-negative integer, got True"):
+        run(sensealg="discrete", checkpoints=True, adjoint_rtol=1e-6)
+    with pytest.raises(ValueError, match=r"checkpoints must be a non-negative integer, got -1"):
+        run(checkpoints=-1)
+    with pytest.raises(ValueError, match=r"sensealg must be one of"):
+        run(sensealg="magic")
+    with pytest.raises(ValueError, match=r"sensealg must be one of"):
+        run(sensealg=["discrete"])  # unhashable: checked without the kept options
+    with pytest.raises(TypeError, match=r"adjoint_rtol must be a number, got list"):
+        run(adjoint_rtol=[1e-6])
+    with pytest.raises(ValueError, match=r"adjoint_atol must be non-negative, got -1"):
+        run(adjoint_atol=-1.0)
+    with pytest.raises(ValueError, match=r"unknown adjoint_method 'nope'"):
+        run(adjoint_method="nope")
+
+
 def test_bad_problem_and_reduction():
     with pytest.raises(TypeError, match=r"prob must be an ODEProblem, got str"):
         dl.solve("problem", "tsit5")
