@@ -87,7 +87,9 @@ struct AdjointStats {
   int64_t nreject = 0;         // rejected steps of the backward solves
   int64_t replayed_steps = 0;  // forward steps recomputed from checkpoints
   int64_t checkpoints = 0;     // states the forward solve kept
-  bool host_loop = false;      // discrete: the steps were reversed on host arrays (HostDynamics)
+  // Backward ran on host arrays (HostDynamics): discrete, the steps were reversed there;
+  // interpolating, the backward solves' right-hand side was f's host vector-Jacobian product.
+  bool host_loop = false;
 };
 
 // solve(f, u0, tspan, options) whose saved states are differentiable by the adjoint method

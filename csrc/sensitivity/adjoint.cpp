@@ -339,6 +339,35 @@ struct Grads {
   std::vector<torch::Tensor> params;  // per entry of grad_params()
 };
 
+// The interpolating adjoint's right-hand side [lambda, g]' = -[lambda^T df/du, lambda^T df/dp]
+// on host arrays, for dynamics with host functions (the built-in MLP): the backward solve then
+// runs the host loop (integrate/host_rk.h) with one host vector-Jacobian product per evaluation
+// in place of a tensor product, a concatenation and their allocations. u(t) comes from the
+// replay as a tensor (the same u the tensor right-hand side reads). `where[i]`: the position of
+// wrt[i] among the host function's parameters (-1: f does not read it, its product is zero).
+template <typename T>
+HostFunctions<T> adjoint_rhs_host(const HostFunctions<T>& hf, Replay& replay, int64_t m,
+                                  const std::vector<int64_t>& where,
+                                  const std::vector<int64_t>& offsets, size_t nhost,
+                                  AdjointStats& stats) {
+  HostFunctions<T> out;
+  out.f = [&hf, &replay, m, where, offsets, nhost, &stats,
+           fu = std::vector<T>(static_cast<size_t>(m)),
+           dp = std::vector<T*>(nhost)](double t, int64_t n, const T* z, T* y) mutable {
+    const torch::Tensor u = replay.at(t).contiguous();
+    std::fill(y + m, y + n, T(0));  // the products are added into these
+    std::fill(dp.begin(), dp.end(), nullptr);
+    for (size_t i = 0; i < where.size(); ++i)
+      if (where[i] >= 0) dp[static_cast<size_t>(where[i])] = y + m + offsets[i];
+    hf.vjp(t, m, u.const_data_ptr<T>(), z, fu.data(), y, dp);
+    for (int64_t i = 0; i < n; ++i) y[i] = -y[i];
+    ++stats.nfe;
+    ++stats.nvjp;
+    ++stats.nvjp_native;
+  };
+  return out;
+}
+
 // Interpolating and backsolve: the adjoint ODE solved backwards between output times.
 Grads backward_continuous(AdjointState& s, const torch::Tensor& G) {
   AdjointStats& stats = *s.stats;
@@ -403,6 +432,35 @@ Grads backward_continuous(AdjointState& s, const torch::Tensor& G) {
         return adjoint_jacobian(fb, t, replay.at(t), wrt, np, opts, stats);
       };
   }
+  // The same right-hand side on host arrays where f has host functions (see adjoint_rhs_host):
+  // an explicit backward method, the RMS norm (no seminorm), a forward replayed from the tape,
+  // and each differentiated tensor at most once among f's parameters.
+  std::vector<int64_t> where;
+  std::shared_ptr<HostDynamics> aug_host;
+  const HostDynamics* fh = s.options.host.get();
+  if (!backsolve && !b_stiff && !bo.norm && !s.fwd_dense && fh != nullptr && fh->applies &&
+      tape.u_end.defined() && fh->applies(tape.u_end) && !tape.u_end.requires_grad() &&
+      positions_by_identity(wrt, fh->params, where)) {
+    std::vector<int64_t> offsets;
+    int64_t off = 0;
+    for (const auto& w : wrt) {
+      offsets.push_back(off);
+      off += w.numel();
+    }
+    const auto dtype = tape.u_end.scalar_type();
+    aug_host = std::make_shared<HostDynamics>();
+    aug_host->applies = [m, np, dtype](const torch::Tensor& y) {
+      return y.numel() == m + np && y.scalar_type() == dtype && y.device().is_cpu();
+    };
+    const size_t nhost = fh->params.size();
+    if (dtype == at::kFloat && fh->f32.vjp)
+      aug_host->f32 = adjoint_rhs_host<float>(fh->f32, replay, m, where, offsets, nhost, stats);
+    else if (dtype == at::kDouble && fh->f64.vjp)
+      aug_host->f64 = adjoint_rhs_host<double>(fh->f64, replay, m, where, offsets, nhost, stats);
+    else
+      aug_host.reset();
+    bo.host = aug_host;
+  }
 
   torch::Tensor lam = at::zeros(s.shape, opts);
   torch::Tensor g = at::zeros({np}, opts);
@@ -436,6 +494,7 @@ Grads backward_continuous(AdjointState& s, const torch::Tensor& G) {
     }
     stats.naccept += r.stats.naccept;
     stats.nreject += r.stats.nreject;
+    if (aug_host && r.stats.host_loop) stats.host_loop = true;
     if (b_adaptive && r.dt_next > 0) bo.dt = r.dt_next;  // continue with the step size reached
     torch::Tensor yb = r.u[-1];
     int64_t off = 0;

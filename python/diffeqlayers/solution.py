@@ -43,9 +43,10 @@ class Solution:
         adjoint_stats: for a solve differentiated by an adjoint (:func:`diffeq_adjoint`), what
             its backward did (``nfe``, ``nvjp``, ``nvjp_native`` (products made by the
             dynamics' own vector-Jacobian product, the built-in MLP's, without autograd),
-            ``naccept``, ``nreject``, ``replayed_steps``, ``checkpoints``, ``host_loop``: the
-            discrete adjoint reversed the steps on host arrays), filled in once backward has
-            run (``done``); otherwise None.
+            ``naccept``, ``nreject``, ``replayed_steps``, ``checkpoints``, ``host_loop``:
+            backward ran on host arrays, the discrete adjoint's reversed steps or the
+            interpolating adjoint's right-hand side), filled in once backward has run
+            (``done``); otherwise None.
         sample_stats: for a ``per_sample=True`` solve, each sample's steps
             (:class:`SampleStats`); otherwise None.
 
