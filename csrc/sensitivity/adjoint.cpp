@@ -18,12 +18,14 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <map>
 #include <string>
 #include <utility>
 #include <vector>
 
 #include "core/host_copy.h"
+#include "core/host_loops.h"
 #include "core/lincomb.h"
 #include "diffeqlayers/adams.h"
 #include "diffeqlayers/stiff.h"
@@ -260,6 +262,48 @@ class Replay {
     return u;
   }
 
+  // at(t) into out (m elements) by host loops, computed as the combination at(t) makes
+  // (combine_loop, the weights rounded to T): where the step's dense output is the method's own
+  // interpolant or the cubic Hermite one on contiguous CPU tensors of m elements. False (nothing
+  // written) where at(t) must run instead.
+  template <typename T>
+  bool at_host(double t, int64_t m, T* out) {
+    if (s_.fwd_dense) return false;
+    const int64_t j = locate(t);
+    const DenseStep& st = step(j);
+    const double theta = std::clamp((t - st.t0) / st.h, 0.0, 1.0);
+    const Tableau& tab = *s_.prep.tab;
+    if (theta > 0.0 && theta < 1.0 && !tab.has_dense() && tab.order > 4) return false;
+    const auto dtype = c10::CppTypeToScalarType<T>::value;
+    auto readable = [&](const torch::Tensor& x) {
+      return x.numel() == m && x.is_contiguous() && plain_cpu(x, dtype);
+    };
+    if (theta == 0.0 || theta == 1.0) {
+      const torch::Tensor& x = theta == 0.0 ? st.u0 : st.u1;
+      if (!readable(x)) return false;
+      std::memcpy(out, x.const_data_ptr<T>(), sizeof(T) * static_cast<size_t>(m));
+    } else {
+      const std::vector<torch::Tensor> terms = detail::interpolation_terms(tab, st);
+      std::vector<double> w(terms.size());
+      detail::interpolation_weights(tab, theta, st.h, w.data());
+      std::vector<const T*> src;
+      std::vector<T> sw;
+      if (tab.has_dense()) {  // the own interpolant adds to u0
+        if (!readable(st.u0)) return false;
+        src.push_back(st.u0.const_data_ptr<T>());
+        sw.push_back(T(1));
+      }
+      for (size_t i = 0; i < terms.size(); ++i) {
+        if (!readable(terms[i])) return false;
+        src.push_back(terms[i].const_data_ptr<T>());
+        sw.push_back(static_cast<T>(w[i]));
+      }
+      detail::combine_loop<T>(out, src, sw, 0, m);
+    }
+    trim(j);
+    return true;
+  }
+
   // Drops what is kept for steps from index j on.
   void release_from(int64_t j) {
     states_.erase(states_.lower_bound(j), states_.end());
@@ -343,8 +387,9 @@ struct Grads {
 // on host arrays, for dynamics with host functions (the built-in MLP): the backward solve then
 // runs the host loop (integrate/host_rk.h) with one host vector-Jacobian product per evaluation
 // in place of a tensor product, a concatenation and their allocations. u(t) comes from the
-// replay as a tensor (the same u the tensor right-hand side reads). `where[i]`: the position of
-// wrt[i] among the host function's parameters (-1: f does not read it, its product is zero).
+// replay's dense output by host loops (Replay::at_host), bitwise the tensor right-hand side's.
+// `where[i]`: the position of wrt[i] among the host function's parameters (-1: f does not read it,
+// its product is zero).
 template <typename T>
 HostFunctions<T> adjoint_rhs_host(const HostFunctions<T>& hf, Replay& replay, int64_t m,
                                   const std::vector<int64_t>& where,
@@ -352,14 +397,19 @@ HostFunctions<T> adjoint_rhs_host(const HostFunctions<T>& hf, Replay& replay, in
                                   AdjointStats& stats) {
   HostFunctions<T> out;
   out.f = [&hf, &replay, m, where, offsets, nhost, &stats,
-           fu = std::vector<T>(static_cast<size_t>(m)),
+           fu = std::vector<T>(static_cast<size_t>(m)), ut = std::vector<T>(static_cast<size_t>(m)),
            dp = std::vector<T*>(nhost)](double t, int64_t n, const T* z, T* y) mutable {
-    const torch::Tensor u = replay.at(t).contiguous();
+    const T* u = ut.data();
+    torch::Tensor ukeep;  // u(t) as a tensor where the host loops cannot make it
+    if (!replay.at_host<T>(t, m, ut.data())) {
+      ukeep = replay.at(t).contiguous();
+      u = ukeep.const_data_ptr<T>();
+    }
     std::fill(y + m, y + n, T(0));  // the products are added into these
     std::fill(dp.begin(), dp.end(), nullptr);
     for (size_t i = 0; i < where.size(); ++i)
       if (where[i] >= 0) dp[static_cast<size_t>(where[i])] = y + m + offsets[i];
-    hf.vjp(t, m, u.const_data_ptr<T>(), z, fu.data(), y, dp);
+    hf.vjp(t, m, u, z, fu.data(), y, dp);
     for (int64_t i = 0; i < n; ++i) y[i] = -y[i];
     ++stats.nfe;
     ++stats.nvjp;
