@@ -557,15 +557,65 @@ Grads backward_continuous(AdjointState& s, const torch::Tensor& G) {
     cur = tb;
   };
   const int64_t n = static_cast<int64_t>(s.out_t.size());
-  for (int64_t i = n - 1; i >= 0; --i) {
-    integrate_to(s.out_t[static_cast<size_t>(i)]);
-    if (backsolve) u = s.out[i];
-    if (G.defined()) {
-      lam = lam + G[i];
-      zero = false;
+  // With the right-hand side on host arrays: the whole walk over the output times there too, on
+  // one state [lambda, g] (the jumps lambda += dL/du(t_i) by a loop, each interval the host
+  // loop called directly), as the tensor walk below computes it, without its tensor ops per
+  // interval.
+  const torch::Tensor Gc = G.defined() && aug_host ? G.contiguous() : G;
+  torch::Tensor y = aug_host ? at::zeros({m + np}, opts) : torch::Tensor();
+  if (aug_host && (!Gc.defined() || plain_cpu(Gc, opts.dtype().toScalarType())) &&
+      detail::host_loop_applies(bo, y)) {
+    const Tableau& btab = tableau(bo.method);
+    detail::check_step_options(bo, btab.adaptive() && bo.adaptive, btab.name);
+    AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "diffeqlayers_adjoint_walk", [&] {
+      scalar_t* z = y.mutable_data_ptr<scalar_t>();
+      auto integrate_host = [&](double tb) {
+        if (tb == cur) return;
+        if (zero) {
+          cur = tb;
+          return;
+        }
+        Solution r;
+        try {
+          r = detail::host_integrate(aug, btab, bo, y, cur, tb, {tb}, nullptr);
+        } catch (const SolverError& e) {
+          throw SolverError(e.code, e.t, e.dt,
+                            std::string("the backward solve of the ") +
+                                kind_names()[static_cast<size_t>(s.kind)] +
+                                " adjoint failed: " + e.what());
+        }
+        stats.naccept += r.stats.naccept;
+        stats.nreject += r.stats.nreject;
+        stats.host_loop = true;
+        if (b_adaptive && r.dt_next > 0) bo.dt = r.dt_next;
+        const torch::Tensor last = r.u.contiguous();
+        std::memcpy(z, last.const_data_ptr<scalar_t>() + (last.numel() - (m + np)),
+                    sizeof(scalar_t) * static_cast<size_t>(m + np));
+        cur = tb;
+      };
+      const scalar_t* gd = Gc.defined() ? Gc.const_data_ptr<scalar_t>() : nullptr;
+      for (int64_t i = n - 1; i >= 0; --i) {
+        integrate_host(s.out_t[static_cast<size_t>(i)]);
+        if (gd != nullptr) {
+          for (int64_t k = 0; k < m; ++k) z[k] = z[k] + gd[i * m + k];
+          zero = false;
+        }
+      }
+      integrate_host(s.prep.t0);
+    });
+    lam = y.narrow(0, 0, m).view(s.shape);
+    g = y.narrow(0, m, np);
+  } else {
+    for (int64_t i = n - 1; i >= 0; --i) {
+      integrate_to(s.out_t[static_cast<size_t>(i)]);
+      if (backsolve) u = s.out[i];
+      if (G.defined()) {
+        lam = lam + G[i];
+        zero = false;
+      }
     }
+    integrate_to(s.prep.t0);
   }
-  integrate_to(s.prep.t0);
 
   Grads out;
   out.u0 = lam;

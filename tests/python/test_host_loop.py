@@ -128,6 +128,35 @@ def test_interpolating_adjoint_on_host_equals_the_tensor_loop(method, dtype):
     assert not semi_stats.host_loop
 
 
+def test_interpolating_adjoint_backward_failure_on_host_reads_as_on_tensors():
+    """A backward solve that fails on host arrays (too many steps at a tight adjoint tolerance)
+    raises what the tensor loop raises: the adjoint named, with t, dt and the cause."""
+    mlp, u0 = mlp_and_state(torch.float64)
+
+    def failure() -> str:
+        prob = dl.ODEProblem(mlp.rhs, u0, (0.0, 1.5), mlp)
+        out = dl.diffeq_adjoint(
+            mlp,
+            lambda s: s.u,
+            prob,
+            "tsit5",
+            saveat=[0.5, 1.5],
+            max_num_steps=30,
+            adjoint_rtol=1e-13,
+            adjoint_atol=1e-15,
+        )
+        with pytest.raises(RuntimeError) as err:
+            out.sum().backward()
+        return str(err.value)
+
+    host = failure()
+    with tensor_loop_only():
+        tensors = failure()
+    assert "the backward solve of the interpolating adjoint failed" in host
+    assert "t=" in host and "dt=" in host
+    assert host == tensors
+
+
 @pytest.mark.parametrize("method", EXPLICIT + ["dopri8"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("save", ["saveat", "every step", "backwards with tstops"])
