@@ -383,34 +383,44 @@ struct Grads {
   std::vector<torch::Tensor> params;  // per entry of grad_params()
 };
 
-// The interpolating adjoint's right-hand side [lambda, g]' = -[lambda^T df/du, lambda^T df/dp]
-// on host arrays, for dynamics with host functions (the built-in MLP): the backward solve then
-// runs the host loop (integrate/host_rk.h) with one host vector-Jacobian product per evaluation
-// in place of a tensor product, a concatenation and their allocations. u(t) comes from the
-// replay's dense output by host loops (Replay::at_host), bitwise the tensor right-hand side's.
-// `where[i]`: the position of wrt[i] among the host function's parameters (-1: f does not read it,
-// its product is zero).
+// The adjoint's right-hand side on host arrays, for dynamics with host functions (the built-in
+// MLP): interpolating, [lambda, g]' = -[lambda^T df/du, lambda^T df/dp] with u(t) from the
+// replay's dense output by host loops (Replay::at_host); backsolve, [u, lambda, g]' = [f(u),
+// -lambda^T df/du, -lambda^T df/dp]. The backward solve then runs the host loop
+// (integrate/host_rk.h) with one host vector-Jacobian product per evaluation, written straight
+// into the derivative, in place of a tensor product, a concatenation and their allocations: the
+// same values as the tensor right-hand side, bitwise. `where[i]`: the position of wrt[i] among
+// the host function's parameters (-1: f does not read it, its product is zero).
 template <typename T>
-HostFunctions<T> adjoint_rhs_host(const HostFunctions<T>& hf, Replay& replay, int64_t m,
+HostFunctions<T> adjoint_rhs_host(const HostFunctions<T>& hf, Replay* replay, int64_t m,
                                   const std::vector<int64_t>& where,
                                   const std::vector<int64_t>& offsets, size_t nhost,
                                   AdjointStats& stats) {
   HostFunctions<T> out;
-  out.f = [&hf, &replay, m, where, offsets, nhost, &stats,
+  out.f = [&hf, replay, m, where, offsets, nhost, &stats,
            fu = std::vector<T>(static_cast<size_t>(m)), ut = std::vector<T>(static_cast<size_t>(m)),
            dp = std::vector<T*>(nhost)](double t, int64_t n, const T* z, T* y) mutable {
-    const T* u = ut.data();
+    // Backsolve carries u in front ([u, lambda, g]); interpolating replays it.
+    const int64_t lead = replay != nullptr ? 0 : m;
+    const T* u = z;
+    T* f = fu.data();
     torch::Tensor ukeep;  // u(t) as a tensor where the host loops cannot make it
-    if (!replay.at_host<T>(t, m, ut.data())) {
-      ukeep = replay.at(t).contiguous();
-      u = ukeep.const_data_ptr<T>();
+    if (replay != nullptr) {
+      u = ut.data();
+      if (!replay->at_host<T>(t, m, ut.data())) {
+        ukeep = replay->at(t).contiguous();
+        u = ukeep.const_data_ptr<T>();
+      }
+    } else {
+      f = y;  // f(u) is the derivative of u
     }
-    std::fill(y + m, y + n, T(0));  // the products are added into these
+    T* d = y + lead;                // lambda's derivative, then g's
+    std::fill(d + m, y + n, T(0));  // the products are added into these
     std::fill(dp.begin(), dp.end(), nullptr);
     for (size_t i = 0; i < where.size(); ++i)
-      if (where[i] >= 0) dp[static_cast<size_t>(where[i])] = y + m + offsets[i];
-    hf.vjp(t, m, u, z, fu.data(), y, dp);
-    for (int64_t i = 0; i < n; ++i) y[i] = -y[i];
+      if (where[i] >= 0) dp[static_cast<size_t>(where[i])] = d + m + offsets[i];
+    hf.vjp(t, m, u, z + lead, f, d, dp);
+    for (int64_t i = lead; i < n; ++i) y[i] = -y[i];
     ++stats.nfe;
     ++stats.nvjp;
     ++stats.nvjp_native;
@@ -488,7 +498,8 @@ Grads backward_continuous(AdjointState& s, const torch::Tensor& G) {
   std::vector<int64_t> where;
   std::shared_ptr<HostDynamics> aug_host;
   const HostDynamics* fh = s.options.host.get();
-  if (!backsolve && !b_stiff && !bo.norm && !s.fwd_dense && fh != nullptr && fh->applies &&
+  const int64_t lead = backsolve ? m : 0;  // backsolve carries u in front of lambda
+  if (!b_stiff && !bo.norm && !s.fwd_dense && fh != nullptr && fh->applies &&
       tape.u_end.defined() && fh->applies(tape.u_end) && !tape.u_end.requires_grad() &&
       positions_by_identity(wrt, fh->params, where)) {
     std::vector<int64_t> offsets;
@@ -499,14 +510,15 @@ Grads backward_continuous(AdjointState& s, const torch::Tensor& G) {
     }
     const auto dtype = tape.u_end.scalar_type();
     aug_host = std::make_shared<HostDynamics>();
-    aug_host->applies = [m, np, dtype](const torch::Tensor& y) {
-      return y.numel() == m + np && y.scalar_type() == dtype && y.device().is_cpu();
+    aug_host->applies = [size = lead + m + np, dtype](const torch::Tensor& y) {
+      return y.numel() == size && y.scalar_type() == dtype && y.device().is_cpu();
     };
     const size_t nhost = fh->params.size();
+    Replay* rp = backsolve ? nullptr : &replay;
     if (dtype == at::kFloat && fh->f32.vjp)
-      aug_host->f32 = adjoint_rhs_host<float>(fh->f32, replay, m, where, offsets, nhost, stats);
+      aug_host->f32 = adjoint_rhs_host<float>(fh->f32, rp, m, where, offsets, nhost, stats);
     else if (dtype == at::kDouble && fh->f64.vjp)
-      aug_host->f64 = adjoint_rhs_host<double>(fh->f64, replay, m, where, offsets, nhost, stats);
+      aug_host->f64 = adjoint_rhs_host<double>(fh->f64, rp, m, where, offsets, nhost, stats);
     else
       aug_host.reset();
     bo.host = aug_host;
@@ -558,13 +570,16 @@ Grads backward_continuous(AdjointState& s, const torch::Tensor& G) {
   };
   const int64_t n = static_cast<int64_t>(s.out_t.size());
   // With the right-hand side on host arrays: the whole walk over the output times there too, on
-  // one state [lambda, g] (the jumps lambda += dL/du(t_i) by a loop, each interval the host
-  // loop called directly), as the tensor walk below computes it, without its tensor ops per
-  // interval.
+  // one state [u (backsolve), lambda, g] (u reset to the saved rows and the jumps lambda +=
+  // dL/du(t_i) by loops, each interval the host loop called directly), as the tensor walk below
+  // computes it, without its tensor ops per interval.
+  const int64_t size = lead + m + np;
+  const auto dtype = opts.dtype().toScalarType();
   const torch::Tensor Gc = G.defined() && aug_host ? G.contiguous() : G;
-  torch::Tensor y = aug_host ? at::zeros({m + np}, opts) : torch::Tensor();
-  if (aug_host && (!Gc.defined() || plain_cpu(Gc, opts.dtype().toScalarType())) &&
-      detail::host_loop_applies(bo, y)) {
+  const torch::Tensor rows = backsolve && aug_host ? s.out.contiguous() : torch::Tensor();
+  torch::Tensor y = aug_host ? at::zeros({size}, opts) : torch::Tensor();
+  if (aug_host && (!Gc.defined() || plain_cpu(Gc, dtype)) &&
+      (!rows.defined() || plain_cpu(rows, dtype)) && detail::host_loop_applies(bo, y)) {
     const Tableau& btab = tableau(bo.method);
     detail::check_step_options(bo, btab.adaptive() && bo.adaptive, btab.name);
     AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "diffeqlayers_adjoint_walk", [&] {
@@ -589,22 +604,29 @@ Grads backward_continuous(AdjointState& s, const torch::Tensor& G) {
         stats.host_loop = true;
         if (b_adaptive && r.dt_next > 0) bo.dt = r.dt_next;
         const torch::Tensor last = r.u.contiguous();
-        std::memcpy(z, last.const_data_ptr<scalar_t>() + (last.numel() - (m + np)),
-                    sizeof(scalar_t) * static_cast<size_t>(m + np));
+        std::memcpy(z, last.const_data_ptr<scalar_t>() + (last.numel() - size),
+                    sizeof(scalar_t) * static_cast<size_t>(size));
         cur = tb;
       };
       const scalar_t* gd = Gc.defined() ? Gc.const_data_ptr<scalar_t>() : nullptr;
+      const scalar_t* saved = rows.defined() ? rows.const_data_ptr<scalar_t>() : nullptr;
+      scalar_t* zl = z + lead;
+      if (saved != nullptr)  // u at the end: the tape's, as the tensor walk starts
+        std::memcpy(z, tape.u_end.contiguous().const_data_ptr<scalar_t>(),
+                    sizeof(scalar_t) * static_cast<size_t>(m));
       for (int64_t i = n - 1; i >= 0; --i) {
         integrate_host(s.out_t[static_cast<size_t>(i)]);
+        if (saved != nullptr)
+          std::memcpy(z, saved + i * m, sizeof(scalar_t) * static_cast<size_t>(m));
         if (gd != nullptr) {
-          for (int64_t k = 0; k < m; ++k) z[k] = z[k] + gd[i * m + k];
+          for (int64_t k = 0; k < m; ++k) zl[k] = zl[k] + gd[i * m + k];
           zero = false;
         }
       }
       integrate_host(s.prep.t0);
     });
-    lam = y.narrow(0, 0, m).view(s.shape);
-    g = y.narrow(0, m, np);
+    lam = y.narrow(0, lead, m).view(s.shape);
+    g = y.narrow(0, lead + m, np);
   } else {
     for (int64_t i = n - 1; i >= 0; --i) {
       integrate_to(s.out_t[static_cast<size_t>(i)]);

@@ -88,12 +88,14 @@ def test_python_f_takes_the_host_loop_without_grad(method, dtype):
     assert torch.allclose((dy * r).sum(), (gw * w).sum(), rtol=tol, atol=0)
 
 
+@pytest.mark.parametrize("sensealg", ["interpolating", "backsolve"])
 @pytest.mark.parametrize("method", ["tsit5", "dopri5", "bosh3", "dopri8"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_interpolating_adjoint_on_host_equals_the_tensor_loop(method, dtype):
-    """The interpolating adjoint's backward solves with the MLP's host vector-Jacobian product
-    as their right-hand side take the tensor loop's steps and give its gradients bitwise, for
-    u0, every weight and a tensor the MLP does not read (zero); seminorm stays on tensors."""
+def test_continuous_adjoints_on_host_equal_the_tensor_loop(sensealg, method, dtype):
+    """The interpolating and backsolve adjoints' backward solves with the MLP's host
+    vector-Jacobian product as their right-hand side take the tensor loop's steps and give its
+    gradients bitwise, for u0, every weight and a tensor the MLP does not read (zero); seminorm
+    stays on tensors."""
     mlp, u0 = mlp_and_state(dtype)
     unused = torch.ones(2, dtype=dtype, requires_grad=True)
     params = [*mlp.parameters(), unused]
@@ -109,7 +111,15 @@ def test_interpolating_adjoint_on_host_equals_the_tensor_loop(method, dtype):
 
         prob = dl.ODEProblem(mlp.rhs, x0, (0.0, 1.5), params)
         out = dl.diffeq_adjoint(
-            params, keep, prob, method, saveat=[0.0, 0.4, 0.77, 1.5], rtol=1e-6, atol=1e-8, **kw
+            params,
+            keep,
+            prob,
+            method,
+            saveat=[0.0, 0.4, 0.77, 1.5],
+            rtol=1e-6,
+            atol=1e-8,
+            sensealg=sensealg,
+            **kw,
         )
         loss = ((out - target) ** 2).sum()
         grads = torch.autograd.grad(loss, [x0, *params], allow_unused=True)
