@@ -39,8 +39,7 @@ class ODEProblem:
     p: Any = None
 
     def __post_init__(self) -> None:
-        from .script import ScriptRhs, is_script_module, required_arguments  # noqa: PLC0415
-
+        ScriptRhs, is_script_module, required_arguments = _script_names()
         if isinstance(self.f, _mlp_class()):
             # The built-in MLP as f(u, p, t) = mlp(u): solves run it in C++.
             object.__setattr__(self, "f", self.f.rhs)
@@ -132,6 +131,15 @@ def remake(
             changes.get("p", prob.p),
         )
     return dataclasses.replace(prob, **changes)
+
+
+@functools.cache
+def _script_names() -> tuple[Any, Any, Any]:
+    """script's ScriptRhs, is_script_module and required_arguments, imported on first use
+    (script imports the extension; problem stays light) and then kept."""
+    from .script import ScriptRhs, is_script_module, required_arguments  # noqa: PLC0415
+
+    return ScriptRhs, is_script_module, required_arguments
 
 
 @functools.cache
