@@ -19,6 +19,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <functional>
 #include <map>
 #include <string>
 #include <utility>
@@ -533,6 +534,23 @@ Grads backward_continuous(AdjointState& s, const torch::Tensor& G) {
   // ROBER to 1e11 saved at t <= 10, would otherwise start the backward solve at 1e11 with the
   // automatic first step of a zero state, 1e-6, below the time's rounding: step size underflow.)
   bool zero = true;
+  // One interval of the backward solve: its failure named as the adjoint's, its steps counted,
+  // and the step size it reached carried on to the next interval.
+  auto backward_interval = [&](const std::function<Solution()>& run) {
+    Solution r;
+    try {
+      r = run();
+    } catch (const SolverError& e) {
+      throw SolverError(e.code, e.t, e.dt,
+                        std::string("the backward solve of the ") +
+                            kind_names()[static_cast<size_t>(s.kind)] +
+                            " adjoint failed: " + e.what());
+    }
+    stats.naccept += r.stats.naccept;
+    stats.nreject += r.stats.nreject;
+    if (b_adaptive && r.dt_next > 0) bo.dt = r.dt_next;
+    return r;
+  };
   auto integrate_to = [&](double tb) {
     if (tb == cur) return;
     if (zero) {
@@ -545,19 +563,8 @@ Grads backward_continuous(AdjointState& s, const torch::Tensor& G) {
     parts.push_back(g);
     torch::Tensor y = at::cat(parts);
     bo.saveat = torch::tensor({tb}, torch::dtype(torch::kFloat64));
-    Solution r;
-    try {
-      r = solve(aug, y, cur, tb, bo);
-    } catch (const SolverError& e) {
-      throw SolverError(e.code, e.t, e.dt,
-                        std::string("the backward solve of the ") +
-                            kind_names()[static_cast<size_t>(s.kind)] +
-                            " adjoint failed: " + e.what());
-    }
-    stats.naccept += r.stats.naccept;
-    stats.nreject += r.stats.nreject;
+    const Solution r = backward_interval([&] { return solve(aug, y, cur, tb, bo); });
     if (aug_host && r.stats.host_loop) stats.host_loop = true;
-    if (b_adaptive && r.dt_next > 0) bo.dt = r.dt_next;  // continue with the step size reached
     torch::Tensor yb = r.u[-1];
     int64_t off = 0;
     if (backsolve) {
@@ -590,19 +597,9 @@ Grads backward_continuous(AdjointState& s, const torch::Tensor& G) {
           cur = tb;
           return;
         }
-        Solution r;
-        try {
-          r = detail::host_integrate(aug, btab, bo, y, cur, tb, {tb}, nullptr);
-        } catch (const SolverError& e) {
-          throw SolverError(e.code, e.t, e.dt,
-                            std::string("the backward solve of the ") +
-                                kind_names()[static_cast<size_t>(s.kind)] +
-                                " adjoint failed: " + e.what());
-        }
-        stats.naccept += r.stats.naccept;
-        stats.nreject += r.stats.nreject;
+        const Solution r = backward_interval(
+            [&] { return detail::host_integrate(aug, btab, bo, y, cur, tb, {tb}, nullptr); });
         stats.host_loop = true;
-        if (b_adaptive && r.dt_next > 0) bo.dt = r.dt_next;
         const torch::Tensor last = r.u.contiguous();
         std::memcpy(z, last.const_data_ptr<scalar_t>() + (last.numel() - size),
                     sizeof(scalar_t) * static_cast<size_t>(size));
