@@ -284,20 +284,31 @@ class Replay {
       if (!readable(x)) return false;
       std::memcpy(out, x.const_data_ptr<T>(), sizeof(T) * static_cast<size_t>(m));
     } else {
-      const std::vector<torch::Tensor> terms = detail::interpolation_terms(tab, st);
-      std::vector<double> w(terms.size());
+      // The terms of interpolation_terms, read in place: the stages (the own interpolant, after
+      // u0), or [u0, u1, f0, f1] (cubic Hermite). Scratch kept per thread: this runs per stage.
+      const size_t nw = detail::num_weights(tab);
+      thread_local std::vector<double> w;
+      thread_local std::vector<const T*> src;
+      thread_local std::vector<T> sw;
+      w.resize(nw);
+      src.clear();
+      sw.clear();
       detail::interpolation_weights(tab, theta, st.h, w.data());
-      std::vector<const T*> src;
-      std::vector<T> sw;
+      auto add = [&](const torch::Tensor& x, T weight) {
+        if (!readable(x)) return false;
+        src.push_back(x.const_data_ptr<T>());
+        sw.push_back(weight);
+        return true;
+      };
       if (tab.has_dense()) {  // the own interpolant adds to u0
-        if (!readable(st.u0)) return false;
-        src.push_back(st.u0.const_data_ptr<T>());
-        sw.push_back(T(1));
-      }
-      for (size_t i = 0; i < terms.size(); ++i) {
-        if (!readable(terms[i])) return false;
-        src.push_back(terms[i].const_data_ptr<T>());
-        sw.push_back(static_cast<T>(w[i]));
+        if (st.k.size() < nw || !add(st.u0, T(1))) return false;
+        for (size_t i = 0; i < nw; ++i)
+          if (!add(st.k[i], static_cast<T>(w[i]))) return false;
+      } else {
+        if (st.k.size() < 2) return false;
+        const torch::Tensor* hermite[4] = {&st.u0, &st.u1, &st.k[0], &st.k[1]};
+        for (size_t i = 0; i < 4; ++i)
+          if (!add(*hermite[i], static_cast<T>(w[i]))) return false;
       }
       detail::combine_loop<T>(out, src, sw, 0, m);
     }
