@@ -43,11 +43,8 @@ void bind_mlp(py::module& m) {
 
   py::class_<NativeDynamics>(m, "NativeDynamics",
                              "Dynamics evaluated in C++; solve() accepts it in place of f.")
-      .def("__call__",
-           [](const NativeDynamics& d, double t, const torch::Tensor& u) {
-             if (d.check) d.check();
-             return d.f(t, u);
-           })
+      .def("__call__", [](const NativeDynamics& d, double t,
+                          const torch::Tensor& u) { return d.checked().f(t, u); })
       .def("__repr__", [](const NativeDynamics& d) { return "NativeDynamics(" + d.what + ")"; });
 
   m.def("mlp_activations", &mlp_activations, "Names of the MLP's activations.");
@@ -83,7 +80,7 @@ void bind_mlp(py::module& m) {
       "_time_dynamics",
       [](const NativeDynamics& d, double t, const torch::Tensor& u, int64_t n) {
         TORCH_CHECK_VALUE(n > 0, "n must be positive");
-        if (d.check) d.check();
+        d.checked();
         py::gil_scoped_release release;
         const auto start = std::chrono::steady_clock::now();
         for (int64_t i = 0; i < n; ++i) d.f(t, u);

@@ -25,14 +25,13 @@ struct NativeDynamics {
   // that a NativeDynamics kept between solves (MLP.dynamics caches it while the module holds
   // the same parameter tensors) sees a `.data` swap or a dtype change; empty: nothing to check.
   std::function<void()> check;
-};
 
-// `f` as a NativeDynamics, checked (see NativeDynamics::check).
-inline const NativeDynamics& checked_native(const py::handle& f) {
-  const auto& native = f.cast<const NativeDynamics&>();
-  if (native.check) native.check();
-  return native;
-}
+  // This, after check().
+  const NativeDynamics& checked() const {
+    if (check) check();
+    return *this;
+  }
+};
 
 Dynamics python_dynamics(py::object f);    // module.cpp
 Jacobian python_jacobian(py::object jac);  // module.cpp
@@ -49,7 +48,7 @@ inline Dynamics dynamics_from(py::object f, bool* native = nullptr,
   if (native) *native = is_native;
   // Its host functions, unless the options bring their own.
   if (!is_native) return python_dynamics(std::move(f));
-  const NativeDynamics& nd = checked_native(f);
+  const NativeDynamics& nd = f.cast<const NativeDynamics&>().checked();
   if (options != nullptr && !options->host) options->host = nd.host;
   return nd.f;
 }

@@ -1,4 +1,4 @@
-// Host values into tensors on the state's device without blocking the host.
+// Host values into tensors on the state's device without blocking the host, and back.
 #pragma once
 
 #include <torch/types.h>
@@ -18,6 +18,9 @@ torch::Tensor copy_to_device(const double* v, at::IntArrayRef shape,
                              const at::TensorOptions& options);
 // A CPU tensor (possibly borrowing host memory) as a new tensor with `options`, the same way.
 torch::Tensor copy_to_device(const torch::Tensor& host, const at::TensorOptions& options);
+// The values of a real tensor (any dtype and device), in order, as host doubles: read in place
+// from a contiguous CPU float or double tensor, else through a converted copy.
+std::vector<double> host_doubles(const torch::Tensor& x);
 // Indices (int64) onto `device`, the same way.
 torch::Tensor indices_on(const std::vector<int64_t>& idx, const at::Device& device);
 

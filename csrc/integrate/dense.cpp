@@ -58,12 +58,20 @@ void interpolation_weights(const Tableau& tab, double theta, double h, double* w
 
 // What the weights multiply: the stages, or [u0, u1, f0, f1]. (DenseStep::k may hold more after
 // them: the stages a stiff step keeps for the discrete adjoint, SolveOptions::keep_stages.)
+const torch::Tensor& interpolation_term(const Tableau& tab, const DenseStep& step, size_t i) {
+  const size_t stages = tab.has_dense() ? num_weights(tab) : 2;  // own: the stages; f0, f1
+  TORCH_CHECK(step.k.size() >= stages, "internal: a dense step holds ", step.k.size(),
+              " stages, its interpolant needs ", stages);
+  if (tab.has_dense()) return step.k[i];
+  return i == 0 ? step.u0 : i == 1 ? step.u1 : step.k[i - 2];
+}
+
 std::vector<torch::Tensor> interpolation_terms(const Tableau& tab, const DenseStep& step) {
-  if (!tab.has_dense()) return {step.u0, step.u1, step.k[0], step.k[1]};
-  const auto n = static_cast<std::ptrdiff_t>(num_weights(tab));
-  TORCH_CHECK(static_cast<std::ptrdiff_t>(step.k.size()) >= n, "internal: a dense step holds ",
-              step.k.size(), " stages, its interpolant needs ", n);
-  return {step.k.begin(), step.k.begin() + n};
+  const size_t n = num_weights(tab);
+  std::vector<torch::Tensor> terms;
+  terms.reserve(n);
+  for (size_t i = 0; i < n; ++i) terms.push_back(interpolation_term(tab, step, i));
+  return terms;
 }
 
 }  // namespace detail

@@ -20,5 +20,7 @@ void interpolation_weights(const Tableau& tab, double theta, double h, double* w
 
 // What the weights multiply: the step's stages, or [u0, u1, f0, f1].
 std::vector<torch::Tensor> interpolation_terms(const Tableau& tab, const DenseStep& step);
+// Term i (< num_weights(tab)) of interpolation_terms, without making the list.
+const torch::Tensor& interpolation_term(const Tableau& tab, const DenseStep& step, size_t i);
 
 }  // namespace diffeqlayers::detail

@@ -92,11 +92,7 @@ class PerSampleIntegrator {
   torch::Tensor column(const std::vector<double>& v) const { return to_state(v, col_shape_); }
 
   // A [B] tensor (any dtype, any device) on the host.
-  static std::vector<double> host(const torch::Tensor& x) {
-    torch::Tensor c = x.detach().to(at::kCPU, at::kDouble).contiguous();
-    const double* p = c.data_ptr<double>();
-    return std::vector<double>(p, p + c.numel());
-  }
+  static std::vector<double> host(const torch::Tensor& x) { return host_doubles(x); }
 
   // The error norm of each sample's scaled error: [B].
   torch::Tensor norms(const torch::Tensor& scaled) const {

@@ -11,6 +11,7 @@
 #include "control/controller.h"
 #include "core/format.h"
 #include "core/grad_sinks.h"
+#include "core/host_copy.h"
 #include "core/lincomb.h"
 #include "diffeqlayers/adams.h"
 #include "diffeqlayers/solve.h"
@@ -324,25 +325,6 @@ void check_state(const torch::Tensor& u0, const SolveOptions& o) {
 }
 
 // The save times as doubles, checked: 1-D, finite, strictly monotone along the span, inside it.
-// The values of a real tensor, in order, as doubles: read in place from a contiguous CPU float or
-// double tensor (the usual span and save times), else through a converted copy.
-std::vector<double> host_doubles(const torch::Tensor& x) {
-  const int64_t n = x.numel();
-  if (x.device().is_cpu() && x.is_contiguous() && plain_strided(x) && !x.is_neg()) {
-    if (x.scalar_type() == at::kDouble) {
-      const double* p = x.const_data_ptr<double>();
-      return std::vector<double>(p, p + n);
-    }
-    if (x.scalar_type() == at::kFloat) {
-      const float* p = x.const_data_ptr<float>();
-      return std::vector<double>(p, p + n);
-    }
-  }
-  const torch::Tensor c = x.detach().to(at::kCPU, at::kDouble).contiguous();
-  const double* p = c.const_data_ptr<double>();
-  return std::vector<double>(p, p + n);
-}
-
 std::vector<double> check_saveat(const torch::Tensor& saveat, double t0, double t1) {
   std::vector<double> out;
   if (!saveat.defined()) return out;

@@ -246,20 +246,19 @@ class Replay {
       return (*s_.fwd_dense)(
           std::clamp(t, std::min(s_.prep.t0, tape_.t_end), std::max(s_.prep.t0, tape_.t_end)));
     }
-    const int64_t j = locate(t);
-    const DenseStep& st = step(j);
-    const double theta = std::clamp((t - st.t0) / st.h, 0.0, 1.0);
+    const Point p = point(t);
+    const DenseStep& st = *p.st;
     const Tableau& tab = *s_.prep.tab;
     torch::Tensor u;
-    if (theta > 0.0 && theta < 1.0 && !tab.has_dense() && tab.order > 4) {
+    if (p.by_step) {
       at::NoGradGuard no_grad;
       std::vector<torch::Tensor> k(static_cast<size_t>(tab.stages()));
       k[0] = st.k[0];  // f(t_j, u_j), kept by the replay for the Hermite interpolant
       u = detail::rk_step(s_.fb, tab, st.t0, t - st.t0, st.u0, k, stats_.nfe);
     } else {
-      u = interpolate(tab, st, theta);
+      u = interpolate(tab, st, p.theta);
     }
-    trim(j);
+    trim(p.j);
     return u;
   }
 
@@ -270,11 +269,11 @@ class Replay {
   template <typename T>
   bool at_host(double t, int64_t m, T* out) {
     if (s_.fwd_dense) return false;
-    const int64_t j = locate(t);
-    const DenseStep& st = step(j);
-    const double theta = std::clamp((t - st.t0) / st.h, 0.0, 1.0);
+    const Point p = point(t);
+    if (p.by_step) return false;
+    const DenseStep& st = *p.st;
+    const double theta = p.theta;
     const Tableau& tab = *s_.prep.tab;
-    if (theta > 0.0 && theta < 1.0 && !tab.has_dense() && tab.order > 4) return false;
     const auto dtype = c10::CppTypeToScalarType<T>::value;
     auto readable = [&](const torch::Tensor& x) {
       return x.numel() == m && x.is_contiguous() && plain_cpu(x, dtype);
@@ -284,8 +283,8 @@ class Replay {
       if (!readable(x)) return false;
       std::memcpy(out, x.const_data_ptr<T>(), sizeof(T) * static_cast<size_t>(m));
     } else {
-      // The terms of interpolation_terms, read in place: the stages (the own interpolant, after
-      // u0), or [u0, u1, f0, f1] (cubic Hermite). Scratch kept per thread: this runs per stage.
+      // The terms of interpolation_terms, read in place (the own interpolant adds them to u0).
+      // Scratch kept per thread: this runs per stage.
       const size_t nw = detail::num_weights(tab);
       thread_local std::vector<double> w;
       thread_local std::vector<const T*> src;
@@ -300,19 +299,12 @@ class Replay {
         sw.push_back(weight);
         return true;
       };
-      if (tab.has_dense()) {  // the own interpolant adds to u0
-        if (st.k.size() < nw || !add(st.u0, T(1))) return false;
-        for (size_t i = 0; i < nw; ++i)
-          if (!add(st.k[i], static_cast<T>(w[i]))) return false;
-      } else {
-        if (st.k.size() < 2) return false;
-        const torch::Tensor* hermite[4] = {&st.u0, &st.u1, &st.k[0], &st.k[1]};
-        for (size_t i = 0; i < 4; ++i)
-          if (!add(*hermite[i], static_cast<T>(w[i]))) return false;
-      }
+      if (tab.has_dense() && !add(st.u0, T(1))) return false;
+      for (size_t i = 0; i < nw; ++i)
+        if (!add(detail::interpolation_term(tab, st, i), static_cast<T>(w[i]))) return false;
       detail::combine_loop<T>(out, src, sw, 0, m);
     }
-    trim(j);
+    trim(p.j);
     return true;
   }
 
@@ -323,6 +315,22 @@ class Replay {
   }
 
  private:
+  // Where u(t) comes from: the step j holding t, theta in it, and whether a step of the method
+  // from the step's start makes it (by_step; see at()) rather than the step's interpolant.
+  struct Point {
+    int64_t j;
+    const DenseStep* st;
+    double theta;
+    bool by_step;
+  };
+  Point point(double t) {
+    const int64_t j = locate(t);
+    const DenseStep& st = step(j);
+    const double theta = std::clamp((t - st.t0) / st.h, 0.0, 1.0);
+    const Tableau& tab = *s_.prep.tab;
+    return {j, &st, theta, theta > 0.0 && theta < 1.0 && !tab.has_dense() && tab.order > 4};
+  }
+
   // Dense steps kept: enough for a backward step (or a rejected one) that spans several
   // forward steps, few enough that their stages cost little memory.
   static constexpr int64_t kDenseBudget = 32;
@@ -409,11 +417,11 @@ HostFunctions<T> adjoint_rhs_host(const HostFunctions<T>& hf, Replay* replay, in
                                   const std::vector<int64_t>& offsets, size_t nhost,
                                   AdjointStats& stats) {
   HostFunctions<T> out;
-  out.f = [&hf, replay, m, where, offsets, nhost, &stats,
+  // Backsolve carries u in front ([u, lambda, g]); interpolating replays it.
+  const int64_t lead = replay != nullptr ? 0 : m;
+  out.f = [&hf, replay, m, lead, where, offsets, nhost, &stats,
            fu = std::vector<T>(static_cast<size_t>(m)), ut = std::vector<T>(static_cast<size_t>(m)),
            dp = std::vector<T*>(nhost)](double t, int64_t n, const T* z, T* y) mutable {
-    // Backsolve carries u in front ([u, lambda, g]); interpolating replays it.
-    const int64_t lead = replay != nullptr ? 0 : m;
     const T* u = z;
     T* f = fu.data();
     torch::Tensor ukeep;  // u(t) as a tensor where the host loops cannot make it
