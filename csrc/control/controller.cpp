@@ -60,8 +60,9 @@ bool host_readable(const torch::Tensor& x, at::ScalarType dtype) {
 template <typename T>
 double initial_step_rms_host(const Dynamics& f, double t0, const torch::Tensor& u0,
                              const torch::Tensor& f0, int order, int direction, double span,
-                             double rtol, double atol, int64_t& nfe) {
+                             double rtol, double atol, int64_t prefix, int64_t& nfe) {
   const int64_t n = u0.numel();
+  const int64_t nn = prefix > 0 ? prefix : n;  // the elements the norm covers
   const T* u = u0.const_data_ptr<T>();
   const T* k0 = f0.const_data_ptr<T>();
   std::vector<T> scale(static_cast<size_t>(n));
@@ -69,11 +70,11 @@ double initial_step_rms_host(const Dynamics& f, double t0, const torch::Tensor& 
     scale[static_cast<size_t>(i)] = std::abs(u[i]) * static_cast<T>(rtol) + static_cast<T>(atol);
   auto rms = [&](auto&& value) {
     double acc = 0.0;
-    for (int64_t i = 0; i < n; ++i) {
+    for (int64_t i = 0; i < nn; ++i) {
       const auto q = static_cast<double>(static_cast<T>(value(i) / scale[static_cast<size_t>(i)]));
       acc += q * q;
     }
-    return std::sqrt(acc / static_cast<double>(n));
+    return std::sqrt(acc / static_cast<double>(nn));
   };
   const double d0 = rms([&](int64_t i) { return u[i]; });
   const double d1 = rms([&](int64_t i) { return k0[i]; });
@@ -95,7 +96,7 @@ double initial_step_rms_host(const Dynamics& f, double t0, const torch::Tensor& 
     d2 = rms([&](int64_t i) { return pk[i] - k0[i]; }) / h0;
   } else {
     const torch::Tensor st = torch::from_blob(scale.data(), u0.sizes(), u0.options());
-    d2 = detail::rms_norm((k1 - f0) / st).item<double>() / h0;
+    d2 = detail::rms_norm((k1 - f0) / st, prefix).item<double>() / h0;
   }
   return initial_step_final(h0, d1, d2, order, span);
 }
@@ -104,7 +105,8 @@ double initial_step_rms_host(const Dynamics& f, double t0, const torch::Tensor& 
 
 double initial_step(const Dynamics& f, double t0, const torch::Tensor& u0, const torch::Tensor& f0,
                     int order, int direction, double span, double rtol, double atol,
-                    const std::function<double(const torch::Tensor&)>& norm, int64_t& nfe) {
+                    const std::function<double(const torch::Tensor&)>& norm, int64_t norm_prefix,
+                    int64_t& nfe) {
   at::NoGradGuard no_grad;
   // Primal values only (detach drops autograd history and forward-mode tangents alike), so
   // that a forward-mode solve starts with the step of the plain one.
@@ -115,12 +117,13 @@ double initial_step(const Dynamics& f, double t0, const torch::Tensor& u0, const
       host_readable(k0, dtype) && k0.numel() == u.numel()) {
     double h = 0.0;
     AT_DISPATCH_FLOATING_TYPES(dtype, "diffeqlayers_initial_step", [&] {
-      h = initial_step_rms_host<scalar_t>(f, t0, u, k0, order, direction, span, rtol, atol, nfe);
+      h = initial_step_rms_host<scalar_t>(f, t0, u, k0, order, direction, span, rtol, atol,
+                                          norm_prefix, nfe);
     });
     return h;
   }
-  const std::function<double(const torch::Tensor&)> rms = [](const torch::Tensor& x) {
-    return detail::rms_norm(x).item<double>();
+  const std::function<double(const torch::Tensor&)> rms = [norm_prefix](const torch::Tensor& x) {
+    return detail::rms_norm(x, norm_prefix).item<double>();
   };
   const auto& nrm = norm ? norm : rms;
   const torch::Tensor scale = u.abs().mul_(rtol).add_(atol);

@@ -26,10 +26,12 @@ class StepController {
 // compares |u0|, |f0| and an estimate of the second derivative, all in the error norm.
 // Costs one evaluation of f. `f0` is f(t0, u0); `norm` returns the scaled error norm, or is
 // empty for the RMS norm (then, for plain contiguous CPU states, computed by host loops: the
-// explicit tensor and host loops both take this path, so they start with the same step).
+// explicit tensor and host loops both take this path, so they start with the same step), over
+// the first norm_prefix elements of the flattened state when positive (SolveOptions).
 double initial_step(const Dynamics& f, double t0, const torch::Tensor& u0, const torch::Tensor& f0,
                     int order, int direction, double span, double rtol, double atol,
-                    const std::function<double(const torch::Tensor&)>& norm, int64_t& nfe);
+                    const std::function<double(const torch::Tensor&)>& norm, int64_t norm_prefix,
+                    int64_t& nfe);
 
 // The two formulas of initial_step, for callers that take the norms themselves (the per-sample
 // loop, which evaluates f once for the whole batch and then applies them sample by sample).

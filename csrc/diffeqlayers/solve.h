@@ -104,6 +104,11 @@ struct SolveOptions {
   int64_t max_num_steps = 100000;  // accepted + rejected steps
   ControllerOptions controller = ControllerOptions::PI();
   ErrorNorm norm;  // empty: RMS norm
+  // With the RMS norm (norm empty), explicit Runge-Kutta methods: the norm covers only the first
+  // norm_prefix elements of the flattened state, a seminorm (the adjoints' seminorm option sets it
+  // so that error control leaves out the parameter-gradient channels at the end of their state),
+  // in the step errors and the automatic initial step alike. 0: every element.
+  int64_t norm_prefix = 0;
   // Times at which to save, strictly monotone in the direction of integration and inside the
   // span. Undefined: save at every step (t0 included when save_start). May require grad: the
   // output at each time then has the gradient <grad, f(t_i, u(t_i))> with respect to it.

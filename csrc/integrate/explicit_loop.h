@@ -50,7 +50,8 @@ std::string underflow_why(const SolveOptions& o, bool unstable);
 std::string failure_message(const std::string& method, ReturnCode code, double t, double dt,
                             const std::string& why, const Stats& stats);
 
-// The default error norm: the root mean square of x, a 0-d tensor of x's dtype.
-torch::Tensor rms_norm(const torch::Tensor& x);
+// The default error norm: the root mean square of x, a 0-d tensor of x's dtype; of the first
+// `prefix` elements of x flattened when positive (SolveOptions::norm_prefix).
+torch::Tensor rms_norm(const torch::Tensor& x, int64_t prefix = 0);
 
 }  // namespace diffeqlayers::detail

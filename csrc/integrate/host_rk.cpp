@@ -245,11 +245,13 @@ Solution run(const HostFunctions<T>& hf, const Dynamics& f, const Tableau& tab,
         ke.push_back(k(j));
         we.push_back(static_cast<T>(hh * tab.b_err[j]));
       }
+      // Over the leading norm_prefix elements when given (SolveOptions), as the tensor loop.
+      const int64_t nn = o.norm_prefix > 0 ? o.norm_prefix : n;
       const double total = error_sum_sq<T>(ke, we, u.data(), unew.data(), static_cast<T>(o.atol),
-                                           static_cast<T>(o.rtol), 0, n);
+                                           static_cast<T>(o.rtol), 0, nn);
       // kernels::error_norm returns the norm in the state's dtype.
       const auto err =
-          static_cast<double>(static_cast<T>(std::sqrt(total / static_cast<double>(n))));
+          static_cast<double>(static_cast<T>(std::sqrt(total / static_cast<double>(nn))));
       bool finite = !o.check_finite || all_finite_loop(unew.data(), n);
       finite = finite && std::isfinite(err);
       if (!finite) last_nonfinite = stats.naccept + stats.nreject;

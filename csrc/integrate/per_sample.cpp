@@ -481,6 +481,8 @@ PerSampleSolution solve_per_sample(const BatchDynamics& f, const torch::Tensor& 
   TORCH_CHECK_VALUE(!is_stiff_method(m) && !is_adams_method(m) && !stiff::is_implicit_fixed(m),
                     "per_sample supports the explicit adaptive methods (", adaptive_method_list(),
                     "), not '", m, "'");
+  TORCH_CHECK_VALUE(options.norm_prefix == 0,
+                    "per_sample takes no norm_prefix (each sample's norm covers its whole state)");
   const Tableau& tab = tableau(m);  // unknown names: an error listing the methods
   TORCH_CHECK_VALUE(tab.adaptive() && options.adaptive, "per_sample needs adaptive steps, but ",
                     tab.adaptive() ? "adaptive=false was given" : "'" + m + "' takes fixed steps",

@@ -73,7 +73,7 @@ class Integrator {
   // The norm of a scaled error as a 0-d tensor (no host synchronisation): the user's, checked to
   // give one number, or the RMS norm.
   torch::Tensor norm_tensor(const torch::Tensor& scaled) const {
-    if (!o_.norm) return detail::rms_norm(scaled);
+    if (!o_.norm) return detail::rms_norm(scaled, o_.norm_prefix);
     torch::Tensor n = o_.norm(scaled);
     TORCH_CHECK_VALUE(n.numel() == 1, "norm must return a scalar, got a tensor of shape ",
                       n.sizes());
@@ -104,15 +104,20 @@ class Integrator {
         return {v[0], std::isfinite(v[1])};
       }
     } else {
-      // The RMS norm as one operator (one pass over the stages on the CPU, no temporaries).
+      // The RMS norm as one operator (one pass over the stages on the CPU, no temporaries), over
+      // the leading norm_prefix elements when given (views: the host loop's sums, SolveOptions).
+      const int64_t p = o_.norm_prefix;
+      auto head = [p](const torch::Tensor& x) {
+        return p > 0 ? x.reshape({-1}).narrow(0, 0, p) : x;
+      };
       std::vector<torch::Tensor> ke;
       std::vector<double> we;
       for (size_t j = 0; j < kd.size(); ++j) {
         if (tab_.b_err[j] == 0.0) continue;
-        ke.push_back(kd[j]);
+        ke.push_back(head(kd[j]));
         we.push_back(tab_.b_err[j]);
       }
-      n = kernels::error_norm(ke, we, h, ud, und, o_.atol, o_.rtol);
+      n = kernels::error_norm(ke, we, h, head(ud), head(und), o_.atol, o_.rtol);
     }
     if (!o_.check_finite) return {n.item<double>(), true};
     if (und.device().is_cpu()) return {n.item<double>(), all_finite(und)};
@@ -380,7 +385,7 @@ double first_step(const Dynamics& f, const Tableau& tab, const SolveOptions& o, 
   double h = o.dt;
   if (tab.adaptive() && o.adaptive && !(o.dt > 0))
     h = initial_step(f, t0, u0, f0, tab.order, t1 > t0 ? 1 : -1, std::abs(t1 - t0), o.rtol, o.atol,
-                     norm, nfe);
+                     norm, o.norm_prefix, nfe);
   return std::min(h, o.dt_max);
 }
 
@@ -439,8 +444,9 @@ std::string failure_message(const std::string& method, ReturnCode code, double t
          ", rejected=" + std::to_string(stats.nreject) + "]";
 }
 
-torch::Tensor rms_norm(const torch::Tensor& x) {
-  return at::linalg_vector_norm(x, 2) / std::sqrt(static_cast<double>(x.numel()));
+torch::Tensor rms_norm(const torch::Tensor& x, int64_t prefix) {
+  const torch::Tensor v = prefix > 0 ? x.reshape({-1}).narrow(0, 0, prefix) : x;
+  return at::linalg_vector_norm(v, 2) / std::sqrt(static_cast<double>(v.numel()));
 }
 
 torch::Tensor checked_eval(const Dynamics& f, double t, const torch::Tensor& u, int64_t& nfe) {
@@ -549,6 +555,18 @@ void check_step_options(const SolveOptions& o, bool adaptive, const std::string&
   for (double ts : o.tstops) TORCH_CHECK_VALUE(std::isfinite(ts), "tstops holds a non-finite time");
 }
 
+void check_norm_prefix(const SolveOptions& o, const torch::Tensor& u0, bool stiff) {
+  if (o.norm_prefix == 0) return;
+  TORCH_CHECK_VALUE(o.norm_prefix > 0 && o.norm_prefix <= u0.numel(),
+                    "norm_prefix must lie in [0, ", u0.numel(), "] (the state's elements), got ",
+                    o.norm_prefix);
+  TORCH_CHECK_VALUE(!o.norm,
+                    "norm_prefix restricts the RMS norm: give norm or norm_prefix, "
+                    "not both");
+  TORCH_CHECK_VALUE(!stiff, "norm_prefix is supported by the explicit Runge-Kutta methods, not '",
+                    o.method, "'");
+}
+
 Prepared prepare(const Dynamics& f, const torch::Tensor& u0, const torch::Tensor& tspan,
                  const SolveOptions& options) {
   TORCH_CHECK_TYPE(static_cast<bool>(f), "f (the dynamics) is empty");
@@ -571,6 +589,7 @@ Prepared prepare(const Dynamics& f, const torch::Tensor& u0, const torch::Tensor
     prep.tab = &tableau(options.method);
     check_step_options(options, prep.tab->adaptive() && options.adaptive, prep.tab->name);
   }
+  check_norm_prefix(options, u0, prep.stiff);
   prep.saveat = check_saveat(options.saveat, prep.t0, prep.t1);
   return prep;
 }

@@ -101,6 +101,8 @@ Prepared prepare(const Dynamics& f, const torch::Tensor& u0, const torch::Tensor
 // The options every loop checks (tolerances, dt and its bounds, max_num_steps, tstops), for a
 // method that steps adaptively or not; raises ValueError naming the option.
 void check_step_options(const SolveOptions& o, bool adaptive, const std::string& method);
+// SolveOptions::norm_prefix within the state's size, without a norm, for an explicit method.
+void check_norm_prefix(const SolveOptions& o, const torch::Tensor& u0, bool stiff);
 
 // Runs `core` from the (checked) problem, attaching the exact-flow time terms that give
 // gradients with respect to tspan and saveat: u0 - (t0 - t0.detach()) f(t0, u0) goes in, and

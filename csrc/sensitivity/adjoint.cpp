@@ -484,8 +484,11 @@ Grads backward_continuous(AdjointState& s, const torch::Tensor& G) {
   bo.throw_on_failure = true;
   bo.save_start = false;
   // The channels the error control sees: [u,] lambda, and g unless seminorm.
+  // The explicit methods take that seminorm as the RMS norm's prefix (also on host arrays), the
+  // stiff ones as a norm.
   const int64_t controlled = (backsolve ? 2 * m : m) + (s.adjoint.seminorm ? 0 : np);
-  if (s.adjoint.seminorm && np > 0)
+  if (s.adjoint.seminorm && np > 0 && !b_stiff) bo.norm_prefix = controlled;
+  if (s.adjoint.seminorm && np > 0 && b_stiff)
     bo.norm = [controlled](const torch::Tensor& scaled) {
       torch::Tensor head = scaled.narrow(0, 0, controlled);
       return at::linalg_vector_norm(head, 2) / std::sqrt(static_cast<double>(controlled));
@@ -513,8 +516,8 @@ Grads backward_continuous(AdjointState& s, const torch::Tensor& G) {
       };
   }
   // The same right-hand side on host arrays where f has host functions (see adjoint_rhs_host):
-  // an explicit backward method, the RMS norm (no seminorm), a forward replayed from the tape,
-  // and each differentiated tensor at most once among f's parameters.
+  // an explicit backward method, the RMS norm (seminorm: over a prefix), a forward replayed from
+  // the tape, and each differentiated tensor at most once among f's parameters.
   std::vector<int64_t> where;
   std::shared_ptr<HostDynamics> aug_host;
   const HostDynamics* fh = s.options.host.get();

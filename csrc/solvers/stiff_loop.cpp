@@ -178,7 +178,8 @@ class Loop {
                     dense_steps);
       h = initial_step(
           f_, t0, u, f0, m_.order, dir, std::abs(t1 - t0), o_.rtol, o_.atol,
-          [this](const torch::Tensor& x) { return norm_tensor(o_, x).item<double>(); }, stats.nfe);
+          [this](const torch::Tensor& x) { return norm_tensor(o_, x).item<double>(); },
+          /*norm_prefix=*/0, stats.nfe);
     }
     h = std::min(h, o_.dt_max);
 

@@ -188,3 +188,43 @@ TEST(BadInput, SolverFailuresReportTimeAndStep) {
   EXPECT_EQ(sol_nan.retcode, dl::ReturnCode::Unstable);
   EXPECT_FALSE(torch::isnan(sol_nan.u).any().item<bool>());
 }
+
+TEST(Solve, NormPrefixControlsTheLeadingElementsOnly) {
+  // [a, b] decays slowly; [c, d] oscillates fast. The RMS norm over the first two elements
+  // (norm_prefix = 2) takes the steps of a user norm computing that seminorm, and far fewer
+  // than the full norm, which resolves the oscillation.
+  auto f = [](double, const torch::Tensor& u) {
+    return torch::stack({-u[0], -0.5 * u[1], 50.0 * u[3], -50.0 * u[2]});
+  };
+  auto u0 = f64({1.0, 2.0, 1.0, 0.0});
+  dl::SolveOptions full;
+  full.method = "tsit5";
+  full.rtol = full.atol = 1e-8;
+  dl::SolveOptions prefix = full;
+  prefix.norm_prefix = 2;
+  dl::SolveOptions user = full;
+  user.norm = [](const torch::Tensor& x) { return x.narrow(0, 0, 2).pow(2).mean().sqrt(); };
+  const auto a = dl::solve(f, u0, 0.0, 2.0, full);
+  const auto b = dl::solve(f, u0, 0.0, 2.0, prefix);
+  const auto c = dl::solve(f, u0, 0.0, 2.0, user);
+  EXPECT_EQ(b.stats.naccept, c.stats.naccept);
+  EXPECT_EQ(b.stats.nreject, c.stats.nreject);
+  EXPECT_LT(3 * b.stats.naccept, a.stats.naccept);
+  // The controlled elements keep their accuracy.
+  const auto exact = f64({std::exp(-2.0), 2.0 * std::exp(-1.0)});
+  EXPECT_LT((b.u[-1].narrow(0, 0, 2) - exact).abs().max().item<double>(), 1e-7);
+
+  // Bad values and combinations are named.
+  dl::SolveOptions too_long = prefix;
+  too_long.norm_prefix = 5;
+  EXPECT_THROW(dl::solve(f, u0, 0.0, 1.0, too_long), c10::ValueError);
+  dl::SolveOptions negative = prefix;
+  negative.norm_prefix = -1;
+  EXPECT_THROW(dl::solve(f, u0, 0.0, 1.0, negative), c10::ValueError);
+  dl::SolveOptions both = user;
+  both.norm_prefix = 2;
+  EXPECT_THROW(dl::solve(f, u0, 0.0, 1.0, both), c10::ValueError);
+  dl::SolveOptions stiff = prefix;
+  stiff.method = "rodas5p";
+  EXPECT_THROW(dl::solve(f, u0, 0.0, 1.0, stiff), c10::ValueError);
+}
