@@ -225,6 +225,7 @@ class Replay {
       TORCH_CHECK(j >= 0 && j < tape_.steps(), "internal: replay of step ", j, " of ",
                   tape_.steps());
       const torch::Tensor u = state(j);
+      host_terms_.erase(j);  // a step made anew: its terms' data with it
       at::NoGradGuard no_grad;
       const auto ju = static_cast<size_t>(j);
       it = dense_
@@ -283,9 +284,12 @@ class Replay {
       if (!readable(x)) return false;
       std::memcpy(out, x.const_data_ptr<T>(), sizeof(T) * static_cast<size_t>(m));
     } else {
-      // The terms of interpolation_terms, read in place (the own interpolant adds them to u0).
-      // Scratch kept per thread: this runs per stage.
+      // The terms of interpolation_terms, read in place (the own interpolant adds them to u0),
+      // their data looked up once per step. Scratch kept per thread: this runs per stage.
+      const std::vector<const void*>& terms = host_terms(p.j, st, readable);
+      if (terms.empty()) return false;
       const size_t nw = detail::num_weights(tab);
+      const size_t lead = tab.has_dense() ? 1 : 0;
       thread_local std::vector<double> w;
       thread_local std::vector<const T*> src;
       thread_local std::vector<T> sw;
@@ -293,15 +297,10 @@ class Replay {
       src.clear();
       sw.clear();
       detail::interpolation_weights(tab, theta, st.h, w.data());
-      auto add = [&](const torch::Tensor& x, T weight) {
-        if (!readable(x)) return false;
-        src.push_back(x.const_data_ptr<T>());
-        sw.push_back(weight);
-        return true;
-      };
-      if (tab.has_dense() && !add(st.u0, T(1))) return false;
-      for (size_t i = 0; i < nw; ++i)
-        if (!add(detail::interpolation_term(tab, st, i), static_cast<T>(w[i]))) return false;
+      for (size_t i = 0; i < terms.size(); ++i) {
+        src.push_back(static_cast<const T*>(terms[i]));
+        sw.push_back(i < lead ? T(1) : static_cast<T>(w[i - lead]));
+      }
       detail::combine_loop<T>(out, src, sw, 0, m);
     }
     trim(p.j);
@@ -312,6 +311,7 @@ class Replay {
   void release_from(int64_t j) {
     states_.erase(states_.lower_bound(j), states_.end());
     dense_.erase(dense_.lower_bound(j), dense_.end());
+    host_terms_.erase(host_terms_.lower_bound(j), host_terms_.end());
   }
 
  private:
@@ -364,10 +364,31 @@ class Replay {
     }
   }
 
+  // The data of step j's interpolation terms for at_host ([u0,] interpolation_term(i)...), or
+  // empty where one is not readable by host loops (then at() runs); kept with the step.
+  template <typename Readable>
+  const std::vector<const void*>& host_terms(int64_t j, const DenseStep& st,
+                                             const Readable& readable) {
+    auto it = host_terms_.find(j);
+    if (it != host_terms_.end()) return it->second;
+    const Tableau& tab = *s_.prep.tab;
+    std::vector<const void*> terms;
+    bool ok = !tab.has_dense() || readable(st.u0);
+    if (ok && tab.has_dense()) terms.push_back(st.u0.const_data_ptr());
+    for (size_t i = 0; ok && i < detail::num_weights(tab); ++i) {
+      const torch::Tensor& x = detail::interpolation_term(tab, st, i);
+      ok = readable(x);
+      if (ok) terms.push_back(x.const_data_ptr());
+    }
+    if (!ok) terms.clear();
+    return host_terms_.emplace(j, std::move(terms)).first->second;
+  }
+
   void trim(int64_t current) {
     while (static_cast<int64_t>(dense_.size()) > kDenseBudget) {
       auto last = std::prev(dense_.end());
       if (last->first <= current) break;
+      host_terms_.erase(last->first);
       dense_.erase(last);
     }
     states_.erase(states_.upper_bound(current + kDenseBudget), states_.end());
@@ -377,8 +398,9 @@ class Replay {
   const detail::Tape& tape_;
   AdjointStats& stats_;
   int dir_ = 1;
-  std::map<int64_t, torch::Tensor> states_;  // recomputed states (not checkpoints)
-  std::map<int64_t, DenseStep> dense_;       // recomputed steps with their stages
+  std::map<int64_t, torch::Tensor> states_;                 // recomputed states (not checkpoints)
+  std::map<int64_t, std::vector<const void*>> host_terms_;  // see host_terms
+  std::map<int64_t, DenseStep> dense_;                      // recomputed steps with their stages
 };
 
 // rodas5's error estimate does not see f's explicit dependence on t: the last row of its matrix
