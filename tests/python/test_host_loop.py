@@ -45,6 +45,19 @@ def both(mlp: dl.MLP, u0: torch.Tensor, span, method: str, **kw) -> tuple[dl.Sol
         return host, dl.solve(python, method, **kw)
 
 
+def solved(grad_fn, p, prob: dl.ODEProblem, method: str, **kw) -> tuple[torch.Tensor, dl.Solution]:
+    """grad_fn(p, reduction, prob, method, **kw) (diffeq_rd, diffeq_adjoint) with the reduction
+    returning the saved states, and the Solution the reduction saw."""
+    box = {}
+
+    def keep(sol):
+        box["sol"] = sol
+        return sol.u
+
+    out = grad_fn(p, keep, prob, method, **kw)
+    return out, box["sol"]
+
+
 @pytest.mark.parametrize("method", ["euler", "bosh3", "dopri5", "tsit5", "dopri8"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_python_f_takes_the_host_loop_without_grad(method, dtype):
@@ -103,16 +116,10 @@ def test_continuous_adjoints_on_host_equal_the_tensor_loop(sensealg, method, dty
 
     def run(**kw):
         x0 = u0.clone().requires_grad_(True)
-        box = {}
-
-        def keep(sol):
-            box["sol"] = sol
-            return sol.u
-
         prob = dl.ODEProblem(mlp.rhs, x0, (0.0, 1.5), params)
-        out = dl.diffeq_adjoint(
+        out, sol = solved(
+            dl.diffeq_adjoint,
             params,
-            keep,
             prob,
             method,
             saveat=[0.0, 0.4, 0.77, 1.5],
@@ -123,7 +130,7 @@ def test_continuous_adjoints_on_host_equal_the_tensor_loop(sensealg, method, dty
         )
         loss = ((out - target) ** 2).sum()
         grads = torch.autograd.grad(loss, [x0, *params], allow_unused=True)
-        return grads, box["sol"].adjoint_stats
+        return grads, sol.adjoint_stats
 
     steps = {}
     for seminorm in (False, True):
@@ -257,22 +264,22 @@ def test_discrete_adjoint_on_host_equals_reverse_mode(method, checkpoints):
     target = torch.linspace(-1, 1, 6, dtype=torch.float64).reshape(3, 2)
     grads, stats = {}, {}
     for mode in ("rd", "discrete"):
-        box = {}
-
-        def keep(sol, box=box):
-            box["sol"] = sol
-            return sol.u
-
         prob = dl.ODEProblem(mlp.rhs, u0, (0.0, 1.5), params)
         if mode == "rd":
-            out = dl.diffeq_rd(params, keep, prob, method, **kw)
+            out, sol = solved(dl.diffeq_rd, params, prob, method, **kw)
         else:
-            out = dl.diffeq_adjoint(
-                params, keep, prob, method, sensealg="discrete", checkpoints=checkpoints, **kw
+            out, sol = solved(
+                dl.diffeq_adjoint,
+                params,
+                prob,
+                method,
+                sensealg="discrete",
+                checkpoints=checkpoints,
+                **kw,
             )
         loss = ((out - target) ** 2).sum() + out[2].sin().sum()
         grads[mode] = torch.autograd.grad(loss, [u0, *params], allow_unused=True)
-        stats[mode] = box["sol"]
+        stats[mode] = sol
     assert stats["discrete"].stats.host_loop and stats["discrete"].adjoint_stats.host_loop
     assert not stats["rd"].stats.host_loop
     assert stats["discrete"].adjoint_stats.nvjp == stats["discrete"].adjoint_stats.nvjp_native > 0
@@ -293,18 +300,12 @@ def test_discrete_adjoint_from_the_forwards_stages_equals_evaluating_them_again(
     kw = dict(dt=0.1) if method in FIXED else dict(rtol=1e-5, atol=1e-7)
     grads, nfe = {}, {}
     for checkpoints in (0, 1000):  # 1000: a cap the solve never reaches (no thinning)
-        box = {}
-
-        def keep(sol, box=box):
-            box["sol"] = sol
-            return sol.u
-
         u0r = u0.clone().requires_grad_(True)
         mlp.zero_grad()
         prob = dl.ODEProblem(mlp.rhs, u0r, (0.0, 1.5), mlp)
-        out = dl.diffeq_adjoint(
+        out, sol = solved(
+            dl.diffeq_adjoint,
             mlp,
-            keep,
             prob,
             method,
             saveat=[0.0, 0.4, 1.5],
@@ -314,7 +315,7 @@ def test_discrete_adjoint_from_the_forwards_stages_equals_evaluating_them_again(
         )
         (out.sin() * torch.arange(6, dtype=dtype).reshape(3, 2)).sum().backward()
         grads[checkpoints] = [u0r.grad, *(p.grad for p in mlp.parameters())]
-        nfe[checkpoints] = box["sol"].adjoint_stats.nfe
+        nfe[checkpoints] = sol.adjoint_stats.nfe
     for a, b in zip(grads[0], grads[1000]):
         assert torch.equal(a, b)
     assert nfe[1000] > 0
@@ -336,15 +337,9 @@ def test_discrete_adjoint_on_host_float32_and_gradcheck():
     g_rd = torch.autograd.grad(
         dl.diffeq_rd(mlp, lambda s: s.u, prob, "tsit5", **kw).square().sum(), [u0]
     )[0]
-    box = {}
-
-    def keep(sol):
-        box["sol"] = sol
-        return sol.u
-
-    out = dl.diffeq_adjoint(mlp, keep, prob, "tsit5", sensealg="discrete", **kw)
+    out, sol = solved(dl.diffeq_adjoint, mlp, prob, "tsit5", sensealg="discrete", **kw)
     g_d = torch.autograd.grad(out.square().sum(), [u0])[0]
-    assert box["sol"].adjoint_stats.host_loop
+    assert sol.adjoint_stats.host_loop
     torch.testing.assert_close(g_d, g_rd, rtol=2e-5, atol=1e-6)
 
     mlp64 = dl.MLP([2, 5, 2], "softplus", input_power=3).double()
