@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+import types
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, Optional, Union
@@ -17,6 +18,28 @@ from .script import ScriptRhs
 from .solution import SampleStats, Solution
 
 _ADAMS = frozenset(_C.adams_methods())
+
+# SolveOptions' defaults, read once from the extension: solve() sets only the options that
+# differ from them (each assignment is a call into the extension, and a small solve notices).
+_OPTION_DEFAULTS = _C.SolveOptions()
+_DEFAULTS = types.SimpleNamespace(
+    **{
+        name: getattr(_OPTION_DEFAULTS, name)
+        for name in (
+            "rtol",
+            "atol",
+            "adaptive",
+            "dt_min",
+            "dt_max",
+            "max_num_steps",
+            "dense",
+            "save_start",
+            "check_finite",
+            "throw_on_failure",
+        )
+    }
+)
+del _OPTION_DEFAULTS
 
 _CONTROLLERS = {
     "I": _C.ControllerOptions.I,
@@ -317,25 +340,24 @@ def solve(
         raise TypeError(f"u0 must be a torch.Tensor, got {type(state).__name__}")
     span = _span_tensor(tspan)
 
-    # Only the options that differ from SolveOptions' defaults (the same as this function's)
-    # are set: each assignment is a call into the extension, and a small solve notices them.
+    # Only the options that differ from SolveOptions' defaults (_DEFAULTS) are set.
     opts = _C.SolveOptions()
     opts.method = solver
-    if rtol != 1e-7:
+    if rtol != _DEFAULTS.rtol:
         opts.rtol = float(rtol)
-    if atol != 1e-9:
+    if atol != _DEFAULTS.atol:
         opts.atol = float(atol)
     if dt is not None:
         opts.dt = float(dt)
         if not dt > 0:
             raise ValueError(f"dt must be positive (its sign follows tspan), got {dt}")
-    if adaptive is not True:
+    if adaptive is not _DEFAULTS.adaptive:
         opts.adaptive = bool(adaptive)
-    if dt_min != 0.0:
+    if dt_min != _DEFAULTS.dt_min:
         opts.dt_min = float(dt_min)
-    if dt_max != math.inf:
+    if dt_max != _DEFAULTS.dt_max:
         opts.dt_max = float(dt_max)
-    if max_num_steps != 100_000:
+    if max_num_steps != _DEFAULTS.max_num_steps:
         opts.max_num_steps = int(max_num_steps)
     if isinstance(controller, str):
         if controller not in _CONTROLLERS:
@@ -353,13 +375,13 @@ def solve(
         opts.saveat = times
     if not (isinstance(tstops, tuple) and not tstops):  # () is SolveOptions' default
         opts.tstops = [float(x) for x in tstops]
-    if dense is not False:
+    if dense is not _DEFAULTS.dense:
         opts.dense = bool(dense)
-    if save_start is not True:
+    if save_start is not _DEFAULTS.save_start:
         opts.save_start = bool(save_start)
-    if check_finite is not True:
+    if check_finite is not _DEFAULTS.check_finite:
         opts.check_finite = bool(check_finite)
-    if throw_on_failure is not True:
+    if throw_on_failure is not _DEFAULTS.throw_on_failure:
         opts.throw_on_failure = bool(throw_on_failure)
     # The tensors in p (checked for dtype and device against u0); diffeq_adjoint has them.
     p_given = _adjoint is not None and len(_adjoint) > 2

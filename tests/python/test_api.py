@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import inspect
 import math
 import os
 import subprocess
@@ -55,6 +57,18 @@ def test_importing_the_package_alone_works(request):
 
 def test_version():
     assert isinstance(dl.__version__, str) and dl.__version__.count(".") >= 1
+
+
+def test_solve_defaults_are_the_extensions():
+    """solve() sets only the options that differ from SolveOptions' defaults, so its signature's
+    defaults must be the extension's: a default changed on one side alone would go unnoticed."""
+    solve_module = importlib.import_module("diffeqlayers.solve")
+    params = inspect.signature(dl.solve).parameters
+    names = vars(solve_module._DEFAULTS)
+    assert set(names) >= {"rtol", "atol", "dt_max", "max_num_steps", "check_finite"}
+    for name, value in names.items():
+        assert params[name].default == value, name
+        assert type(params[name].default) is type(value), name
 
 
 def test_methods_lists_every_documented_method():
