@@ -50,8 +50,11 @@ std::string underflow_why(const SolveOptions& o, bool unstable);
 std::string failure_message(const std::string& method, ReturnCode code, double t, double dt,
                             const std::string& why, const Stats& stats);
 
-// The default error norm: the root mean square of x, a 0-d tensor of x's dtype; of the first
-// `prefix` elements of x flattened when positive (SolveOptions::norm_prefix).
+// What the RMS error norm covers: x flattened, its first `prefix` elements, when prefix is
+// positive (SolveOptions::norm_prefix); x itself otherwise.
+torch::Tensor norm_head(const torch::Tensor& x, int64_t prefix);
+// The default error norm: the root mean square of norm_head(x, prefix), a 0-d tensor of x's
+// dtype.
 torch::Tensor rms_norm(const torch::Tensor& x, int64_t prefix = 0);
 
 }  // namespace diffeqlayers::detail

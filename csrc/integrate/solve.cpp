@@ -106,10 +106,7 @@ class Integrator {
     } else {
       // The RMS norm as one operator (one pass over the stages on the CPU, no temporaries), over
       // the leading norm_prefix elements when given (views: the host loop's sums, SolveOptions).
-      const int64_t p = o_.norm_prefix;
-      auto head = [p](const torch::Tensor& x) {
-        return p > 0 ? x.reshape({-1}).narrow(0, 0, p) : x;
-      };
+      auto head = [this](const torch::Tensor& x) { return detail::norm_head(x, o_.norm_prefix); };
       std::vector<torch::Tensor> ke;
       std::vector<double> we;
       for (size_t j = 0; j < kd.size(); ++j) {
@@ -444,8 +441,12 @@ std::string failure_message(const std::string& method, ReturnCode code, double t
          ", rejected=" + std::to_string(stats.nreject) + "]";
 }
 
+torch::Tensor norm_head(const torch::Tensor& x, int64_t prefix) {
+  return prefix > 0 ? x.reshape({-1}).narrow(0, 0, prefix) : x;
+}
+
 torch::Tensor rms_norm(const torch::Tensor& x, int64_t prefix) {
-  const torch::Tensor v = prefix > 0 ? x.reshape({-1}).narrow(0, 0, prefix) : x;
+  const torch::Tensor v = norm_head(x, prefix);
   return at::linalg_vector_norm(v, 2) / std::sqrt(static_cast<double>(v.numel()));
 }
 

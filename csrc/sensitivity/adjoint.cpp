@@ -30,6 +30,7 @@
 #include "core/lincomb.h"
 #include "diffeqlayers/adams.h"
 #include "diffeqlayers/stiff.h"
+#include "integrate/explicit_loop.h"
 #include "integrate/host_rk.h"
 #include "integrate/interpolation.h"
 #include "integrate/tape.h"
@@ -512,8 +513,7 @@ Grads backward_continuous(AdjointState& s, const torch::Tensor& G) {
   if (s.adjoint.seminorm && np > 0 && !b_stiff) bo.norm_prefix = controlled;
   if (s.adjoint.seminorm && np > 0 && b_stiff)
     bo.norm = [controlled](const torch::Tensor& scaled) {
-      torch::Tensor head = scaled.narrow(0, 0, controlled);
-      return at::linalg_vector_norm(head, 2) / std::sqrt(static_cast<double>(controlled));
+      return detail::rms_norm(scaled, controlled);
     };
 
   Replay replay(s, stats);
